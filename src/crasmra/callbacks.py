@@ -1,0 +1,167 @@
+"""Lightning callbacks that make a run folder self-describing.
+
+A run folder (``--trainer.default_root_dir``) holds the resolved ``config.yaml`` (written by
+LightningCLI), ``run_info.json`` (package and library versions, git commit, command line),
+``classes.txt``, ``metrics.csv`` (CSVLogger), ``metrics.json`` (the final figures) and
+``checkpoints/{best,last}.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from crasmra import __version__
+
+log = logging.getLogger(__name__)
+
+#: Libraries whose versions are recorded in every run folder.
+RECORDED_PACKAGES = ("torch", "torchvision", "timm", "lightning", "torchmetrics", "numpy", "pillow")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_commit(cwd: str | Path | None = None) -> dict[str, Any] | None:
+    """The git commit of ``cwd`` and whether the tree has uncommitted changes, if in a repository."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True,
+                               text=True, timeout=5, check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions of crasmra, Python and the main libraries, and the host platform."""
+    versions: dict[str, str | None] = {"crasmra": __version__}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+class RunInfoCallback(L.Callback):
+    """Write ``run_info.json`` and ``classes.txt`` into the run folder when fitting starts."""
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        root = Path(trainer.default_root_dir)
+        info = {
+            **environment_info(),
+            "git": git_commit(),
+            "command": sys.argv,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "devices": trainer.num_devices,
+            "num_nodes": trainer.num_nodes,
+            "precision": str(trainer.precision),
+        }
+        write_json_atomic(root / "run_info.json", info)
+        classes = getattr(pl_module, "classes", None)
+        if classes:
+            (root / "classes.txt").write_text("\n".join(classes) + "\n")
+
+
+class MetricsFileCallback(L.Callback):
+    """Keep ``metrics.json`` in the run folder up to date.
+
+    It holds the validation metrics of the best epoch (chosen like ModelCheckpoint does: the
+    highest ``monitor`` value on the validation split, the first epoch on ties), the last
+    validation metrics, and the test metrics once a test has run.
+    """
+
+    def __init__(self, monitor: str = "val/combined_top1") -> None:
+        self.monitor = monitor
+        self.best: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+
+    @staticmethod
+    def _collect(trainer: L.Trainer, prefix: str) -> dict[str, float]:
+        return {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(prefix)}
+
+    def _path(self, trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "metrics.json"
+
+    def _update(self, trainer: L.Trainer, **entries: Any) -> None:
+        path = self._path(trainer)
+        data: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                log.warning("Replacing unreadable %s", path)
+        data.update(entries)
+        write_json_atomic(path, data)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "validate":
+            if trainer.is_global_zero:
+                self._update(trainer, validate=self._collect(trainer, "val/"),
+                             validate_checkpoint=trainer.ckpt_path)
+            return
+        metrics = self._collect(trainer, "val/")
+        score = metrics.get(self.monitor)
+        if score is not None and (self.best is None or score > self.best["metrics"][self.monitor]):
+            self.best = {"epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": metrics}
+        if trainer.is_global_zero:
+            self._update(trainer, monitor=self.monitor, best_val=self.best,
+                         last_val={"epoch": trainer.current_epoch, "metrics": metrics})
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        ckpt = trainer.checkpoint_callback
+        self._update(
+            trainer,
+            best_checkpoint=getattr(ckpt, "best_model_path", None) or None,
+            last_checkpoint=getattr(ckpt, "last_model_path", None) or None,
+            epochs_completed=trainer.current_epoch,
+            global_step=trainer.global_step,
+        )
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._update(trainer, test=self._collect(trainer, "test/"),
+                         test_checkpoint=trainer.ckpt_path)

@@ -1,0 +1,42 @@
+"""Datasets, image loading, transforms and the LightningDataModule of crasmra.
+
+Never imports ``crasmra.model`` or ``crasmra.layers``: backbone normalisation values are
+read from timm's pretrained-config registry as plain numbers.
+
+Example::
+
+    from crasmra.data import create_dataset, FGVCDataModule
+    test = create_dataset("cub", "/data", "test")          # official test split
+    dm = FGVCDataModule("aircraft", "/data", options={"level": "family"})
+    dm.num_classes                                         # 70, known before setup()
+"""
+
+from crasmra.data.base import FGVCImageDataset, stratified_split
+from crasmra.data.datamodule import FGVCDataModule
+from crasmra.data.errors import DatasetRootError, ImageLoadError
+from crasmra.data.factory import DATASET_NAMES, create_dataset, dataset_classes
+from crasmra.data.image import load_image
+from crasmra.data.synthetic import SyntheticFGVC
+from crasmra.data.transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    build_transforms,
+    normalization_for_backbone,
+)
+
+__all__ = [
+    "DATASET_NAMES",
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "DatasetRootError",
+    "FGVCDataModule",
+    "FGVCImageDataset",
+    "ImageLoadError",
+    "SyntheticFGVC",
+    "build_transforms",
+    "create_dataset",
+    "dataset_classes",
+    "load_image",
+    "normalization_for_backbone",
+    "stratified_split",
+]

@@ -1,0 +1,299 @@
+"""``FGVCDataModule``: the LightningDataModule the engine and the CLI use."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from crasmra.data.base import Annotations
+from crasmra.data.factory import (
+    DATASET_NAMES,
+    build_split,
+    check_options,
+    create_dataset,
+    dataset_classes,
+    load_annotations,
+)
+from crasmra.data.transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    build_transforms,
+    default_resize_size,
+    normalization_for_backbone,
+    to_hw,
+)
+
+__all__ = ["FGVCDataModule"]
+
+logger = logging.getLogger(__name__)
+
+
+def _plain_size(hw: tuple[int, int]) -> int | list[int]:
+    return hw[0] if hw[0] == hw[1] else [hw[0], hw[1]]
+
+
+def _check_stats(
+    name: str, values: Sequence[float] | None, positive: bool
+) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be 3 numbers (one per RGB channel), got {values!r}") from err
+    if len(out) != 3 or (positive and min(out) <= 0):
+        raise ValueError(
+            f"{name} must be 3 numbers{' > 0' if positive else ''} (one per RGB channel), "
+            f"got {values!r}"
+        )
+    return out
+
+
+class FGVCDataModule(L.LightningDataModule):
+    """Train/val/test loaders of a fine-grained dataset with the paper's transforms.
+
+    Arguments are validated and the class list is read (validating the dataset root) in
+    ``__init__``, so ``classes`` and ``num_classes`` are available right after
+    construction and a wrong root fails before any training starts.
+
+    Args:
+        dataset: "cub", "aircraft", "cars", "dogs", "folder", "csv" or "synthetic".
+        root: Dataset root (see :func:`create_dataset`); unused for "synthetic".
+        batch_size: Images per batch (the paper: 20).
+        num_workers: DataLoader worker processes.
+        image_size: Crop size, int or ``(h, w)`` (the paper: 448).
+        resize_size: Resize before cropping; default ``round(image_size * 550 / 448)``.
+        random_crop: Random (True) or centre crop in training.
+        hflip: Random horizontal flip in training.
+        val_fraction: Share of the official training set held out for validation; 0
+            disables validation.
+        split_seed: Seed of the train/val split.
+        backbone: timm model name whose pretrained mean/std to use (only read for those).
+        mean: Normalisation mean; overrides ``backbone``'s.
+        std: Normalisation std; overrides ``backbone``'s.
+        skip_bad_images: Skip unreadable images (one warning each) instead of failing.
+        pin_memory: Pin host memory (only used when CUDA is available).
+        persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
+        prefetch_factor: Batches prefetched per worker (only with ``num_workers > 0``).
+        drop_last: Drop the last incomplete training batch.
+        options: Dataset-specific options, e.g. ``{"level": "family"}`` (aircraft),
+            ``{"bbox_crop": True}``, ``{"num_classes": 10}`` (synthetic).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "synthetic",
+        root: str | None = None,
+        batch_size: int = 20,
+        num_workers: int = 4,
+        image_size: int | tuple[int, int] = 448,
+        resize_size: int | tuple[int, int] | None = None,
+        random_crop: bool = True,
+        hflip: bool = True,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        backbone: str | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        skip_bad_images: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = 2,
+        drop_last: bool = False,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        options = dict(options or {})
+        if dataset not in DATASET_NAMES:
+            raise ValueError(
+                f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_NAMES)}"
+            )
+        check_options(dataset, options)
+        if dataset != "synthetic" and root is None:
+            raise ValueError(
+                f"dataset {dataset!r} needs root= (the folder its archive was extracted into)"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(
+                "num_workers must be an int >= 0 (0 loads in the main process), "
+                f"got {num_workers!r}"
+            )
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ValueError(
+                f"val_fraction must be in [0, 1), got {val_fraction}; use 0 to disable validation"
+            )
+        if prefetch_factor is not None and (
+            not isinstance(prefetch_factor, int) or prefetch_factor < 1
+        ):
+            raise ValueError(
+                f"prefetch_factor must be None or an int >= 1, got {prefetch_factor!r}"
+            )
+        crop = to_hw(image_size, "image_size")
+        resize = (
+            default_resize_size(crop) if resize_size is None else to_hw(resize_size, "resize_size")
+        )
+        if resize[0] < crop[0] or resize[1] < crop[1]:
+            raise ValueError(
+                f"image_size {crop} is larger than resize_size {resize}; lower image_size or raise "
+                "resize_size (the paper: 448 from 550), or leave resize_size unset"
+            )
+        base_mean, base_std = (
+            normalization_for_backbone(backbone)
+            if backbone
+            else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        )
+        self.mean = _check_stats("mean", mean, positive=False) or tuple(base_mean)
+        self.std = _check_stats("std", std, positive=True) or tuple(base_std)
+
+        self.dataset = dataset
+        self.root = root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = crop
+        self.resize_size = resize
+        self.random_crop = random_crop
+        self.hflip = hflip
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+        self.skip_bad_images = skip_bad_images
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.drop_last = drop_last
+        self.options = options
+
+        self._annotations: Annotations | None = None
+        if dataset == "synthetic":
+            self.classes = dataset_classes("synthetic", None, **options)
+        else:
+            loader_options = {k: v for k, v in options.items() if k != "bbox_crop"}
+            self._annotations = load_annotations(
+                dataset, root, skip_bad_images=skip_bad_images, **loader_options
+            )
+            self.classes = list(self._annotations.classes)
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+        logger.info("%s: %d classes", dataset, len(self.classes))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (available right after construction)."""
+        return len(self.classes)
+
+    @property
+    def has_val(self) -> bool:
+        """Whether a validation split exists (``val_fraction > 0`` or an official val list)."""
+        return self.val_fraction > 0 or (
+            self._annotations is not None and self._annotations.val is not None
+        )
+
+    @property
+    def transform_config(self) -> dict[str, Any]:
+        """Plain values; ``build_transforms(train=False, **cfg)`` rebuilds the eval transform."""
+        return {
+            "image_size": _plain_size(self.image_size),
+            "resize_size": _plain_size(self.resize_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def build_transform(self, train: bool):
+        """The train or eval transform of this data module."""
+        return build_transforms(
+            train,
+            image_size=self.image_size,
+            resize_size=self.resize_size,
+            mean=self.mean,
+            std=self.std,
+            random_crop=self.random_crop,
+            hflip=self.hflip,
+        )
+
+    def _make(self, split: str) -> Dataset:
+        transform = self.build_transform(split == "train")
+        if self._annotations is None:
+            return create_dataset(
+                "synthetic",
+                None,
+                split,
+                transform=transform,
+                val_fraction=self.val_fraction,
+                split_seed=self.split_seed,
+                **self.options,
+            )
+        return build_split(
+            self._annotations,
+            split,
+            transform,
+            val_fraction=self.val_fraction,
+            split_seed=self.split_seed,
+            bbox_crop=bool(self.options.get("bbox_crop", False)),
+            skip_bad_images=self.skip_bad_images,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a stage needs ("fit", "validate", "test", "predict" or None)."""
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._make("train")
+        if stage in (None, "fit", "validate") and self.val_dataset is None and self.has_val:
+            self.val_dataset = self._make("val")
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            self.test_dataset = self._make("test")
+
+    def _loader(self, dataset: Dataset | None, split: str, train: bool = False) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"the {split} dataset is not set up; call setup() first")
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            drop_last=self.drop_last and train,
+            persistent_workers=self.persistent_workers and workers > 0,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches with the training transform."""
+        return self._loader(self.train_dataset, "train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches; ``[]`` (Lightning then skips validation) with ``val_fraction=0``."""
+        if not self.has_val:
+            return []
+        return self._loader(self.val_dataset, "val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Official test set batches with the evaluation transform."""
+        return self._loader(self.test_dataset, "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test set, for prediction."""
+        return self._loader(self.test_dataset, "test")
+
+    @property
+    def bad_images(self) -> list[tuple[str, str]]:
+        """Bad images skipped so far by this process's datasets (``skip_bad_images``)."""
+        out: list[tuple[str, str]] = []
+        for ds in (self.train_dataset, self.val_dataset, self.test_dataset):
+            out.extend(getattr(ds, "bad_images", []))
+        return out
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Warn once with the number of bad images skipped in this process."""
+        bad = self.bad_images
+        if bad:
+            logger.warning(
+                "%d bad image(s) were skipped: %s", len(bad), ", ".join(p for p, _ in bad[:5])
+            )

@@ -1,0 +1,118 @@
+"""Robust image loading: any PIL mode to RGB, EXIF orientation, clear errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from crasmra.data.errors import ImageLoadError
+
+__all__ = ["load_image"]
+
+logger = logging.getLogger(__name__)
+
+# Colour that transparent pixels are composited onto. White, because transparent regions
+# in FGVC-style photos and cut-outs are meant to be shown on a light page; compositing on
+# black would invent strong artificial edges around the object.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """Map a 16/32-bit integer or float single-channel image to 8-bit grey.
+
+    ``I;16*`` covers 0..65535 and is divided by 257. ``I`` and ``F`` carry no declared
+    range, so the values decide: already 0..255 is kept, 0..1 floats are scaled by 255,
+    0..65535 is treated as 16-bit, anything else is min-max scaled.
+    """
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0
+    else:
+        finite = arr[np.isfinite(arr)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            arr = arr * 255.0
+        elif lo >= 0.0 and hi <= 255.0:
+            pass
+        elif lo >= 0.0 and hi <= 65535.0:
+            arr = arr / 257.0
+        elif hi > lo:
+            arr = (arr - lo) * (255.0 / (hi - lo))
+        else:
+            arr = np.zeros_like(arr)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert an image of any PIL mode to RGB.
+
+    Alpha (RGBA, LA, P with a transparency entry, ...) is composited onto white
+    (:data:`ALPHA_BACKGROUND`); 16-bit and float images are rescaled to 8 bits; CMYK and
+    YCbCr use PIL's conversion.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in _HIGH_DEPTH_MODES:
+        return _high_depth_to_l(img).convert("RGB")
+    if mode == "1":
+        return img.convert("L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open an image file as an RGB PIL image with its EXIF orientation applied.
+
+    Every PIL mode is converted to RGB (see :func:`to_rgb`; transparency is composited on
+    white). PIL's decompression-bomb guard stays on.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        A fully decoded ``RGB`` image.
+
+    Raises:
+        ImageLoadError: The file is missing, empty, truncated, corrupt, not an image, or
+            larger than PIL's decompression-bomb limit. The message names the file.
+    """
+    path = Path(path)
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageLoadError(str(path), "the file is empty (0 bytes)")
+    except OSError as err:
+        if isinstance(err, ImageLoadError):
+            raise
+        raise ImageLoadError(str(path), f"cannot read file ({err.strerror or err})") from err
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(
+            str(path),
+            f"larger than PIL's decompression-bomb limit ({err}); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS deliberately if this file is trusted",
+        ) from err
+    except Image.UnidentifiedImageError as err:
+        raise ImageLoadError(str(path), "not a recognised image format (corrupt?)") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageLoadError(str(path), f"corrupt or truncated image ({err})") from err

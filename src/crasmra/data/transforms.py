@@ -1,0 +1,136 @@
+"""Train / eval transforms of the paper's recipe and backbone normalisation values."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from torchvision import transforms as T
+
+__all__ = [
+    "DEFAULT_IMAGE_SIZE",
+    "DEFAULT_RESIZE_SIZE",
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "build_transforms",
+    "default_resize_size",
+    "normalization_for_backbone",
+    "to_hw",
+]
+
+logger = logging.getLogger(__name__)
+
+# The same values as timm.data.IMAGENET_DEFAULT_MEAN/STD, kept here so that importing the
+# data package does not import timm.
+IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 448
+DEFAULT_RESIZE_SIZE = 550
+
+Size = int | Sequence[int]
+
+
+def to_hw(size: Size, name: str = "size") -> tuple[int, int]:
+    """Normalise an ``int`` or ``(h, w)`` size to a ``(h, w)`` tuple of positive ints."""
+    if isinstance(size, bool):
+        raise ValueError(f"{name} must be an int or an (h, w) pair, got {size!r}")
+    if isinstance(size, int):
+        hw = (size, size)
+    else:
+        try:
+            hw = tuple(int(v) for v in size)
+        except TypeError as err:
+            raise ValueError(f"{name} must be an int or an (h, w) pair, got {size!r}") from err
+        if len(hw) != 2 or any(int(v) != v for v in size):
+            raise ValueError(f"{name} must be an int or an (h, w) pair, got {size!r}")
+    if min(hw) < 1:
+        raise ValueError(f"{name} must be positive, got {size!r}")
+    return hw  # type: ignore[return-value]
+
+
+def default_resize_size(image_size: Size) -> tuple[int, int]:
+    """The paper's resize for a crop size: 550/448 of it (448 -> 550), per side."""
+    h, w = to_hw(image_size, "image_size")
+    scale = DEFAULT_RESIZE_SIZE / DEFAULT_IMAGE_SIZE
+    return (round(h * scale), round(w * scale))
+
+
+def build_transforms(
+    train: bool,
+    image_size: Size = DEFAULT_IMAGE_SIZE,
+    resize_size: Size | None = DEFAULT_RESIZE_SIZE,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    random_crop: bool = True,
+    hflip: bool = True,
+) -> T.Compose:
+    """Build the paper's transform (SPEC, "Training recipe").
+
+    Train: resize to ``resize_size`` (both sides, aspect not kept) -> ``RandomCrop(image_size)``
+    (``CenterCrop`` when ``random_crop`` is False) -> random horizontal flip (if ``hflip``)
+    -> tensor -> normalise. Eval: resize -> ``CenterCrop(image_size)`` -> tensor -> normalise.
+
+    Args:
+        train: Training (augmenting) or evaluation transform.
+        image_size: Crop size, int or ``(h, w)``.
+        resize_size: Resize before cropping, int or ``(h, w)``; ``None`` uses 550/448 of
+            ``image_size``. Must be at least ``image_size`` on both sides.
+        mean: Per-channel normalisation mean (0..1 scale).
+        std: Per-channel normalisation std.
+        random_crop: Random crop in training (the paper's text says centre crop).
+        hflip: Random horizontal flip in training.
+
+    Returns:
+        A ``torchvision.transforms.Compose`` taking a PIL RGB image to a float tensor
+        ``(3, h, w)``.
+    """
+    crop = to_hw(image_size, "image_size")
+    resize = default_resize_size(crop) if resize_size is None else to_hw(resize_size, "resize_size")
+    if resize[0] < crop[0] or resize[1] < crop[1]:
+        raise ValueError(
+            f"resize_size {resize} is smaller than image_size {crop}; "
+            "set resize_size >= image_size (the paper uses 550 for 448)"
+        )
+    mean_t, std_t = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean_t) != 3 or len(std_t) != 3 or min(std_t) <= 0:
+        raise ValueError(f"mean/std must be 3 values with std > 0, got mean={mean}, std={std}")
+    steps: list = [T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
+    if train:
+        steps.append(T.RandomCrop(crop) if random_crop else T.CenterCrop(crop))
+        if hflip:
+            steps.append(T.RandomHorizontalFlip())
+    else:
+        steps.append(T.CenterCrop(crop))
+    steps += [T.ToTensor(), T.Normalize(mean_t, std_t)]
+    return T.Compose(steps)
+
+
+def normalization_for_backbone(
+    name: str | None,
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Mean and std of a timm backbone's pretrained config, as plain tuples.
+
+    Only timm's pretrained-config registry is consulted (no model is built, nothing is
+    downloaded). Unknown names, or ``None``, fall back to the ImageNet defaults.
+
+    Args:
+        name: A timm model name, optionally with a pretrained tag (``"resnet50.a1_in1k"``).
+
+    Returns:
+        ``(mean, std)``, each a tuple of three floats.
+    """
+    if not name:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    try:
+        import timm.models
+
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception as err:  # any lookup failure means "unknown backbone" here
+        logger.debug("no timm pretrained cfg for %r: %s", name, err)
+        cfg = None
+    mean = getattr(cfg, "mean", None)
+    std = getattr(cfg, "std", None)
+    if cfg is None or mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        logger.info("no pretrained config for backbone %r; using ImageNet mean/std", name)
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[return-value]

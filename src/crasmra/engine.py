@@ -1,0 +1,429 @@
+"""Training engine: the LightningModule that owns the network, SMRAM, the loss and the metrics.
+
+This is the one place where model, loss, data and optimiser meet (see ARCHITECTURE.md). The
+inference network (:class:`crasmra.model.CRASMRANet`) carries no training-only parameters:
+SMRAM lives here, next to the loss, and is dropped from every exported model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from crasmra import __version__
+from crasmra.checkpoint import FORMAT_VERSION, read_network_state
+from crasmra.layers import SMRAM
+from crasmra.losses import CRASMRALoss
+from crasmra.model import CRASMRANet, ModelOutput, create_model
+
+log = logging.getLogger(__name__)
+
+#: The prediction the paper reports: mean of the softmaxes of every head.
+COMBINED = "combined"
+#: Monitored quantity for model selection. Always a validation metric, never a test metric.
+MONITOR = f"val/{COMBINED}_top1"
+
+NonFinitePolicy = Literal["stop", "skip"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss becomes NaN or infinite and the policy is ``"stop"``."""
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not (ok and math.isfinite(value)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}; change --model.{name}.")
+
+
+class CRASMRAModule(L.LightningModule):
+    """CRA-SMRA training wrapper: network + SMRAM + loss + optimiser + metrics.
+
+    Every constructor argument is a ``--model.*`` flag of ``crasmra fit`` and is saved in the
+    checkpoint, so a checkpoint rebuilds the network, its eval transform and its class names
+    with no other file.
+
+    Args:
+        backbone: Any timm CNN with at least three feature stages (``resnet50``, ``densenet161``...).
+        num_classes: Number of classes. Linked from the data module by the CLI.
+        variant: ``"baseline"``, ``"cbam"``, ``"cram"`` or ``"cra-smra"`` (the paper's Table 3 rows).
+        pretrained: ``True`` for timm's ImageNet weights, a path to a local weights file, or ``False``.
+        omega: CRAM suppression factor applied to the most important channels (SPEC: 0.5).
+        delta: CRAM threshold, relative to the most important channel, for suppression (SPEC: 0.9).
+        alpha: Weight of the sum of the stage heads' cross-entropies (SPEC: 2).
+        beta: Weight of the concatenated head's cross-entropy (SPEC: 1).
+        gamma: Weight of SMRAM's diversity loss; only used by ``"cra-smra"`` (SPEC: 1).
+        reduction: CRAM MLP reduction ratio r.
+        head_channels: C_a, the channels every attended stage is projected to.
+        head_hidden: Hidden width of each classifier head's MLP.
+        head_pool: Global pooling before the heads, ``"max"`` or ``"avg"``.
+        conv_layer: CRAM's Conv_layer, ``"light"`` (1x1 conv) or ``"pmg"`` (1x1 then 3x3).
+        stage_indices: Feature stages that get attention and a head (default: the last three).
+        lr_backbone: Learning rate of the backbone (SPEC: 2e-4).
+        lr_attention: Learning rate of CRAM/CBAM including Conv_layer (SPEC: 6e-3).
+        lr_heads: Learning rate of the classifier heads (SPEC open point, default 6e-3).
+        lr_smram: Learning rate of SMRAM; ``None`` means ``lr_backbone`` (SPEC).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        nesterov: Use Nesterov momentum.
+        warmup_epochs: Linear warm-up length in epochs (may be fractional), then cosine decay.
+        min_lr_ratio: Final learning rate of the cosine decay, as a fraction of each group's rate.
+        channels_last: Run the network in channels-last memory format (faster on GPUs with AMP).
+        compile: Wrap the network with ``torch.compile``.
+        nonfinite_loss: ``"stop"`` raises on a NaN/Inf loss naming the step and the loss terms;
+            ``"skip"`` skips that batch's update and counts it.
+        classes: Class names in label order (linked from the data module by the CLI).
+        transform_config: Plain values that rebuild the eval transform (linked from the data module).
+        init_from: A checkpoint or weights file to initialise the network from (fine-tuning, not
+            resuming: optimiser state is not loaded).
+        reinit_heads: With ``init_from``, re-initialise the classifier heads, e.g. to fine-tune
+            on another number of classes.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        num_classes: int = 200,
+        variant: str = "cra-smra",
+        pretrained: bool | str = False,
+        omega: float = 0.5,
+        delta: float = 0.9,
+        alpha: float = 2.0,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        reduction: int = 16,
+        head_channels: int = 512,
+        head_hidden: int = 512,
+        head_pool: str = "max",
+        conv_layer: str = "light",
+        stage_indices: Sequence[int] | None = None,
+        lr_backbone: float = 2e-4,
+        lr_attention: float = 6e-3,
+        lr_heads: float = 6e-3,
+        lr_smram: float | None = None,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-5,
+        nesterov: bool = False,
+        warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        nonfinite_loss: NonFinitePolicy = "stop",
+        classes: Sequence[str] | None = None,
+        transform_config: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        reinit_heads: bool = False,
+    ) -> None:
+        super().__init__()
+        # Validate everything that does not need the network before building it, so a typo
+        # fails in milliseconds rather than after a backbone is constructed.
+        for name, value in (("lr_backbone", lr_backbone), ("lr_attention", lr_attention),
+                            ("lr_heads", lr_heads)):
+            _check_positive(name, value)
+        if lr_smram is not None:
+            _check_positive("lr_smram", lr_smram)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}; change --model.momentum.")
+        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        _check_positive("warmup_epochs", warmup_epochs, allow_zero=True)
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(
+                f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}; change --model.min_lr_ratio."
+            )
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(
+                f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}; "
+                "change --model.nonfinite_loss."
+            )
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(
+                f"{len(classes)} class names were given for num_classes={num_classes}; "
+                "they must agree (the CLI links both from --data)."
+            )
+        if reinit_heads and init_from is None:
+            raise ValueError("--model.reinit_heads needs --model.init_from PATH to fine-tune from.")
+        self.save_hyperparameters()
+
+        self.criterion = CRASMRALoss(alpha=alpha, beta=beta, gamma=gamma)
+        self.net: CRASMRANet = create_model(
+            backbone,
+            num_classes,
+            variant=variant,
+            pretrained=pretrained,
+            stage_indices=stage_indices,
+            head_channels=head_channels,
+            head_hidden=head_hidden,
+            head_pool=head_pool,
+            conv_layer=conv_layer,
+            reduction=reduction,
+            omega=omega,
+            delta=delta,
+        )
+        # SMRAM is a training-time regulariser: it exists only for the variant that uses it and
+        # is never part of `self.net`, so saved and exported inference networks do not carry it.
+        self.smram: SMRAM | None = (
+            SMRAM(head_channels, num_stages=len(self.net.stage_names)) if self.net.uses_smram else None
+        )
+        if init_from is not None:
+            self._init_from(init_from, reinit_heads)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.classes = list(classes) if classes is not None else None
+        self.transform_config = dict(transform_config) if transform_config is not None else None
+        self.head_names: tuple[str, ...] = (*self.net.stage_names, "concat", COMBINED)
+        self.val_metrics = self._make_metrics("val/")
+        self.test_metrics = self._make_metrics("test/")
+        # Counted on the device so that the training step never synchronises with the host.
+        self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long), persistent=False)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _make_metrics(self, prefix: str) -> MetricCollection:
+        num_classes = self.hparams.num_classes
+        metrics: dict[str, nn.Module] = {}
+        for head in self.head_names:
+            metrics[f"{head}_top1"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+            # Top-5 is undefined for fewer than five classes.
+            if num_classes >= 5:
+                metrics[f"{head}_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        return MetricCollection(metrics, prefix=prefix)
+
+    def _init_from(self, path: str, reinit_heads: bool) -> None:
+        state, source_classes = read_network_state(path)
+        head_keys = self._head_state_keys()
+        if reinit_heads:
+            state = {k: v for k, v in state.items() if k not in head_keys}
+        elif source_classes is not None and source_classes != self.hparams.num_classes:
+            raise ValueError(
+                f"{path} was trained for {source_classes} classes but the data has "
+                f"{self.hparams.num_classes}; add --model.reinit_heads true to fine-tune it with "
+                "new classifier heads."
+            )
+        missing, unexpected = self.net.load_state_dict(state, strict=False)
+        if reinit_heads:
+            missing = [k for k in missing if k not in head_keys]
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not fit this network ({self.hparams.backbone}, "
+                f"variant={self.hparams.variant}): {len(missing)} missing keys (first: "
+                f"{missing[:3]}), {len(unexpected)} unexpected keys (first: {unexpected[:3]})."
+            )
+        log.info("Initialised the network from %s%s", path, " (new heads)" if reinit_heads else "")
+
+    def _head_state_keys(self) -> set[str]:
+        """State-dict keys of the classifier heads (parameters and BN buffers)."""
+        head_params = {id(p) for p in self.net.parameter_groups()["heads"]}
+        head_modules = {
+            name for name, module in self.net.named_modules()
+            if any(id(p) in head_params for p in module.parameters(recurse=False))
+        }
+        return {key for key in self.net.state_dict() if key.rsplit(".", 1)[0] in head_modules}
+
+    def configure_model(self) -> None:
+        """Compile the network once the trainer has placed it (``--model.compile true``)."""
+        # nn.Module.compile compiles in place, so state-dict keys (and checkpoints) are unchanged.
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.net.compile()
+            self._compiled = True
+
+    # ------------------------------------------------------------------ forward and losses
+    def forward(self, images: Tensor) -> ModelOutput:
+        """Run the inference network (no SMRAM)."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def compute_loss(self, output: ModelOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The paper's objective: alpha * stage CEs + beta * concat CE + gamma * L_div."""
+        div = None
+        if self.smram is not None:
+            div, _ = self.smram(list(output.features))
+        return self.criterion(output, target, div_loss=div)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        images, target = batch
+        output = self(images)
+        total, parts = self.compute_loss(output, target)
+        finite = torch.isfinite(total)
+        if self.hparams.nonfinite_loss == "skip":
+            # Deciding to skip needs the value on the host; this sync happens only under "skip".
+            if not bool(finite):
+                self.skipped_batches += 1
+                log.warning("Skipping batch %d of step %d: non-finite loss %s", batch_idx,
+                            self.global_step, self._describe(parts))
+                return None
+        elif not bool(finite):
+            raise NonFiniteLossError(
+                f"Non-finite training loss at global step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {batch_idx}): {self._describe(parts)}. The last "
+                "good checkpoint is kept. Lower the learning rates, use --trainer.gradient_clip_val, "
+                "or set --model.nonfinite_loss skip to skip such batches."
+            )
+        batch_size = images.shape[0]
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, batch_size=batch_size)
+        return total
+
+    @staticmethod
+    def _describe(parts: dict[str, Tensor]) -> str:
+        return ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, prefix: str) -> None:
+        images, target = batch
+        output = self(images)
+        total, _ = self.compute_loss(output, target)
+        probs = {name: torch.softmax(logits.float(), dim=1)
+                 for name, logits in zip(self.head_names[:-1], output.logits, strict=True)}
+        probs[COMBINED] = output.probs.float()
+        for name, metric in metrics.items():
+            head = name[len(prefix):].rsplit("_", 1)[0]
+            metric.update(probs[head], target)
+        self.log(f"{prefix}loss", total, batch_size=images.shape[0], sync_dist=True)
+        self.log_dict(metrics)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val/")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test/")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(images).probs
+
+    # ------------------------------------------------------------------ optimisation
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """SGD parameter groups with the paper's per-module learning rates."""
+        hp = self.hparams
+        groups = self.net.parameter_groups()
+        lr_smram = hp.lr_smram if hp.lr_smram is not None else hp.lr_backbone
+        spec = [
+            ("backbone", groups["backbone"], hp.lr_backbone),
+            ("attention", groups["attention"], hp.lr_attention),
+            ("heads", groups["heads"], hp.lr_heads),
+            ("smram", list(self.smram.parameters()) if self.smram is not None else [], lr_smram),
+        ]
+        return [{"name": n, "params": p, "lr": lr} for n, p, lr in spec if p]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        # The fused kernel exists for CUDA; elsewhere the multi-tensor (foreach) path is fastest.
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.SGD(
+            self.parameter_groups(),
+            lr=hp.lr_backbone,
+            momentum=hp.momentum,
+            weight_decay=hp.weight_decay,
+            nesterov=hp.nesterov and hp.momentum > 0,
+            fused=fused or None,
+            foreach=None if fused else True,
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
+        warmup_steps = min(total_steps - 1, int(round(hp.warmup_epochs * steps_per_epoch)))
+        scheduler = build_scheduler(optimizer, total_steps, warmup_steps, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Everything inference needs, in plain types, so `torch.load(weights_only=True)` reads it.
+        checkpoint["crasmra"] = {
+            "format_version": FORMAT_VERSION,
+            "version": __version__,
+            "net_config": self.net.config,
+            "classes": self.classes,
+            "transform": self.transform_config,
+            "data_config": self.net.data_config,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("crasmra")
+        if meta is None:
+            raise ValueError("This checkpoint was not written by crasmra (no 'crasmra' entry).")
+        saved = meta["net_config"]
+        if saved.get("num_classes") != self.hparams.num_classes:
+            raise ValueError(
+                f"The checkpoint was trained for {saved.get('num_classes')} classes but the data "
+                f"has {self.hparams.num_classes}. To fine-tune it on this data, start a new run "
+                "with --model.init_from CKPT --model.reinit_heads true instead of --ckpt_path."
+            )
+
+
+class WarmupCosine:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_lr_ratio``.
+
+    A plain callable object rather than a lambda, so ``LambdaLR`` saves its settings in the
+    checkpoint as plain numbers (readable with ``torch.load(weights_only=True)``).
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> None:
+        self.total_steps = max(1, int(total_steps))
+        self.warmup_steps = max(0, int(warmup_steps))
+        self.min_lr_ratio = float(min_lr_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step cosine decay with optional linear warm-up; every group keeps its own base rate."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(total_steps, warmup_steps, min_lr_ratio)
+    )
+
+
+class RNGStateCallback(L.Callback):
+    """Save the Python, NumPy and torch RNG states in checkpoints and restore them on resume.
+
+    Lightning restores model, optimiser, scheduler and AMP-scaler state but not the global RNGs,
+    which drive shuffling and augmentation. Restoring them at the start of the first resumed
+    training epoch makes a resumed run repeat the uninterrupted one when it stopped between epochs.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        state = {
+            "python": list(random.getstate()[1]),
+            "python_version": random.getstate()[0],
+            "python_gauss": random.getstate()[2],
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+        np_state = state["numpy"]
+        np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                             np_state["has_gauss"], np_state["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

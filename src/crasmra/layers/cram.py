@@ -1,0 +1,232 @@
+"""Channel re-attention (CRAM) and the modules that can stand in its place.
+
+Every module here follows one contract, so the paper's ablation rows are one config value:
+
+    forward(x) -> (x_e, x_s)
+
+``x_e`` (B, out_channels, H, W) is the map for the stage's classifier head (and for SMRAM in
+training); ``x_s`` (B, in_channels, H, W) is the map the next backbone stage reads.
+
+* :class:`CRAM`: the paper's module (SPEC, "CRAM").
+* :class:`CBAMAttention`: timm's CBAM in CRAM's place (the paper's Table 3, row 2).
+* :class:`IdentityAttention`: no attention, only the projection to the head width (row 1).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from timm.layers.cbam import CbamModule
+from torch import Tensor, nn
+
+__all__ = [
+    "CONV_LAYERS",
+    "CRAM",
+    "CBAMAttention",
+    "IdentityAttention",
+    "build_conv_layer",
+    "suppression_mask",
+]
+
+ConvLayerKind = Literal["light", "pmg"]
+CONV_LAYERS: tuple[str, ...] = ("light", "pmg")
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    # PMG's BasicConv: bias-free conv (BN supplies the shift), BN, ReLU.
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def build_conv_layer(kind: str, in_channels: int, out_channels: int) -> nn.Sequential:
+    """Build the Conv_layer that projects a stage's enhanced map to the head width C_a.
+
+    The paper leaves this layer open (SPEC open point). Two choices:
+
+    * ``"light"`` (default): 1x1 conv + BN + ReLU. It is the cheapest projection that still
+      mixes channels; for ResNet50 at 448 px with C_a = 512 it adds about 1.4 GMACs over the
+      three stages (~9% of the backbone), which keeps the whole network near the paper's
+      "lightweight" claim.
+    * ``"pmg"``: PMG's block, 1x1 conv to C_a/2 then 3x3 conv to C_a (each BN + ReLU). The 3x3
+      conv runs at stage 3's resolution (56x56 at 448 px) and costs about 4x the light layer.
+
+    Args:
+        kind: ``"light"`` or ``"pmg"``.
+        in_channels: Channels of the stage output.
+        out_channels: C_a, the head width.
+
+    Returns:
+        The projection as an ``nn.Sequential``.
+    """
+    if kind == "light":
+        return _conv_bn_relu(in_channels, out_channels, 1)
+    if kind == "pmg":
+        hidden = max(1, out_channels // 2)
+        return nn.Sequential(
+            _conv_bn_relu(in_channels, hidden, 1),
+            _conv_bn_relu(hidden, out_channels, 3),
+        )
+    raise ValueError(f"conv_layer must be one of {CONV_LAYERS}, got {kind!r}")
+
+
+def suppression_mask(importance: Tensor, omega: float = 0.5, delta: float = 0.9) -> Tensor:
+    """Hard channel-suppression mask S of SPEC step 5.
+
+    ``S_k = omega`` where ``softmax(I)_k >= delta * max_j softmax(I)_j`` (per sample), else 1.
+    The mask is a constant: it is computed without gradient, so gradients reach X only through
+    the product ``S * X``.
+
+    Args:
+        importance: (B, C) channel importance I, after the sigmoid.
+        omega: Factor applied to the suppressed channels, in [0, 1].
+        delta: Relative threshold in (0, 1]; 1 suppresses only the top channel(s).
+
+    Returns:
+        (B, C) mask with the dtype and device of ``importance``.
+    """
+    if importance.ndim != 2:
+        raise ValueError(f"importance must be (B, C), got shape {tuple(importance.shape)}")
+    with torch.no_grad():
+        probs = importance.float().softmax(dim=1)
+        suppressed = probs >= delta * probs.amax(dim=1, keepdim=True)
+        # 1 for kept channels, omega for suppressed ones.
+        mask = 1.0 - (1.0 - omega) * suppressed.float()
+    return mask.to(importance.dtype)
+
+
+def _check_unit_interval(omega: float, delta: float) -> None:
+    if not 0.0 <= omega <= 1.0:
+        raise ValueError(f"omega must lie in [0, 1], got {omega}")
+    if not 0.0 < delta <= 1.0:
+        raise ValueError(f"delta must lie in (0, 1], got {delta}")
+
+
+class CRAM(nn.Module):
+    """Channel re-attention module (SPEC, "CRAM").
+
+    ``I = sigmoid(MLP(avgpool(X)) + MLP(maxpool(X)))`` with a shared MLP of 1x1 convs
+    (C -> C/r -> C, bias-free as in timm's CBAM channel attention). Then
+    ``x_e = Conv_layer(I * X)`` and ``x_s = S * X`` with ``S = suppression_mask(I)``.
+
+    Args:
+        in_channels: C, channels of the stage output.
+        out_channels: C_a, channels of ``x_e`` (the head width).
+        reduction: r of the shared MLP; the hidden width is ``max(1, C // r)``.
+        omega: Suppression factor of the mask, in [0, 1] (paper: 0.5).
+        delta: Relative importance threshold, in (0, 1] (paper: 0.9).
+        conv_layer: ``"light"`` (default) or ``"pmg"``; see :func:`build_conv_layer`.
+
+    Attributes:
+        last_importance: (B, C) detached importance I of the last forward call (None before
+            the first call), kept for activation-map figures.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        reduction: int = 16,
+        omega: float = 0.5,
+        delta: float = 0.9,
+        conv_layer: ConvLayerKind = "light",
+    ) -> None:
+        super().__init__()
+        if reduction < 1:
+            raise ValueError(f"reduction must be >= 1, got {reduction}")
+        _check_unit_interval(omega, delta)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.reduction = reduction
+        self.omega = float(omega)
+        self.delta = float(delta)
+        hidden = max(1, in_channels // reduction)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, in_channels, 1, bias=False),
+        )
+        self.conv_layer = build_conv_layer(conv_layer, in_channels, out_channels)
+        self.last_importance: Tensor | None = None
+
+    def channel_importance(self, x: Tensor) -> Tensor:
+        """Return I = sigmoid(a + m) as (B, C, 1, 1)."""
+        a = self.mlp(x.mean(dim=(2, 3), keepdim=True))
+        m = self.mlp(x.amax(dim=(2, 3), keepdim=True))
+        return torch.sigmoid(a + m)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(x_e, x_s)`` for a stage output ``x`` of shape (B, C, H, W)."""
+        importance = self.channel_importance(x)  # (B, C, 1, 1)
+        self.last_importance = importance.detach().flatten(1)
+        x_e = self.conv_layer(importance * x)
+        mask = suppression_mask(importance.flatten(1), self.omega, self.delta)  # (B, C)
+        x_s = x * mask[:, :, None, None]
+        return x_e, x_s
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction}, omega={self.omega}, delta={self.delta}"
+
+
+class IdentityAttention(nn.Module):
+    """No attention (the "baseline" variant): ``x_e = Conv_layer(x)``, ``x_s = x``.
+
+    The projection keeps the heads identical across variants, so the ablation isolates the
+    attention itself.
+
+    Args:
+        in_channels: C, channels of the stage output.
+        out_channels: C_a, channels of ``x_e``.
+        conv_layer: ``"light"`` (default) or ``"pmg"``; see :func:`build_conv_layer`.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, conv_layer: ConvLayerKind = "light"
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.conv_layer = build_conv_layer(conv_layer, in_channels, out_channels)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(Conv_layer(x), x)``."""
+        return self.conv_layer(x), x
+
+
+class CBAMAttention(nn.Module):
+    """timm's CBAM in CRAM's place (the "cbam" variant, the paper's Table 3 row 2).
+
+    ``y = CbamModule(x)``; ``x_e = Conv_layer(y)``, ``x_s = y``. CBAM's refined map flows on to
+    the next stage, as it does when CBAM is inserted into a network; unlike CRAM there is no
+    separate suppressed branch.
+
+    Args:
+        in_channels: C, channels of the stage output.
+        out_channels: C_a, channels of ``x_e``.
+        reduction: r of CBAM's channel MLP (``rd_ratio = 1 / r``).
+        conv_layer: ``"light"`` (default) or ``"pmg"``; see :func:`build_conv_layer`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        reduction: int = 16,
+        conv_layer: ConvLayerKind = "light",
+    ) -> None:
+        super().__init__()
+        if reduction < 1:
+            raise ValueError(f"reduction must be >= 1, got {reduction}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.reduction = reduction
+        self.cbam = CbamModule(in_channels, rd_channels=max(1, in_channels // reduction))
+        self.conv_layer = build_conv_layer(conv_layer, in_channels, out_channels)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(Conv_layer(CBAM(x)), CBAM(x))``."""
+        y = self.cbam(x)
+        return self.conv_layer(y), y

@@ -1,0 +1,60 @@
+"""The CRA-SMRA training loss: tensors in, named parts out."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crasmra.layers import diversity_loss
+from crasmra.model import ModelOutput
+
+__all__ = ["CRASMRALoss", "diversity_loss"]
+
+
+class CRASMRALoss(nn.Module):
+    """``L = alpha * sum_i CE(y, p_i) + beta * CE(y, p_concat) + gamma * L_div`` (SPEC).
+
+    Args:
+        alpha: Weight of the summed stage-head cross-entropies (paper: 2).
+        beta: Weight of the concat head's cross-entropy (paper: 1).
+        gamma: Weight of SMRAM's diversity loss (paper: 1); used only when ``div_loss`` is
+            passed, i.e. for the ``"cra-smra"`` variant.
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, gamma: float = 1.0) -> None:
+        super().__init__()
+        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}")
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+
+    def forward(
+        self, output: ModelOutput, target: Tensor, div_loss: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Compute the total loss and its named parts.
+
+        Args:
+            output: The network's output.
+            target: (B,) class indices.
+            div_loss: SMRAM's scalar diversity loss, or None (variants without SMRAM).
+
+        Returns:
+            ``(total, parts)``. ``parts`` holds detached, unweighted terms for logging:
+            ``"{stage_name}_ce"`` per stage head (e.g. ``"stage3_ce"``), ``"concat_ce"``, and
+            ``"diversity"`` when ``div_loss`` is given.
+        """
+        names = output.stage_names or tuple(f"head{i}" for i in range(len(output.stage_logits)))
+        stage_ce = [F.cross_entropy(logits, target) for logits in output.stage_logits]
+        concat_ce = F.cross_entropy(output.concat_logits, target)
+        total = self.alpha * sum(stage_ce) + self.beta * concat_ce
+        parts = {f"{n}_ce": ce.detach() for n, ce in zip(names, stage_ce, strict=True)}
+        parts["concat_ce"] = concat_ce.detach()
+        if div_loss is not None:
+            total = total + self.gamma * div_loss
+            parts["diversity"] = div_loss.detach()
+        return total, parts
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}"

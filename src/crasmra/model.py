@@ -1,0 +1,376 @@
+"""The CRA-SMRA network: staged timm backbone + per-stage attention + stage and concat heads.
+
+The four variants of the paper's ablation (Table 3) differ only in the module after each
+attended stage:
+
+- ``"baseline"``: :class:`~crasmra.layers.IdentityAttention` (projection only).
+- ``"cbam"``: :class:`~crasmra.layers.CBAMAttention` (timm's CBAM in CRAM's place).
+- ``"cram"``: :class:`~crasmra.layers.CRAM`, trained without SMRAM.
+- ``"cra-smra"``: :class:`~crasmra.layers.CRAM`, trained with SMRAM's diversity loss.
+
+SMRAM is not part of :class:`CRASMRANet`: it is a training-only device, so it lives with the
+loss in the training engine (see :func:`create_smram`), and a network saved or exported for
+inference carries no SMRAM weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from crasmra.backbones import (
+    PretrainedWeightsError,
+    StagedBackbone,
+    check_backbone,
+)
+from crasmra.layers import (
+    CONV_LAYERS,
+    CRAM,
+    HEAD_POOLS,
+    SMRAM,
+    CBAMAttention,
+    ClassifierHead,
+    IdentityAttention,
+)
+
+__all__ = [
+    "DEFAULT_HPARAMS",
+    "VARIANTS",
+    "CRASMRANet",
+    "ModelOutput",
+    "PretrainedWeightsError",
+    "create_model",
+    "create_smram",
+    "validate_hparams",
+]
+
+VARIANTS: tuple[str, ...] = ("baseline", "cbam", "cram", "cra-smra")
+
+# Keyword hyperparameters of CRASMRANet, with their documented defaults (see CRASMRANet).
+DEFAULT_HPARAMS: dict[str, Any] = {
+    "stage_indices": None,
+    "head_channels": 512,
+    "head_hidden": 512,
+    "head_pool": "max",
+    "conv_layer": "light",
+    "reduction": 16,
+    "omega": 0.5,
+    "delta": 0.9,
+}
+
+
+@dataclass
+class ModelOutput:
+    """What :class:`CRASMRANet` returns, in train and eval mode alike.
+
+    Attributes:
+        stage_logits: One (B, K) logit tensor per attended stage.
+        concat_logits: (B, K) logits of the head on the concatenated pooled features.
+        features: The (B, C_a, H_l, W_l) head-side maps x_e that SMRAM reads in training.
+        stage_names: Names of the attended stages, e.g. ``("stage3", "stage4", "stage5")``.
+    """
+
+    stage_logits: tuple[Tensor, ...]
+    concat_logits: Tensor
+    features: tuple[Tensor, ...]
+    stage_names: tuple[str, ...] = ()
+
+    @property
+    def logits(self) -> tuple[Tensor, ...]:
+        """All heads' logits: ``(*stage_logits, concat_logits)``."""
+        return (*self.stage_logits, self.concat_logits)
+
+    @property
+    def probs(self) -> Tensor:
+        """The paper's test-time prediction: the mean of every head's softmax, (B, K) float32."""
+        return torch.stack([lg.float().softmax(dim=-1) for lg in self.logits]).mean(dim=0)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_scalars(num_classes: Any, variant: Any, hp: dict[str, Any]) -> None:
+    """Validate everything that does not need the backbone; raise ValueError with a fix."""
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}.")
+    for key in ("head_channels", "head_hidden"):
+        if not _is_int(hp[key]) or hp[key] < 1:
+            raise ValueError(f"{key} must be an int >= 1, got {hp[key]!r}.")
+    if not _is_int(hp["reduction"]) or hp["reduction"] < 1:
+        raise ValueError(f"reduction must be an int >= 1, got {hp['reduction']!r}.")
+    omega, delta = hp["omega"], hp["delta"]
+    if not isinstance(omega, Real) or isinstance(omega, bool) or not 0.0 <= omega <= 1.0:
+        raise ValueError(f"omega must be a number in [0, 1] (paper: 0.5), got {omega!r}.")
+    if not isinstance(delta, Real) or isinstance(delta, bool) or not 0.0 < delta <= 1.0:
+        raise ValueError(f"delta must be a number in (0, 1] (paper: 0.9), got {delta!r}.")
+    if hp["head_pool"] not in HEAD_POOLS:
+        raise ValueError(f"head_pool must be one of {HEAD_POOLS}, got {hp['head_pool']!r}.")
+    if hp["conv_layer"] not in CONV_LAYERS:
+        raise ValueError(f"conv_layer must be one of {CONV_LAYERS}, got {hp['conv_layer']!r}.")
+
+
+def validate_hparams(
+    backbone: str,
+    num_classes: int,
+    variant: str = "cra-smra",
+    pretrained: bool | str | os.PathLike = False,
+    **hparams: Any,
+) -> dict[str, Any]:
+    """Check a model configuration before anything is built.
+
+    The backbone is instantiated on the ``meta`` device (no memory, no weights) to read its
+    feature stages and check that it can be split.
+
+    Args:
+        backbone: timm model name.
+        num_classes: Number of classes K.
+        variant: One of :data:`VARIANTS`.
+        pretrained: False, True, or a path to a local weights file (must exist).
+        **hparams: Keyword hyperparameters of :class:`CRASMRANet` (see :data:`DEFAULT_HPARAMS`).
+
+    Returns:
+        The full keyword set for ``CRASMRANet``, defaults filled in and ``stage_indices``
+        resolved to a list.
+
+    Raises:
+        ValueError: with a message saying what to change.
+        FileNotFoundError: ``pretrained`` is a path that does not exist.
+    """
+    unknown = sorted(set(hparams) - set(DEFAULT_HPARAMS))
+    if unknown:
+        raise ValueError(
+            f"Unknown hyperparameter(s) {unknown}; valid names are {sorted(DEFAULT_HPARAMS)}."
+        )
+    hp = {**DEFAULT_HPARAMS, **hparams}
+    _check_scalars(num_classes, variant, hp)
+    if not isinstance(pretrained, bool):
+        if not isinstance(pretrained, str | os.PathLike):
+            raise ValueError(f"pretrained must be a bool or a file path, got {pretrained!r}.")
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"Pretrained weights file not found: {str(pretrained)!r}")
+    hp["stage_indices"] = list(check_backbone(backbone, hp["stage_indices"]))
+    return {
+        "backbone": backbone,
+        "num_classes": num_classes,
+        "variant": variant,
+        "pretrained": pretrained,
+        **hp,
+    }
+
+
+def _build_attention(
+    variant: str,
+    in_channels: int,
+    out_channels: int,
+    conv_layer: str,
+    reduction: int,
+    omega: float,
+    delta: float,
+) -> nn.Module:
+    if variant == "baseline":
+        return IdentityAttention(in_channels, out_channels, conv_layer=conv_layer)
+    if variant == "cbam":
+        return CBAMAttention(in_channels, out_channels, reduction=reduction, conv_layer=conv_layer)
+    return CRAM(
+        in_channels,
+        out_channels,
+        reduction=reduction,
+        omega=omega,
+        delta=delta,
+        conv_layer=conv_layer,
+    )
+
+
+class CRASMRANet(nn.Module):
+    """Backbone + per-stage attention + one head per stage + a concat head.
+
+    Args:
+        backbone: timm CNN name with at least three feature stages.
+        num_classes: Number of classes K.
+        variant: One of :data:`VARIANTS`; only ``"cra-smra"`` adds SMRAM (in the engine).
+        pretrained: False (random init), True (timm ImageNet weights by name) or a path to a
+            local timm-format backbone state dict.
+        stage_indices: 0-based feature_info indices to attend; default the last three
+            (ResNet: layer2..layer4 = SPEC stages 3..5; DenseNet: after the last three dense
+            blocks).
+        head_channels: C_a, the width every attended stage is projected to (SPEC open point).
+            Default 512: PMG uses 1024, but 512 halves the projection cost (about 1.4 vs 2.9
+            GMACs on ResNet50 at 448 px with the light Conv_layer), keeping the network within
+            ~1.1x the plain backbone's FLOPs.
+        head_hidden: Hidden width of every head's MLP (PMG: 512).
+        head_pool: Global pooling before the heads, ``"max"`` (default, as PMG) or ``"avg"``.
+        conv_layer: Conv_layer after the attention, ``"light"`` (default: 1x1 conv + BN + ReLU,
+            the cheap choice) or ``"pmg"`` (PMG's 1x1 -> 3x3 block, about 4x the cost).
+        reduction: r of CRAM's / CBAM's channel MLP (paper: 16).
+        omega: CRAM's suppression factor (paper: 0.5).
+        delta: CRAM's relative importance threshold (paper: 0.9).
+
+    Attributes:
+        config: JSON-serialisable constructor arguments (``pretrained`` forced to False), so
+            ``CRASMRANet(**net.config)`` rebuilds the architecture.
+        variant: The variant name.
+        uses_smram: True only for ``"cra-smra"``.
+        num_classes: K.
+        head_channels: C_a.
+        stage_names: e.g. ``("stage3", "stage4", "stage5")``.
+        data_config: timm's preprocessing config for the backbone (mean, std, input_size,
+            crop_pct, interpolation). The paper trains at 448 px; input_size is timm's.
+        backbone: The :class:`~crasmra.backbones.StagedBackbone`.
+        attention: One CRAM / CBAM / identity module per attended stage.
+        heads: One :class:`~crasmra.layers.ClassifierHead` per attended stage.
+        concat_head: Head on the concatenated pooled stage features (n * C_a).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        variant: str = "cra-smra",
+        pretrained: bool | str | os.PathLike = False,
+        *,
+        stage_indices: Sequence[int] | None = None,
+        head_channels: int = 512,
+        head_hidden: int = 512,
+        head_pool: str = "max",
+        conv_layer: str = "light",
+        reduction: int = 16,
+        omega: float = 0.5,
+        delta: float = 0.9,
+    ) -> None:
+        super().__init__()
+        hp = {
+            "stage_indices": stage_indices,
+            "head_channels": head_channels,
+            "head_hidden": head_hidden,
+            "head_pool": head_pool,
+            "conv_layer": conv_layer,
+            "reduction": reduction,
+            "omega": omega,
+            "delta": delta,
+        }
+        _check_scalars(num_classes, variant, hp)
+        self.backbone = StagedBackbone(backbone, pretrained=pretrained, stage_indices=stage_indices)
+        self.variant = variant
+        self.num_classes = num_classes
+        self.head_channels = head_channels
+        self.stage_names: tuple[str, ...] = self.backbone.stage_names
+        self.data_config: dict[str, Any] = dict(self.backbone.data_config)
+        self.attention = nn.ModuleList(
+            _build_attention(variant, c, head_channels, conv_layer, reduction, omega, delta)
+            for c in self.backbone.stage_channels
+        )
+        self._head_kwargs = {"hidden": head_hidden, "pool": head_pool}
+        self.heads, self.concat_head = self._build_heads(num_classes)
+        self.config: dict[str, Any] = {
+            "backbone": backbone,
+            "num_classes": num_classes,
+            "variant": variant,
+            "pretrained": False,
+            **hp,
+            "stage_indices": list(self.backbone.stage_indices),
+            "omega": float(omega),
+            "delta": float(delta),
+        }
+
+    @property
+    def uses_smram(self) -> bool:
+        """Whether training adds SMRAM's diversity loss (only the ``"cra-smra"`` variant)."""
+        return self.variant == "cra-smra"
+
+    def _build_heads(self, num_classes: int) -> tuple[nn.ModuleList, ClassifierHead]:
+        n, c_a = len(self.stage_names), self.head_channels
+        heads = nn.ModuleList(
+            ClassifierHead(c_a, num_classes, **self._head_kwargs) for _ in range(n)
+        )
+        return heads, ClassifierHead(n * c_a, num_classes, **self._head_kwargs)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace every head (stage and concat) with a freshly initialised one for K classes."""
+        if not _is_int(num_classes) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}.")
+        ref = next(self.concat_head.parameters())
+        heads, concat_head = self._build_heads(num_classes)
+        self.heads = heads.to(device=ref.device, dtype=ref.dtype)
+        self.concat_head = concat_head.to(device=ref.device, dtype=ref.dtype)
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by learning-rate group (SPEC recipe).
+
+        Returns:
+            ``{"backbone": ..., "attention": ... (CRAM/CBAM incl. Conv_layer), "heads": ...
+            (stage heads + concat head)}``; every trainable parameter is in exactly one group.
+        """
+
+        def trainable(*modules: nn.Module) -> list[nn.Parameter]:
+            return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+        return {
+            "backbone": trainable(self.backbone),
+            "attention": trainable(self.attention),
+            "heads": trainable(self.heads, self.concat_head),
+        }
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Run backbone and attention; return the head-side maps x_e, one per stage."""
+        features = []
+        for i, attention in enumerate(self.attention):
+            x = self.backbone.forward_segment(i, x)
+            x_e, x = attention(x)  # x becomes x_s, the next segment's input
+            features.append(x_e)
+        return tuple(features)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        """Classify (B, 3, H, W) images; the same computation in train and eval mode."""
+        features = self.forward_features(x)
+        pooled = [head.pool_features(f) for head, f in zip(self.heads, features, strict=True)]
+        stage_logits = tuple(head.classify(p) for head, p in zip(self.heads, pooled, strict=True))
+        concat_logits = self.concat_head.classify(torch.cat(pooled, dim=1))  # (B, n*C_a)
+        return ModelOutput(
+            stage_logits=stage_logits,
+            concat_logits=concat_logits,
+            features=features,
+            stage_names=self.stage_names,
+        )
+
+
+def create_model(
+    backbone: str,
+    num_classes: int,
+    variant: str = "cra-smra",
+    pretrained: bool | str | os.PathLike = False,
+    **hparams: Any,
+) -> CRASMRANet:
+    """Validate a configuration, then build the network.
+
+    Args:
+        backbone: timm CNN name (resnet50, resnet101, densenet161, convnext_*, ...).
+        num_classes: Number of classes K.
+        variant: One of :data:`VARIANTS`.
+        pretrained: False, True (timm ImageNet weights; :class:`PretrainedWeightsError` when
+            they cannot be fetched) or a path to a local weights file.
+        **hparams: Keyword hyperparameters of :class:`CRASMRANet`.
+
+    Returns:
+        The network, in training mode.
+    """
+    kwargs = validate_hparams(backbone, num_classes, variant, pretrained, **hparams)
+    return CRASMRANet(**kwargs)
+
+
+def create_smram(net: CRASMRANet, loss_form: str = "1-h") -> SMRAM:
+    """Build the SMRAM that matches ``net`` (C_a channels, one map per attended stage).
+
+    For the training engine; SMRAM is never part of the network itself.
+    """
+    return SMRAM(net.head_channels, num_stages=len(net.stage_names), loss_form=loss_form)

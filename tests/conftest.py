@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny training runs through the real command line."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+TINY_CONFIG = TESTS / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fast_cpu_math() -> None:
+    """One intra-op thread and flushed denormals: tiny tensors on a shared 2-core machine run
+    many times faster this way (thread hand-offs and the denormal values of randomly
+    initialised deep nets otherwise dominate)."""
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+
+
+def tiny_fit_args(root: Path, *extra: str) -> list[str]:
+    """Arguments of `crasmra fit` for a seconds-long run into ``root``."""
+    return ["fit", f"--config={TINY_CONFIG}", f"--trainer.default_root_dir={root}", *extra]
+
+
+def run_cli(args: Sequence[str]) -> int:
+    from crasmra.cli import main
+
+    return main(list(args))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with best/last checkpoints from a two-epoch tiny fit (trained once per session)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    assert run_cli(tiny_fit_args(root, "--trainer.max_epochs=2")) == 0
+    assert (root / "checkpoints" / "best.ckpt").is_file()
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_run: Path) -> Path:
+    """The best checkpoint of :func:`tiny_run`."""
+    return tiny_run / "checkpoints" / "best.ckpt"

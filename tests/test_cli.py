@@ -1,0 +1,141 @@
+"""The command line: subcommands, shipped configs, input checks, the demo config and DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, run_cli, tiny_fit_args
+
+from crasmra.cli import build_parser, main
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+RECIPES = [p for p in CONFIGS if p.name not in ("base.yaml", "dataset.yaml")]
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    subcommands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name in ("fit", "validate", "test", "demo", *subcommands):
+        assert name in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from crasmra import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert __version__ in capsys.readouterr().out
+
+
+def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    assert len(RECIPES) >= 4 * 3 + 4 * 3 + 1
+    for path in RECIPES:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", f"--config={path}", "--print_config"])
+        assert exit_info.value.code == 0, path
+        resolved = yaml.safe_load(capsys.readouterr().out)
+        if path.name == "demo.yaml":
+            continue
+        dataset = path.parent.name
+        assert resolved["data"]["dataset"] == dataset
+        backbone, _, variant = path.stem.partition("-")
+        assert resolved["model"]["backbone"] == backbone
+        assert resolved["model"]["variant"] == (variant or "cra-smra")
+        # the paper's recipe, inherited from base.yaml
+        assert resolved["model"]["lr_backbone"] == 2e-4 and resolved["model"]["lr_attention"] == 6e-3
+        assert resolved["data"]["image_size"] == 448 and resolved["data"]["resize_size"] == 550
+        assert resolved["trainer"]["max_epochs"] == 200 and resolved["data"]["batch_size"] == 20
+        assert resolved["trainer"]["default_root_dir"].endswith(path.stem if variant else f"{path.stem}-cra-smra")
+
+
+def test_demo_config_file_matches_the_demo_command() -> None:
+    from crasmra.demo import DEMO_CONFIG
+
+    assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()) == DEMO_CONFIG
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("--model.backbone=resnet5O", "resnet50"),
+        ("--model.variant=cbam2", "cra-smra"),
+        ("--model.omega=1.5", "omega"),
+        ("--model.delta=0", "delta"),
+        ("--model.alpha=-1", "alpha"),
+        ("--model.lr_heads=0", "lr_heads"),
+        ("--data.batch_size=0", "batch_size"),
+    ],
+)
+def test_bad_hyperparameters_fail_before_training(flag: str, expected: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_cli(tiny_fit_args(tmp_path, flag))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_wrong_dataset_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "data").mkdir()
+    code = run_cli(tiny_fit_args(tmp_path / "run", "--data.dataset=cub", f"--data.root={tmp_path / 'data'}",
+                                 "--data.options=null"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "images.txt" in err and "CUB" in err
+
+
+def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = run_cli(tiny_fit_args(blocker / "run"))
+    assert code == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
+def test_missing_resume_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(tiny_fit_args(tmp_path, "--ckpt_path=last")) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_validate_and_test_on_a_checkpoint(tiny_run: Path, tiny_checkpoint: Path) -> None:
+    from conftest import TINY_CONFIG
+
+    for command in ("validate", "test"):
+        code = run_cli([command, f"--config={TINY_CONFIG}", f"--trainer.default_root_dir={tiny_run}",
+                        f"--ckpt_path={tiny_checkpoint}"])
+        assert code == 0
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    best_val = metrics["best_val"]["metrics"]["val/combined_top1"]
+    assert metrics["validate"]["val/combined_top1"] == pytest.approx(best_val)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_agrees_on_metrics(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    root = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "crasmra.cli", *tiny_fit_args(
+        root, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=1",
+        "--test_after_fit=false",
+    )]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((root / "metrics.json").read_text())
+    ddp_top1 = metrics["best_val"]["metrics"]["val/combined_top1"]
+    best = root / "checkpoints" / "best.ckpt"
+    assert torch.load(best, weights_only=True)["epoch"] == 0
+    # A single process evaluating the same checkpoint on the whole validation split must agree
+    # with the metric the two processes computed together.
+    assert run_cli(["validate", f"--config={REPO / 'tests/configs/tiny.yaml'}",
+                    f"--trainer.default_root_dir={root}", f"--ckpt_path={best}"]) == 0
+    single = json.loads((root / "metrics.json").read_text())["validate"]["val/combined_top1"]
+    assert single == pytest.approx(ddp_top1)

@@ -1,0 +1,209 @@
+"""CRAM, its stand-ins, SMRAM, diversity_loss and the heads, on small random tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from timm.layers.cbam import CbamModule
+from torch import nn
+
+from crasmra.layers import (
+    CRAM,
+    SMRAM,
+    CBAMAttention,
+    ClassifierHead,
+    IdentityAttention,
+    build_conv_layer,
+    diversity_loss,
+    suppression_mask,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # Tiny tensors gain nothing from intra-op threads; OpenMP spin-waits on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- suppression_mask -------------------------------------------------------------------------
+
+
+def _expected_mask(importance: torch.Tensor, omega: float, delta: float) -> torch.Tensor:
+    # softmax(I)_k / max_j softmax(I)_j = exp(I_k - max I), so the rule is I_k >= max I + ln(delta).
+    top = importance.max(dim=1, keepdim=True).values
+    chosen = importance >= top + math.log(delta)
+    return torch.where(chosen, torch.tensor(omega), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize(("omega", "delta"), [(0.5, 0.9), (0.2, 0.95), (0.0, 1.0), (1.0, 0.5)])
+def test_mask_picks_channels_within_delta_of_max(omega: float, delta: float) -> None:
+    importance = torch.rand(4, 64)
+    mask = suppression_mask(importance, omega, delta)
+    assert mask.shape == importance.shape
+    torch.testing.assert_close(mask, _expected_mask(importance, omega, delta))
+
+
+def test_mask_hand_example_is_per_sample() -> None:
+    # exp(-0.05) = 0.951 >= 0.9 (suppressed); exp(-0.2) = 0.819 < 0.9 (kept).
+    importance = torch.tensor([[0.90, 0.85, 0.70, 0.10], [0.10, 0.20, 0.30, 0.99]])
+    mask = suppression_mask(importance, omega=0.5, delta=0.9)
+    expected = torch.tensor([[0.5, 0.5, 1.0, 1.0], [1.0, 1.0, 1.0, 0.5]])
+    torch.testing.assert_close(mask, expected)
+
+
+def test_mask_has_no_gradient() -> None:
+    importance = torch.rand(2, 8, requires_grad=True)
+    mask = suppression_mask(importance)
+    assert not mask.requires_grad
+    assert mask.grad_fn is None
+
+
+# ---- CRAM -------------------------------------------------------------------------------------
+
+
+def test_cram_outputs_and_definitions() -> None:
+    cram = CRAM(32, 16, reduction=4).eval()
+    x = torch.randn(2, 32, 6, 5)
+    x_e, x_s = cram(x)
+    assert x_e.shape == (2, 16, 6, 5)
+    assert x_s.shape == x.shape
+    importance = cram.last_importance
+    assert importance is not None and importance.shape == (2, 32) and not importance.requires_grad
+    assert torch.all((importance > 0) & (importance < 1))
+    mask = suppression_mask(importance, cram.omega, cram.delta)
+    torch.testing.assert_close(x_s, x * mask[:, :, None, None])
+    torch.testing.assert_close(x_e, cram.conv_layer(importance[:, :, None, None] * x))
+    # at least the top channel is suppressed in every sample
+    assert torch.all((mask == cram.omega).sum(dim=1) >= 1)
+
+
+def test_cram_gradient_reaches_input_through_x_s_but_not_through_mask() -> None:
+    cram = CRAM(16, 8, reduction=4)
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    _, x_s = cram(x)
+    x_s.sum().backward()
+    mask = suppression_mask(cram.last_importance, cram.omega, cram.delta)
+    # d(sum(S * X))/dX = S exactly: nothing flows back through S into the importance MLP
+    torch.testing.assert_close(x.grad, mask[:, :, None, None].expand_as(x))
+    assert all(p.grad is None for p in cram.mlp.parameters())
+
+
+def test_cram_gradient_reaches_input_and_mlp_through_x_e() -> None:
+    cram = CRAM(16, 8, reduction=4)
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    x_e, _ = cram(x)
+    x_e.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for p in cram.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_cram_hyperparameters_reach_submodules() -> None:
+    cram = CRAM(64, 32, reduction=8, omega=0.3, delta=0.7, conv_layer="pmg")
+    assert (cram.omega, cram.delta, cram.reduction) == (0.3, 0.7, 8)
+    assert cram.mlp[0].out_channels == 64 // 8
+    assert cram.mlp[2].out_channels == 64
+    convs = [m for m in cram.conv_layer.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (64, 16, (1, 1)),
+        (16, 32, (3, 3)),
+    ]
+    light = [m for m in CRAM(64, 32).conv_layer.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in light] == [(32, (1, 1))]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(omega=1.5), dict(omega=-0.1), dict(delta=0.0), dict(delta=1.1), dict(reduction=0)],
+)
+def test_cram_rejects_bad_hyperparameters(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        CRAM(16, 8, **kwargs)
+
+
+def test_build_conv_layer_rejects_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="light"):
+        build_conv_layer("heavy", 8, 8)
+
+
+def test_identity_and_cbam_follow_the_contract() -> None:
+    x = torch.randn(2, 16, 5, 7)
+    ident = IdentityAttention(16, 8).eval()
+    x_e, x_s = ident(x)
+    assert x_s is x and x_e.shape == (2, 8, 5, 7)
+
+    cbam = CBAMAttention(16, 8, reduction=4).eval()
+    assert isinstance(cbam.cbam, CbamModule)
+    assert cbam.cbam.channel.fc1.out_channels == 4
+    x_e, x_s = cbam(x)
+    refined = cbam.cbam(x)
+    torch.testing.assert_close(x_s, refined)
+    torch.testing.assert_close(x_e, cbam.conv_layer(refined))
+
+
+# ---- diversity_loss and SMRAM -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_diversity_loss_bounds(stages: int) -> None:
+    uniform = torch.full((3, 1, 4, 5), 1 / 20).expand(3, stages, 4, 5)
+    torch.testing.assert_close(diversity_loss(uniform), torch.tensor(1 - 1 / stages))
+    disjoint = torch.zeros(3, stages, 4, 5)
+    for s in range(stages):
+        disjoint[:, s].view(3, -1)[:, s] = 1.0  # one-hot at a different position per stage
+    torch.testing.assert_close(diversity_loss(disjoint), torch.tensor(0.0))
+    # the "-h" form differs by the constant 1
+    torch.testing.assert_close(diversity_loss(uniform, form="-h"), torch.tensor(-1 / stages))
+
+
+def test_smram_maps_are_distributions_for_mixed_nonsquare_sizes() -> None:
+    smram = SMRAM(8, num_stages=3)
+    # smallest height comes from one map, smallest width from another
+    features = [torch.randn(2, 8, 10, 12), torch.randn(2, 8, 5, 7), torch.randn(2, 8, 6, 3)]
+    for f in features:
+        f.requires_grad_(True)
+    loss, attention = smram(features)
+    assert attention.shape == (2, 3, 5, 3)
+    torch.testing.assert_close(attention.sum(dim=(2, 3)), torch.ones(2, 3))
+    assert 0.0 <= loss.item() <= 1 - 1 / 3 + 1e-6
+    loss.backward()
+    for p in smram.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in features)
+
+
+def test_smram_rejects_wrong_number_of_maps() -> None:
+    with pytest.raises(ValueError, match="expected 3"):
+        SMRAM(4)([torch.randn(1, 4, 2, 2)] * 2)
+
+
+# ---- heads ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_classifier_head_pools_and_classifies(pool: str) -> None:
+    head = ClassifierHead(8, 5, hidden=16, pool=pool).eval()
+    x = torch.randn(3, 8, 4, 6)
+    pooled = head.pool_features(x)
+    reference = x.amax(dim=(2, 3)) if pool == "max" else x.mean(dim=(2, 3))
+    torch.testing.assert_close(pooled, reference)
+    torch.testing.assert_close(head(x), head.classify(pooled))
+    assert head(x).shape == (3, 5)
+    layers = [type(m).__name__ for m in head.mlp]
+    assert layers == ["BatchNorm1d", "Linear", "BatchNorm1d", "ELU", "Linear"]
+    assert head.mlp[1].out_features == 16
+
+
+def test_classifier_head_rejects_unknown_pool() -> None:
+    with pytest.raises(ValueError, match="max"):
+        ClassifierHead(8, 5, pool="median")

@@ -1,0 +1,227 @@
+"""CRASMRANet and create_model: structure, gradients, configuration, validation, weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from crasmra import SMRAM, VARIANTS, CRASMRALoss, CRASMRANet, ModelOutput, create_model
+from crasmra.layers import CRAM, CBAMAttention, IdentityAttention
+from crasmra.model import PretrainedWeightsError, create_smram, validate_hparams
+
+TINY = dict(head_channels=32, head_hidden=16)
+PAPER_BACKBONES = ["resnet50", "resnet101", "densenet161", "convnext_atto", "efficientnet_b0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_cpu():
+    # Tiny inputs gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
+    # spin-waiting makes them up to 100x slower; randomly initialised deep nets also produce
+    # denormal floats that slow CPU kernels. PyTorch has no denormal getter; False is its default.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backbone", PAPER_BACKBONES)
+def test_shapes_for_every_backbone_at_two_sizes(backbone: str) -> None:
+    net = create_model(backbone, num_classes=5, **TINY).eval()
+    strides = net.backbone.stage_reductions
+    for h, w in [(64, 64), (96, 64)]:
+        with torch.no_grad():
+            out = net(torch.randn(2, 3, h, w))
+        assert isinstance(out, ModelOutput)
+        assert len(out.stage_logits) == 3 and out.stage_names == net.stage_names
+        assert all(lg.shape == (2, 5) for lg in out.logits)
+        for f, s in zip(out.features, strides, strict=True):
+            assert f.shape == (2, 32, -(-h // s), -(-w // s))
+        assert torch.isfinite(out.probs).all()
+        torch.testing.assert_close(out.probs.sum(dim=1), torch.ones(2))
+
+
+def test_probs_is_mean_of_head_softmaxes() -> None:
+    net = create_model("resnet10t", 4, **TINY).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 64, 64))
+    expected = sum(lg.softmax(-1) for lg in out.logits) / 4
+    torch.testing.assert_close(out.probs, expected)
+
+
+@pytest.mark.parametrize(
+    ("variant", "module"),
+    [("baseline", IdentityAttention), ("cbam", CBAMAttention), ("cram", CRAM), ("cra-smra", CRAM)],
+)
+def test_variants_choose_the_attention_module(variant: str, module: type) -> None:
+    net = create_model("resnet10t", 3, variant=variant, **TINY)
+    assert tuple(VARIANTS) == ("baseline", "cbam", "cram", "cra-smra")
+    assert all(type(m) is module for m in net.attention)
+    assert net.uses_smram == (variant == "cra-smra")
+    assert net.variant == variant
+
+
+def test_smram_is_never_part_of_the_network() -> None:
+    net = create_model("resnet10t", 3, **TINY)
+    assert not any(isinstance(m, SMRAM) for m in net.modules())
+    smram = create_smram(net)
+    smram_shapes = {tuple(p.shape) for p in smram.parameters()}
+    assert all("phi" not in k and "smram" not in k.lower() for k in net.state_dict())
+    assert smram_shapes and smram.num_stages == 3 and smram.channels == 32
+    x = torch.randn(2, 3, 64, 64)
+    train_out = net.train()(x)
+    with torch.no_grad():
+        eval_out = net.eval()(x)
+    assert type(train_out) is type(eval_out)
+    assert [f.shape for f in train_out.features] == [f.shape for f in eval_out.features]
+    assert [lg.shape for lg in train_out.logits] == [lg.shape for lg in eval_out.logits]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_parameter_gets_a_gradient(variant: str) -> None:
+    torch.manual_seed(0)
+    net = create_model("resnet10t", 4, variant=variant, **TINY).train()
+    # timm zero-initialises each residual block's last BN scale, which makes the gradient of
+    # the block's inner convs exactly zero at step one; give the scales non-zero values.
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine:
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    smram = create_smram(net) if net.uses_smram else None
+    criterion = CRASMRALoss()
+    out = net(torch.randn(4, 3, 64, 64))
+    div = smram(out.features)[0] if smram is not None else None
+    total, parts = criterion(out, torch.tensor([0, 1, 2, 3]), div)
+    total.backward()
+    modules = [net, criterion] + ([smram] if smram is not None else [])
+    for module in modules:
+        for name, p in module.named_parameters():
+            assert p.grad is not None, name
+            assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert ("diversity" in parts) == (variant == "cra-smra")
+
+
+def test_hyperparameters_reach_the_modules() -> None:
+    net = create_model(
+        "resnet10t",
+        6,
+        omega=0.3,
+        delta=0.8,
+        reduction=4,
+        head_pool="avg",
+        head_channels=24,
+        head_hidden=12,
+        conv_layer="pmg",
+        stage_indices=[1, 2, 3],
+    )
+    assert net.stage_names == ("stage2", "stage3", "stage4")
+    for cram, c in zip(net.attention, net.backbone.stage_channels, strict=True):
+        assert (cram.omega, cram.delta, cram.reduction) == (0.3, 0.8, 4)
+        assert cram.mlp[0].out_channels == c // 4
+        assert cram.conv_layer[1][0].kernel_size == (3, 3)
+        assert cram.out_channels == 24
+    for head in [*net.heads, net.concat_head]:
+        assert head.pool_type == "avg" and head.hidden == 12 and head.num_classes == 6
+    assert net.concat_head.in_channels == 3 * 24
+
+
+def test_parameter_groups_partition_trainable_parameters() -> None:
+    net = create_model("resnet10t", 3, variant="cbam", **TINY)
+    groups = net.parameter_groups()
+    assert list(groups) == ["backbone", "attention", "heads"]
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in net.parameters() if p.requires_grad}
+    assert {id(p) for p in groups["attention"]} == {id(p) for p in net.attention.parameters()}
+
+
+def test_config_round_trip_rebuilds_the_architecture() -> None:
+    net = create_model("resnet10t", 3, variant="cram", omega=0.4, **TINY).eval()
+    config = json.loads(json.dumps(net.config))
+    assert config["pretrained"] is False and config["stage_indices"] == [2, 3, 4]
+    rebuilt = CRASMRANet(**config).eval()
+    assert rebuilt.config == net.config
+    rebuilt.load_state_dict(net.state_dict())  # strict: identical keys and shapes
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x).probs, net(x).probs)
+
+
+def test_reset_classifier_rebuilds_every_head() -> None:
+    net = create_model("resnet10t", 3, **TINY)
+    old = [p.clone() for p in net.heads[0].parameters()]
+    net.reset_classifier(9)
+    assert net.num_classes == 9 and net.config["num_classes"] == 9
+    with torch.no_grad():
+        out = net.eval()(torch.randn(1, 3, 64, 64))
+    assert all(lg.shape == (1, 9) for lg in out.logits)
+    new = list(net.heads[0].parameters())
+    assert new[-1].shape == (9,) and old[-1].shape == (3,)
+    with pytest.raises(ValueError):
+        net.reset_classifier(0)
+
+
+def test_data_config_comes_from_timm() -> None:
+    net = create_model("resnet10t", 3, **TINY)
+    cfg = timm.data.resolve_model_data_config(timm.create_model("resnet10t"))
+    assert set(net.data_config) == {"mean", "std", "input_size", "crop_pct", "interpolation"}
+    assert net.data_config["mean"] == tuple(cfg["mean"])
+    assert net.data_config["input_size"] == tuple(cfg["input_size"])
+    json.dumps(net.data_config)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (("resnet5O", 3), {}, "Did you mean"),
+        (("resnet18", 3, "cram++"), {}, "baseline"),
+        (("resnet18", 0), {}, "num_classes"),
+        (("resnet18", 3), {"omega": 1.5}, "omega"),
+        (("resnet18", 3), {"delta": 0.0}, "delta"),
+        (("resnet18", 3), {"reduction": 0}, "reduction"),
+        (("resnet18", 3), {"head_pool": "median"}, "head_pool"),
+        (("resnet18", 3), {"conv_layer": "heavy"}, "conv_layer"),
+        (("resnet18", 3), {"omgea": 0.5}, "Unknown hyperparameter"),
+        (("resnet18", 3), {"stage_indices": [4, 9]}, "out of range"),
+    ],
+)
+def test_validation_errors_say_what_to_change(args: tuple, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        create_model(*args, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        validate_hparams(*args, **kwargs)
+
+
+def test_validate_hparams_fills_defaults() -> None:
+    resolved = validate_hparams("resnet50", 200)
+    assert resolved["stage_indices"] == [2, 3, 4]
+    assert resolved["head_channels"] == 512 and resolved["conv_layer"] == "light"
+    assert (resolved["omega"], resolved["delta"], resolved["reduction"]) == (0.5, 0.9, 16)
+
+
+def test_pretrained_path_loads_backbone_weights(tmp_path) -> None:
+    source = timm.create_model("resnet10t", num_classes=1000)
+    path = tmp_path / "resnet10t.safetensors"
+    save_file(source.state_dict(), str(path))
+    net = create_model("resnet10t", 3, pretrained=str(path), **TINY)
+    torch.testing.assert_close(net.backbone.model.conv1[0].weight, source.conv1[0].weight)
+    assert net.config["pretrained"] is False
+    with pytest.raises(FileNotFoundError):
+        create_model("resnet10t", 3, pretrained=tmp_path / "nope.safetensors")
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"foo.weight": torch.zeros(1)}, str(wrong))
+    with pytest.raises(PretrainedWeightsError, match="do not fit"):
+        create_model("resnet10t", 3, pretrained=wrong)
+
+
+def test_pretrained_true_offline_is_a_clear_error(monkeypatch) -> None:
+    def offline(*args, **kwargs):
+        raise OSError("connection refused")
+
+    monkeypatch.setattr("timm.models._builder.load_pretrained", offline)
+    with pytest.raises(PretrainedWeightsError, match="safetensors"):
+        create_model("resnet10t", 3, pretrained=True)
