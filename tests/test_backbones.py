@@ -17,19 +17,6 @@ from crasmra.backbones import (
 SMALL = ["resnet18", "densenet121", "convnext_atto", "efficientnet_b0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_cpu():
-    # Tiny inputs gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
-    # spin-waiting makes them up to 100x slower; randomly initialised deep nets also produce
-    # denormal floats that slow CPU kernels. PyTorch has no denormal getter; False is its default.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
-
-
 def _copy_by_order(src: dict, dst_module: torch.nn.Module) -> None:
     # timm's features_only wrappers rename flattened modules (features.x -> features_x) but keep
     # registration order, so tensors correspond one to one by position.

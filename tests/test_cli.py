@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli, tiny_fit_args
 
+from conftest import REPO, run_cli, tiny_fit_args
 from crasmra.cli import build_parser, main
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

@@ -17,19 +17,6 @@ TINY = dict(head_channels=32, head_hidden=16)
 PAPER_BACKBONES = ["resnet50", "resnet101", "densenet161", "convnext_atto", "efficientnet_b0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_cpu():
-    # Tiny inputs gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
-    # spin-waiting makes them up to 100x slower; randomly initialised deep nets also produce
-    # denormal floats that slow CPU kernels. PyTorch has no denormal getter; False is its default.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("backbone", PAPER_BACKBONES)
 def test_shapes_for_every_backbone_at_two_sizes(backbone: str) -> None:
     net = create_model(backbone, num_classes=5, **TINY).eval()

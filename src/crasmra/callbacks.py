@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from crasmra import __version__
+from crasmra.checkpoint import save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +169,51 @@ class MetricsFileCallback(L.Callback):
         if trainer.is_global_zero:
             self._update(trainer, test=self._collect(trainer, "test/"),
                          test_checkpoint=trainer.ckpt_path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint writer whose local files are never half-written.
+
+    Lightning's own writer (``_atomic_save``) goes through an fsspec transaction that writes
+    to ``tempfile.mkstemp()`` in the system temporary folder and then ``shutil.move``s it.
+    When that folder is on another filesystem than the run folder (a tmpfs ``/tmp``, a
+    scratch disk) the move is a copy onto the checkpoint's own name, so a ``kill -9`` during
+    the copy leaves a truncated ``last.ckpt``; nothing is fsync'ed, and a killed write
+    leaves a checkpoint-sized orphan in the temporary folder. This writer uses
+    :func:`crasmra.checkpoint.save_atomic` instead: temporary file next to the checkpoint,
+    ``fsync``, ``os.replace``. Remote paths (``s3://``...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        from fsspec.implementations.local import LocalFileSystem
+
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        save_atomic(checkpoint, path)
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` follows every save point, improved or not.
+
+    Lightning 2.6 refreshes ``last.ckpt`` only when a top-k checkpoint was written at the same
+    step ("Only save last checkpoint if a checkpoint was actually saved in this step"). With
+    ``best.ckpt`` chosen on a validation metric, an epoch that does not improve it leaves
+    ``last.ckpt`` at the best epoch, so ``--ckpt_path last`` after a crash would silently
+    repeat every epoch since the last improvement. Marking each processed save point as saved
+    restores "last = the latest save point".
+    """
+
+    @property
+    def state_key(self) -> str:
+        # The key ModelCheckpoint itself would use, so checkpoints written before this class
+        # existed resume with their best-score state, and the other way round.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            # The condition Lightning checks right after this call before writing last.ckpt;
+            # it also keeps a second hook at the same step from saving twice.
+            self._last_global_step_saved = trainer.global_step

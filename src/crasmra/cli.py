@@ -52,19 +52,64 @@ def _check_writable(folder: Path) -> None:
         ) from err
 
 
+#: Free space kept on top of the checkpoints' estimate, for logs, metrics and the filesystem.
+MIN_FREE_BYTES = 64 * 2**20
+
+
+def checkpoint_size_estimate(model: Any) -> int:
+    """Bytes of one training checkpoint of ``model``: weights and buffers, plus SGD momentum."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    momentum = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights + momentum
+
+
+def _check_free_space(folder: Path, model: Any) -> None:
+    """Fail before training when ``folder`` cannot hold two checkpoints.
+
+    Two, because ``best.ckpt`` and ``last.ckpt`` coexist and each is written next to the
+    file it replaces before the rename. Finding out at the end of the first epoch, hours in,
+    would waste the epoch.
+    """
+    import shutil
+
+    needed = 2 * checkpoint_size_estimate(model) + MIN_FREE_BYTES
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UsageError(
+            f"Not enough free disk space in {folder}: {free / 2**20:.0f} MiB free, about "
+            f"{needed / 2**20:.0f} MiB needed for two checkpoints of this model. Free some space "
+            "or choose another --trainer.default_root_dir."
+        )
+
+
+def _with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
+    """``plugins`` plus :class:`~crasmra.callbacks.AtomicCheckpointIO` if none is a CheckpointIO."""
+    from lightning.fabric.plugins import CheckpointIO
+
+    from crasmra.callbacks import AtomicCheckpointIO
+
+    if plugins is None:
+        plugins = []
+    plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
 def _make_cli_class() -> type:
     # Lightning is imported here, not at module import, so `crasmra --help` stays instant.
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-    from crasmra.callbacks import MetricsFileCallback, RunInfoCallback
+    from crasmra.callbacks import MetricsFileCallback, ResumableCheckpoint, RunInfoCallback
+    from crasmra.checkpoint import load_checkpoint_file
     from crasmra.engine import MONITOR, RNGStateCallback
 
     class CRASMRACLI(LightningCLI):
         """LightningCLI with crasmra's run-folder layout, links and input checks."""
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            # A ModelCheckpoint whose last.ckpt follows every epoch (see ResumableCheckpoint).
+            parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
             parser.set_defaults({
                 "checkpoint.monitor": MONITOR,
                 "checkpoint.mode": "max",
@@ -97,6 +142,14 @@ def _make_cli_class() -> type:
                         f"--ckpt_path last: no checkpoint at {last}. Resume with the same "
                         "--trainer.default_root_dir (or --config) as the interrupted run."
                     )
+                load_checkpoint_file(last)
+            pretrained = config.model.get("pretrained")
+            if isinstance(pretrained, str) and Path(pretrained).is_file():
+                # Read once here for the checks the backbone loader lacks: torch.load does not
+                # verify the zip checksums (flipped bytes would load as wrong weights), and a
+                # refused pickle gets a one-line reason instead of PyTorch's advice to retry
+                # with weights_only=False.
+                load_checkpoint_file(pretrained)
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             trainer_config = self._get(self.config_init, "trainer", default={})
@@ -104,7 +157,21 @@ def _make_cli_class() -> type:
             if trainer_config.get("logger") in (None, True):
                 kwargs["logger"] = default_loggers(root)
             kwargs["default_root_dir"] = root
+            kwargs["plugins"] = _with_atomic_checkpoint_io(trainer_config.get("plugins"))
             return super().instantiate_trainer(**kwargs)
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads --ckpt_path with a bare torch.load to recover hyperparameters,
+            # before any crasmra hook runs; validating the file first turns a truncated,
+            # tampered or foreign checkpoint into one clear error instead of a traceback.
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path and Path(ckpt_path).is_file():
+                load_checkpoint_file(ckpt_path)
+            super()._parse_ckpt_path()
+
+        def before_fit(self) -> None:
+            _check_free_space(Path(self.trainer.default_root_dir), self.model)
 
         def after_fit(self) -> None:
             if not self.config.fit.get("test_after_fit", True):
@@ -136,6 +203,77 @@ def default_loggers(root: str | Path) -> list[Any]:
     return loggers
 
 
+BASE_KEY = "__base__"
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, merging the files its ``__base__`` key names (paths relative to it).
+
+    A recipe is then a short file over a shared base: ``__base__: ../base.yaml`` followed by
+    what differs. Nested sections merge key by key; anything else in the file replaces the base.
+    """
+    import yaml
+
+    path = Path(path).resolve()
+    if path in _chain:
+        raise UsageError(f"Config {path} includes itself through {BASE_KEY}: {[str(p) for p in _chain]}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must hold a mapping of settings, not {type(data).__name__}.")
+    bases = data.pop(BASE_KEY, None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise UsageError(f"{path}: {BASE_KEY} names {base_path}, which does not exist.")
+        merged = _deep_merge(merged, load_config(base_path, (*_chain, path)))
+    return _deep_merge(merged, data)
+
+
+def expand_config_args(args: Sequence[str]) -> list[str]:
+    """Replace every ``--config FILE`` whose file uses ``__base__`` by its merged content.
+
+    jsonargparse's own nested ``config:`` key does not merge nested sections (a recipe's
+    ``data:`` would reset the base's ``data:``), hence this resolution before parsing.
+    """
+    import yaml
+
+    out: list[str] = []
+    items = list(args)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if arg in ("--config", "-c") and i + 1 < len(items):
+            value, i = items[i + 1], i + 2
+        elif arg.startswith("--config="):
+            value, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        try:
+            is_file = "\n" not in value and Path(value).is_file()
+        except OSError:  # a YAML string rather than a path
+            is_file = False
+        if is_file and BASE_KEY in (Path(value).read_text()):
+            value = yaml.safe_dump(load_config(value), sort_keys=False)
+        out.append(f"--config={value}")
+    return out
+
+
 def run_lightning(args: Sequence[str] | dict[str, Any]) -> Any:
     """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``) and return the CLI object."""
     from crasmra.data import FGVCDataModule
@@ -155,7 +293,7 @@ def run_lightning(args: Sequence[str] | dict[str, Any]) -> Any:
         },
         seed_everything_default=0,
         parser_kwargs={"description": "crasmra: CRA-SMRA fine-grained visual classification"},
-        args=list(args) if not isinstance(args, dict) else args,
+        args=expand_config_args(args) if not isinstance(args, dict) else args,
     )
 
 
@@ -261,6 +399,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CRASMRA_DEBUG"):
             raise
         print(f"crasmra: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        # A non-finite training loss (crasmra.engine.NonFiniteLossError): the run failed rather
+        # than the input, hence exit code 1; the message names the step, the loss terms and
+        # the remedies, and the checkpoints written before it are intact.
+        if os.environ.get("CRASMRA_DEBUG"):
+            raise
+        print(f"crasmra: error: training stopped: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        backbones = sys.modules.get("crasmra.backbones")
+        weights_error = getattr(backbones, "PretrainedWeightsError", None)
+        if weights_error is None or not isinstance(err, weights_error):
+            raise
+        if os.environ.get("CRASMRA_DEBUG"):
+            raise
+        # An unreadable --model.pretrained file is bad input like any other.
+        print(f"crasmra: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

@@ -82,7 +82,13 @@ class CRASMRAModule(L.LightningModule):
         channels_last: Run the network in channels-last memory format (faster on GPUs with AMP).
         compile: Wrap the network with ``torch.compile``.
         nonfinite_loss: ``"stop"`` raises on a NaN/Inf loss naming the step and the loss terms;
-            ``"skip"`` skips that batch's update and counts it.
+            ``"skip"`` skips that batch's optimiser step and counts it (``train/skipped_batches``,
+            logged every epoch). Under DDP the ranks agree, so all of them skip together.
+        nonfinite_check_interval: With ``"stop"``, how often (in batches) the loss is checked on
+            the host; 1 checks every batch before its update. N > 1 avoids a host-device
+            synchronisation per step: a device-side flag remembers the first non-finite loss and
+            is read every N batches and always before validation and before any checkpoint is
+            written, so a checkpoint never holds weights updated with a non-finite loss.
         classes: Class names in label order (linked from the data module by the CLI).
         transform_config: Plain values that rebuild the eval transform (linked from the data module).
         init_from: A checkpoint or weights file to initialise the network from (fine-tuning, not
@@ -120,6 +126,7 @@ class CRASMRAModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         nonfinite_loss: NonFinitePolicy = "stop",
+        nonfinite_check_interval: int = 1,
         classes: Sequence[str] | None = None,
         transform_config: dict[str, Any] | None = None,
         init_from: str | None = None,
@@ -145,6 +152,13 @@ class CRASMRAModule(L.LightningModule):
             raise ValueError(
                 f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}; "
                 "change --model.nonfinite_loss."
+            )
+        if isinstance(nonfinite_check_interval, bool) or not (
+            isinstance(nonfinite_check_interval, int) and nonfinite_check_interval >= 1
+        ):
+            raise ValueError(
+                "nonfinite_check_interval must be an integer >= 1, got "
+                f"{nonfinite_check_interval!r}; change --model.nonfinite_check_interval."
             )
         if classes is not None and len(classes) != num_classes:
             raise ValueError(
@@ -186,6 +200,14 @@ class CRASMRAModule(L.LightningModule):
         self.test_metrics = self._make_metrics("test/")
         # Counted on the device so that the training step never synchronises with the host.
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long), persistent=False)
+        # First non-finite loss since the last host-side check (nonfinite_check_interval > 1):
+        # global step, epoch and batch index (-1: none), and the loss terms at that step.
+        self.register_buffer("_nonfinite_at", torch.full((3,), -1, dtype=torch.long),
+                             persistent=False)
+        self._nonfinite_terms: Tensor | None = None
+        self._nonfinite_names: tuple[str, ...] = ()
+        self._batches_since_check = 0
+        self._skipped_at_epoch_start = 0
 
     # ------------------------------------------------------------------ construction helpers
     def _make_metrics(self, prefix: str) -> MetricCollection:
@@ -256,19 +278,29 @@ class CRASMRAModule(L.LightningModule):
         total, parts = self.compute_loss(output, target)
         finite = torch.isfinite(total)
         if self.hparams.nonfinite_loss == "skip":
+            if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+                # Every rank must take the same decision: a rank that skips its backward while
+                # the others run theirs would leave DDP's gradient all-reduce waiting forever.
+                agreed = finite.to(torch.int32)
+                torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+                finite = agreed.bool()
             # Deciding to skip needs the value on the host; this sync happens only under "skip".
             if not bool(finite):
                 self.skipped_batches += 1
                 log.warning("Skipping batch %d of step %d: non-finite loss %s", batch_idx,
                             self.global_step, self._describe(parts))
+                # In automatic optimisation a None loss means no backward: gradients stay None
+                # after Lightning's zero_grad, so the optimiser leaves every parameter untouched.
                 return None
-        elif not bool(finite):
-            raise NonFiniteLossError(
-                f"Non-finite training loss at global step {self.global_step} (epoch "
-                f"{self.current_epoch}, batch {batch_idx}): {self._describe(parts)}. The last "
-                "good checkpoint is kept. Lower the learning rates, use --trainer.gradient_clip_val, "
-                "or set --model.nonfinite_loss skip to skip such batches."
-            )
+        elif self.hparams.nonfinite_check_interval == 1:
+            if not bool(finite):
+                raise self._nonfinite_error(self.global_step, self.current_epoch, batch_idx,
+                                            self._describe(parts))
+        else:
+            self._remember_nonfinite(finite, parts, batch_idx)
+            self._batches_since_check += 1
+            if self._batches_since_check >= self.hparams.nonfinite_check_interval:
+                self.check_nonfinite()
         batch_size = images.shape[0]
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, batch_size=batch_size)
@@ -277,6 +309,65 @@ class CRASMRAModule(L.LightningModule):
     @staticmethod
     def _describe(parts: dict[str, Tensor]) -> str:
         return ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+
+    @staticmethod
+    def _nonfinite_error(step: int, epoch: int, batch_idx: int, terms: str) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"Non-finite training loss at global step {step} (epoch {epoch}, batch {batch_idx}): "
+            f"{terms}. The last good checkpoint is kept. Lower the learning rates, use "
+            "--trainer.gradient_clip_val, or set --model.nonfinite_loss skip to skip such batches."
+        )
+
+    # ------------------------------------------------------------------ non-finite loss checks
+    def _remember_nonfinite(self, finite: Tensor, parts: dict[str, Tensor], batch_idx: int) -> None:
+        """Record on the device, without a sync, the first non-finite loss since the last check."""
+        terms = torch.stack([v.detach().float().reshape(()) for v in parts.values()])
+        if self._nonfinite_terms is None or self._nonfinite_terms.shape != terms.shape:
+            self._nonfinite_terms = torch.zeros_like(terms)
+            self._nonfinite_names = tuple(parts)
+        at = self._nonfinite_at
+        first = ~finite & (at[0] < 0)
+        # masked_fill takes the Python ints as kernel arguments: no host-to-device copy.
+        self._nonfinite_at = torch.stack([
+            at[0].masked_fill(first, self.global_step),
+            at[1].masked_fill(first, self.current_epoch),
+            at[2].masked_fill(first, batch_idx),
+        ])
+        self._nonfinite_terms = torch.where(first, terms, self._nonfinite_terms)
+
+    def check_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a non-finite loss was recorded since the last check.
+
+        Only does work with ``nonfinite_loss="stop"`` and ``nonfinite_check_interval > 1``; the
+        one host-device synchronisation per call is the point of the interval.
+        """
+        self._batches_since_check = 0
+        if self._nonfinite_terms is None:
+            return
+        step, epoch, batch_idx = (int(v) for v in self._nonfinite_at.tolist())
+        if step < 0:
+            return
+        terms = ", ".join(f"{name}={float(v):.4g}" for name, v in
+                          zip(self._nonfinite_names, self._nonfinite_terms.tolist(), strict=True))
+        raise self._nonfinite_error(step, epoch, batch_idx, terms)
+
+    def on_validation_start(self) -> None:
+        # No point validating weights that a non-finite loss has already updated.
+        if self.trainer.state.fn == "fit":
+            self.check_nonfinite()
+
+    def on_train_epoch_start(self) -> None:
+        self._skipped_at_epoch_start = int(self.skipped_batches)
+
+    def on_train_epoch_end(self) -> None:
+        self.check_nonfinite()
+        if self.hparams.nonfinite_loss == "skip":
+            skipped = int(self.skipped_batches) - self._skipped_at_epoch_start
+            # The ranks agree on every skip (see training_step), so all log the same count.
+            self.log("train/skipped_batches", float(skipped), sync_dist=True)
+            if skipped:
+                log.warning("Epoch %d: skipped %d batch(es) with a non-finite loss.",
+                            self.current_epoch, skipped)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, prefix: str) -> None:
         images, target = batch
@@ -336,6 +427,9 @@ class CRASMRAModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every checkpoint (epoch end, every_n_train_steps, manual) passes here before it is
+        # written: weights updated with a non-finite loss must never replace a good checkpoint.
+        self.check_nonfinite()
         # Everything inference needs, in plain types, so `torch.load(weights_only=True)` reads it.
         checkpoint["crasmra"] = {
             "format_version": FORMAT_VERSION,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from crasmra.data.factory import (
     dataset_classes,
     load_annotations,
 )
+from crasmra.data.sampling import EpochShuffleSampler
 from crasmra.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -253,10 +255,22 @@ class FGVCDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"the {split} dataset is not set up; call setup() first")
         workers = self.num_workers
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        # Own generators everywhere: creating a loader's iterator then never draws from the
+        # global RNG, whose state a resumed run restores (see EpochShuffleSampler).
+        generator = torch.Generator().manual_seed(seed)
+        sampler = None
+        trainer = getattr(self, "trainer", None)
+        if train and not (trainer is not None and trainer.world_size > 1):
+            sampler = EpochShuffleSampler(len(dataset), seed=seed, generator=generator)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            # Under DDP Lightning swaps a shuffling loader's sampler for a DistributedSampler,
+            # which is seeded per epoch too.
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            generator=generator,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=self.drop_last and train,

@@ -78,27 +78,27 @@ def _marking_polygons(part: str, pattern: str) -> list[list[Point]]:
     hx, hy = _HEAD_C
     if part == "head":
         if pattern == "band":
-            return [[(hx - 0.05, -0.15), (hx + 0.04, -0.15), (hx + 0.04, 0.15), (hx - 0.05, 0.15)]]
+            return [[(hx - 0.07, -0.16), (hx + 0.05, -0.16), (hx + 0.05, 0.16), (hx - 0.07, 0.16)]]
         if pattern == "cap":
-            return [_ellipse(hx + 0.02, hy, 0.085, 0.085)]
-        return [_ellipse(hx + 0.06, s * 0.08, 0.04, 0.04) for s in (-1, 1)]  # eyes
+            return [_ellipse(hx + 0.02, hy, 0.10, 0.10)]
+        return [_ellipse(hx + 0.05, s * 0.085, 0.05, 0.05) for s in (-1, 1)]  # eyes
     if part == "wing":
         if pattern == "bar":
-            return [_wing_band(0.42, 0.58, s) for s in (-1, 1)]
+            return [_wing_band(0.40, 0.62, s) for s in (-1, 1)]
         if pattern == "tips":
-            return [_wing_band(0.80, 1.0, s) for s in (-1, 1)]
+            return [_wing_band(0.76, 1.0, s) for s in (-1, 1)]
         spots = []
         for s in (-1, 1):
             for t in (0.35, 0.72):
                 x, y = _wing_point(t, 0.5, s)
-                spots.append(_ellipse(x, y, 0.055, 0.055))
+                spots.append(_ellipse(x, y, 0.065, 0.065))
         return spots
     if part == "tail":
         if pattern == "band":
-            return [_tail_band(0.38, 0.58)]
+            return [_tail_band(0.30, 0.56)]
         if pattern == "tip":
-            return [_tail_band(0.78, 1.0)]
-        return [_ellipse(-0.78, s * 0.12, 0.05, 0.05) for s in (-1, 1)]
+            return [_tail_band(0.72, 1.0)]
+        return [_ellipse(-0.78, s * 0.12, 0.06, 0.06) for s in (-1, 1)]
     # body
     if pattern == "stripe":
         return [[(-0.42, -0.04), (0.42, -0.04), (0.42, 0.04), (-0.42, 0.04)]]
@@ -180,8 +180,8 @@ class SyntheticFGVC(Dataset):
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
         val_fraction: float = 0.1,
         split_seed: int = 0,
-        max_rotation: float = 40.0,
-        clutter: int = 10,
+        max_rotation: float = 30.0,
+        clutter: int = 8,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -256,7 +256,7 @@ class SyntheticFGVC(Dataset):
         theta = math.radians(rng.uniform(-self.max_rotation, self.max_rotation))
         if rng.random() < 0.5:
             theta = math.pi - theta
-        half = size * rng.uniform(0.32, 0.44)
+        half = size * rng.uniform(0.36, 0.46)
         margin = size / 2 - 0.85 * half
         cx = size / 2 + rng.uniform(-margin, margin)
         cy = size / 2 + rng.uniform(-margin, margin)
@@ -271,8 +271,12 @@ class SyntheticFGVC(Dataset):
         body_rgb = _hsv(rng.random(), rng.uniform(0.2, 0.9), rng.uniform(0.35, 0.95))
         wing_rgb = tuple(int(np.clip(c + rng.integers(-40, 41), 0, 255)) for c in body_rgb)
         lum = 0.299 * body_rgb[0] + 0.587 * body_rgb[1] + 0.114 * body_rgb[2]
-        mark_v = rng.uniform(0.0, 0.3) if lum > 128 else rng.uniform(0.8, 1.0)
-        mark_rgb = _hsv(rng.random(), rng.uniform(0.0, 0.9), mark_v)
+        # Markings contrast with the body (dark on light, light on dark) in a random hue,
+        # so their shape and place carry the class, not their colour.
+        if lum > 128:
+            mark_rgb = _hsv(rng.random(), rng.uniform(0.0, 0.8), rng.uniform(0.0, 0.2))
+        else:
+            mark_rgb = _hsv(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.85, 1.0))
         outline = tuple(int(c * 0.6) for c in body_rgb)
 
         for side in (-1, 1):

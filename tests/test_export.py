@@ -1,0 +1,130 @@
+"""`crasmra export`: ONNX (run with onnxruntime alone), TorchScript and safetensors round trips."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import crasmra.export as export_module
+from conftest import run_cli
+from crasmra.data import load_image
+from crasmra.export import ExportParityError, ExportWrapper, export_model
+from crasmra.inference import load_model
+from crasmra.model import CRASMRANet
+from test_inference import NUM_CLASSES, write_images
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint: Path) -> CRASMRANet:
+    return load_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_images(tmp_path_factory.mktemp("export-images"))
+
+
+@pytest.fixture(scope="module")
+def batch(model: CRASMRANet, images: Path) -> torch.Tensor:
+    """Real images, prepared with the checkpoint's eval transform: (4, 3, 64, 64)."""
+    return torch.stack([model.transform(load_image(p)) for p in sorted(images.rglob("*.png"))])
+
+
+def _max_diff(stdout: str) -> float:
+    return float(re.search(r"max \|diff\| (\S+) ", stdout).group(1))  # type: ignore[union-attr]
+
+
+def test_onnx_export_runs_in_onnxruntime_alone(tiny_checkpoint: Path, model: CRASMRANet,
+                                               batch: torch.Tensor, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "model.onnx"
+    code = run_cli(["export", str(tiny_checkpoint), "--format", "onnx", "--out", str(out),
+                    "--head-logits"])
+    assert code == 0
+    assert _max_diff(capsys.readouterr().out) <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary left
+
+    graph = onnx.load(str(out))
+    assert not any("smram" in init.name for init in graph.graph.initializer)
+    props = {p.key: p.value for p in graph.metadata_props}
+    assert json.loads(props["classes"]) == model.classes
+    assert json.loads(props["transform"]) == model.transform_config
+
+    # what the README shows: onnxruntime and numpy only, any batch size
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["probs", "logits_stage3", "logits_stage4", "logits_stage5", "logits_concat"]
+    probs, *logits = session.run(None, {"images": batch.numpy()})
+    with torch.inference_mode():
+        reference = model(batch)
+    assert probs.shape == (len(batch), NUM_CLASSES)
+    np.testing.assert_allclose(probs, reference.probs.numpy(), atol=1e-4, rtol=0)
+    for got, want in zip(logits, reference.logits, strict=True):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_torchscript_round_trip(model: CRASMRANet, batch: torch.Tensor, tmp_path: Path) -> None:
+    result = export_model(model, "torchscript", tmp_path / "model.pt")
+    assert result.max_abs_diff <= 1e-4 and result.outputs == ["probs"]
+    extra = {"crasmra.json": ""}
+    scripted = torch.jit.load(str(result.path), _extra_files=extra)
+    assert json.loads(extra["crasmra.json"])["classes"] == model.classes
+    with torch.inference_mode():
+        got, want = scripted(batch), model(batch).probs
+    assert got.shape == (len(batch), NUM_CLASSES)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_safetensors_round_trip(tiny_checkpoint: Path, model: CRASMRANet, batch: torch.Tensor,
+                                images: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "model.safetensors"
+    assert run_cli(["export", str(tiny_checkpoint), "--format", "safetensors",
+                    "--out", str(out)]) == 0
+    assert _max_diff(capsys.readouterr().out) == 0.0
+    reloaded = load_model(out)
+    assert reloaded.classes == model.classes
+    assert reloaded.transform_config == model.transform_config
+    assert reloaded.state_dict().keys() == model.state_dict().keys()
+    with torch.inference_mode():
+        assert torch.equal(reloaded(batch).probs, model(batch).probs)
+    # the export stands in for the checkpoint in the other commands
+    assert run_cli(["predict", str(out), str(images), "--format", "json", "--quiet"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["predictions"]) == NUM_CLASSES
+
+
+def test_parity_failure_is_loud_and_leaves_no_file(model: CRASMRANet, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_export(wrapper, example, path, meta):  # a "compiler" that is off by 1e-3
+        path.write_bytes(b"exported")
+        return lambda x: tuple(o + 1e-3 for o in export_module._as_tuple(wrapper(x)))
+
+    monkeypatch.setattr(export_module, "_export_torchscript", broken_export)
+    out = tmp_path / "model.pt"
+    with pytest.raises(ExportParityError, match=r"differs from the eager network by up to 0\.001"):
+        export_model(model, "torchscript", out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_wrapper_and_argument_checks(model: CRASMRANet, tmp_path: Path) -> None:
+    x = torch.zeros(2, 3, 64, 64)
+    with torch.inference_mode():
+        probs = ExportWrapper(model)(x)
+        outputs = ExportWrapper(model, head_logits=True)(x)
+    assert probs.shape == (2, NUM_CLASSES) and len(outputs) == 5
+    assert ExportWrapper(model, head_logits=True).output_names[-1] == "logits_concat"
+    with pytest.raises(ValueError, match="Unknown export format"):
+        export_model(model, "tflite", tmp_path / "m.tflite")
+    with pytest.raises(ValueError, match=r"\*\.safetensors"):
+        export_model(model, "safetensors", tmp_path / "m.bin")
+    with pytest.raises(ValueError, match="tolerance"):
+        export_model(model, "torchscript", tmp_path / "m.pt", tolerance=0)
