@@ -35,7 +35,7 @@ def run_cli(args: Sequence[str]) -> int:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder with best/last checkpoints from a two-epoch tiny fit (trained once per session)."""
+    """A run folder with best/last checkpoints of a two-epoch tiny fit, trained once per session."""
     root = tmp_path_factory.mktemp("tiny-run")
     assert run_cli(tiny_fit_args(root, "--trainer.max_epochs=2")) == 0
     assert (root / "checkpoints" / "best.ckpt").is_file()

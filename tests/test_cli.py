@@ -52,10 +52,14 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
         assert resolved["model"]["backbone"] == backbone
         assert resolved["model"]["variant"] == (variant or "cra-smra")
         # the paper's recipe, inherited from base.yaml
-        assert resolved["model"]["lr_backbone"] == 2e-4 and resolved["model"]["lr_attention"] == 6e-3
+        assert (
+            resolved["model"]["lr_backbone"] == 2e-4 and resolved["model"]["lr_attention"] == 6e-3
+        )
         assert resolved["data"]["image_size"] == 448 and resolved["data"]["resize_size"] == 550
         assert resolved["trainer"]["max_epochs"] == 200 and resolved["data"]["batch_size"] == 20
-        assert resolved["trainer"]["default_root_dir"].endswith(path.stem if variant else f"{path.stem}-cra-smra")
+        assert resolved["trainer"]["default_root_dir"].endswith(
+            path.stem if variant else f"{path.stem}-cra-smra"
+        )
 
 
 def test_demo_config_file_matches_the_demo_command() -> None:
@@ -76,8 +80,9 @@ def test_demo_config_file_matches_the_demo_command() -> None:
         ("--data.batch_size=0", "batch_size"),
     ],
 )
-def test_bad_hyperparameters_fail_before_training(flag: str, expected: str, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_hyperparameters_fail_before_training(
+    flag: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = run_cli(tiny_fit_args(tmp_path, flag))
     err = capsys.readouterr().err
     assert code == 2, err
@@ -87,8 +92,14 @@ def test_bad_hyperparameters_fail_before_training(flag: str, expected: str, tmp_
 
 def test_wrong_dataset_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "data").mkdir()
-    code = run_cli(tiny_fit_args(tmp_path / "run", "--data.dataset=cub", f"--data.root={tmp_path / 'data'}",
-                                 "--data.options=null"))
+    code = run_cli(
+        tiny_fit_args(
+            tmp_path / "run",
+            "--data.dataset=cub",
+            f"--data.root={tmp_path / 'data'}",
+            "--data.options=null",
+        )
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "images.txt" in err and "CUB" in err
@@ -111,8 +122,14 @@ def test_validate_and_test_on_a_checkpoint(tiny_run: Path, tiny_checkpoint: Path
     from conftest import TINY_CONFIG
 
     for command in ("validate", "test"):
-        code = run_cli([command, f"--config={TINY_CONFIG}", f"--trainer.default_root_dir={tiny_run}",
-                        f"--ckpt_path={tiny_checkpoint}"])
+        code = run_cli(
+            [
+                command,
+                f"--config={TINY_CONFIG}",
+                f"--trainer.default_root_dir={tiny_run}",
+                f"--ckpt_path={tiny_checkpoint}",
+            ]
+        )
         assert code == 0
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     best_val = metrics["best_val"]["metrics"]["val/combined_top1"]
@@ -123,10 +140,18 @@ def test_validate_and_test_on_a_checkpoint(tiny_run: Path, tiny_checkpoint: Path
 def test_two_process_ddp_on_cpu_agrees_on_metrics(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     root = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "crasmra.cli", *tiny_fit_args(
-        root, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=1",
-        "--test_after_fit=false",
-    )]
+    cmd = [
+        sys.executable,
+        "-m",
+        "crasmra.cli",
+        *tiny_fit_args(
+            root,
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--trainer.max_epochs=1",
+            "--test_after_fit=false",
+        ),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((root / "metrics.json").read_text())
@@ -135,7 +160,16 @@ def test_two_process_ddp_on_cpu_agrees_on_metrics(tmp_path: Path) -> None:
     assert torch.load(best, weights_only=True)["epoch"] == 0
     # A single process evaluating the same checkpoint on the whole validation split must agree
     # with the metric the two processes computed together.
-    assert run_cli(["validate", f"--config={REPO / 'tests/configs/tiny.yaml'}",
-                    f"--trainer.default_root_dir={root}", f"--ckpt_path={best}"]) == 0
+    assert (
+        run_cli(
+            [
+                "validate",
+                f"--config={REPO / 'tests/configs/tiny.yaml'}",
+                f"--trainer.default_root_dir={root}",
+                f"--ckpt_path={best}",
+            ]
+        )
+        == 0
+    )
     single = json.loads((root / "metrics.json").read_text())["validate"]["val/combined_top1"]
     assert single == pytest.approx(ddp_top1)

@@ -1,4 +1,4 @@
-"""The training engine: losses go down, resume repeats an uninterrupted run, checkpoints are complete."""
+"""The training engine: loss goes down, resume repeats a full run, checkpoints are complete."""
 
 from __future__ import annotations
 
@@ -14,27 +14,53 @@ from conftest import run_cli, tiny_fit_args
 from crasmra.data import FGVCDataModule
 from crasmra.engine import MONITOR, CRASMRAModule, RNGStateCallback, WarmupCosine
 
-TINY_MODEL = dict(backbone="resnet10t", pretrained=False, head_channels=32, head_hidden=32,
-                  lr_backbone=0.02, lr_attention=0.02, lr_heads=0.02)
-TINY_DATA = dict(dataset="synthetic", batch_size=8, num_workers=0, image_size=64, resize_size=72,
-                 val_fraction=0.25, options={"num_classes": 4, "samples_per_class": 8, "native_size": 64})
+TINY_MODEL = dict(
+    backbone="resnet10t",
+    pretrained=False,
+    head_channels=32,
+    head_hidden=32,
+    lr_backbone=0.02,
+    lr_attention=0.02,
+    lr_heads=0.02,
+)
+TINY_DATA = dict(
+    dataset="synthetic",
+    batch_size=8,
+    num_workers=0,
+    image_size=64,
+    resize_size=72,
+    val_fraction=0.25,
+    options={"num_classes": 4, "samples_per_class": 8, "native_size": 64},
+)
 
 
 def _module(dm: FGVCDataModule, **overrides) -> CRASMRAModule:
     kwargs = {**TINY_MODEL, **overrides}
-    return CRASMRAModule(num_classes=dm.num_classes, classes=dm.classes,
-                         transform_config=dm.transform_config, **kwargs)
+    return CRASMRAModule(
+        num_classes=dm.num_classes,
+        classes=dm.classes,
+        transform_config=dm.transform_config,
+        **kwargs,
+    )
 
 
 def _trainer(root: Path, max_epochs: int, callbacks=(), **kwargs) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    ckpt = ModelCheckpoint(dirpath=root / "checkpoints", filename="best", monitor=MONITOR,
-                           mode="max", save_last=True)
+    ckpt = ModelCheckpoint(
+        dirpath=root / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True
+    )
     return L.Trainer(
-        default_root_dir=root, max_epochs=max_epochs, accelerator="cpu", devices=1,
-        logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[ckpt, RNGStateCallback(), *callbacks], **kwargs,
+        default_root_dir=root,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[ckpt, RNGStateCallback(), *callbacks],
+        **kwargs,
     )
 
 
@@ -51,8 +77,9 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
     dm = FGVCDataModule(**TINY_DATA)
     model = _module(dm, warmup_epochs=0.0)
     record = _RecordLoss()
-    trainer = _trainer(tmp_path, max_epochs=12, callbacks=[record], overfit_batches=1,
-                       limit_val_batches=0)
+    trainer = _trainer(
+        tmp_path, max_epochs=12, callbacks=[record], overfit_batches=1, limit_val_batches=0
+    )
     trainer.fit(model, datamodule=dm)
     first, last = sum(record.losses[:2]) / 2, sum(record.losses[-2:]) / 2
     assert last < 0.7 * first, record.losses
@@ -103,7 +130,9 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     full = {k: v.clone() for k, v in model.state_dict().items()}
 
     dm, model = fresh()
-    _trainer(tmp_path / "cut", max_epochs=3, callbacks=[_StopAfterFirstEpoch()]).fit(model, datamodule=dm)
+    _trainer(tmp_path / "cut", max_epochs=3, callbacks=[_StopAfterFirstEpoch()]).fit(
+        model, datamodule=dm
+    )
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["epoch"] == 0
 
@@ -152,7 +181,9 @@ def test_best_checkpoint_is_chosen_on_validation(tiny_run: Path) -> None:
     assert state["monitor"] == MONITOR == "val/combined_top1"
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert best["epoch"] == metrics["best_val"]["epoch"]
-    assert float(state["best_model_score"]) == pytest.approx(metrics["best_val"]["metrics"][MONITOR])
+    assert float(state["best_model_score"]) == pytest.approx(
+        metrics["best_val"]["metrics"][MONITOR]
+    )
 
 
 def test_resume_with_ckpt_path_last_through_the_cli(tmp_path: Path) -> None:
@@ -163,18 +194,24 @@ def test_resume_with_ckpt_path_last_through_the_cli(tmp_path: Path) -> None:
 
 
 def test_fine_tune_on_another_class_count(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    common = ['--data.options={"num_classes": 6, "samples_per_class": 4, "native_size": 64}',
-              f"--model.init_from={tiny_checkpoint}"]
+    common = [
+        '--data.options={"num_classes": 6, "samples_per_class": 4, "native_size": 64}',
+        f"--model.init_from={tiny_checkpoint}",
+    ]
     assert run_cli(tiny_fit_args(tmp_path / "a", *common)) == 2
     assert run_cli(tiny_fit_args(tmp_path / "b", *common, "--model.reinit_heads=true")) == 0
 
 
-def test_resume_with_another_class_count_is_refused(tiny_checkpoint: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    code = run_cli(tiny_fit_args(
-        tmp_path, '--data.options={"num_classes": 6, "samples_per_class": 4, "native_size": 64}',
-        f"--ckpt_path={tiny_checkpoint}",
-    ))
+def test_resume_with_another_class_count_is_refused(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run_cli(
+        tiny_fit_args(
+            tmp_path,
+            '--data.options={"num_classes": 6, "samples_per_class": 4, "native_size": 64}',
+            f"--ckpt_path={tiny_checkpoint}",
+        )
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "6" in err and "4" in err and "reinit_heads" in err

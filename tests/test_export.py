@@ -35,12 +35,29 @@ def batch(model: CRASMRANet, images: Path) -> torch.Tensor:
     return torch.stack([model.transform(load_image(p)) for p in sorted(images.rglob("*.png"))])
 
 
+def readme_preprocess(path: Path, t: dict) -> np.ndarray:
+    """The README's preprocessing with PIL and numpy only (no torch, no crasmra)."""
+    from PIL import Image, ImageOps
+
+    def hw(size: int | list[int]) -> tuple[int, int]:
+        return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+    (rh, rw), (ch, cw) = hw(t["resize_size"]), hw(t["image_size"])
+    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    img = img.resize((rw, rh), Image.BILINEAR)
+    top, left = round((rh - ch) / 2), round((rw - cw) / 2)
+    img = img.crop((left, top, left + cw, top + ch))
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = (x - np.array(t["mean"], dtype=np.float32)) / np.array(t["std"], dtype=np.float32)
+    return x.transpose(2, 0, 1)
+
+
 def _max_diff(stdout: str) -> float:
     return float(re.search(r"max \|diff\| (\S+) ", stdout).group(1))  # type: ignore[union-attr]
 
 
 def test_onnx_export_runs_in_onnxruntime_alone(tiny_checkpoint: Path, model: CRASMRANet,
-                                               batch: torch.Tensor, tmp_path: Path,
+                                               batch: torch.Tensor, images: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     import onnx
     import onnxruntime as ort
@@ -58,11 +75,16 @@ def test_onnx_export_runs_in_onnxruntime_alone(tiny_checkpoint: Path, model: CRA
     assert json.loads(props["classes"]) == model.classes
     assert json.loads(props["transform"]) == model.transform_config
 
-    # what the README shows: onnxruntime and numpy only, any batch size
+    # what the README shows: onnxruntime, PIL and numpy only, any batch size
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     assert names == ["probs", "logits_stage3", "logits_stage4", "logits_stage5", "logits_concat"]
-    probs, *logits = session.run(None, {"images": batch.numpy()})
+    meta = session.get_modelmeta().custom_metadata_map
+    transform = json.loads(meta["transform"])
+    inputs = np.stack([readme_preprocess(p, transform) for p in sorted(images.rglob("*.png"))])
+    np.testing.assert_allclose(inputs, batch.numpy(), atol=1e-6, rtol=0)
+    probs, *logits = session.run(None, {"images": inputs})
+    assert json.loads(meta["classes"]) == model.classes
     with torch.inference_mode():
         reference = model(batch)
     assert probs.shape == (len(batch), NUM_CLASSES)

@@ -105,8 +105,9 @@ def test_kill_9_during_fit_resumes_to_the_uninterrupted_result(tmp_path: Path) -
         def resume_args() -> list[str]:
             return tiny_fit_args(root, *epochs, *(["--ckpt_path=last"] if last.exists() else []))
 
-        for attempt in range(2):
-            delay = rng.uniform(0.3, 0.9) * duration
+        # One kill in each half of the run (seeded), so both epochs are hit across attempts.
+        for attempt, (low, high) in enumerate(((0.15, 0.5), (0.5, 0.95))):
+            delay = rng.uniform(low, high) * duration
             log = tmp_path / f"kill{attempt}.log"
             pid = server.start(resume_args(), log)
             time.sleep(delay)

@@ -86,6 +86,14 @@ def test_explain_image_maps(model: CRASMRANet, images: Path, tmp_path: Path) -> 
             assert m.shape == (64, 64) and np.isfinite(m).all()
             assert m.min() >= 0.0 and m.max() <= 1.0 + 1e-6
     assert all(p.grad is None for p in model.parameters())  # Grad-CAM leaves no gradients
+    # also with frozen parameters under no_grad, as a deployment script might call it
+    model.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            frozen = gradcam_maps(model, x, predicted)
+    finally:
+        model.requires_grad_(True)
+    assert len(frozen) == len(model.stage_names)
 
     truth = true_label_from_path(image, model.classes)
     assert truth == image.parent.name

@@ -54,12 +54,27 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def git_commit(cwd: str | Path | None = None) -> dict[str, Any] | None:
-    """The git commit of ``cwd`` and whether the tree has uncommitted changes, if in a repository."""
+    """The git commit of ``cwd`` and whether its tree has uncommitted changes, if any."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                                text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True,
-                               text=True, timeout=5, check=True).stdout.strip() != ""
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain"],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout.strip()
+            != ""
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": dirty}
@@ -121,7 +136,9 @@ class MetricsFileCallback(L.Callback):
 
     @staticmethod
     def _collect(trainer: L.Trainer, prefix: str) -> dict[str, float]:
-        return {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(prefix)}
+        return {
+            k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(prefix)
+        }
 
     def _path(self, trainer: L.Trainer) -> Path:
         return Path(trainer.default_root_dir) / "metrics.json"
@@ -142,16 +159,27 @@ class MetricsFileCallback(L.Callback):
             return
         if trainer.state.fn == "validate":
             if trainer.is_global_zero:
-                self._update(trainer, validate=self._collect(trainer, "val/"),
-                             validate_checkpoint=trainer.ckpt_path)
+                self._update(
+                    trainer,
+                    validate=self._collect(trainer, "val/"),
+                    validate_checkpoint=trainer.ckpt_path,
+                )
             return
         metrics = self._collect(trainer, "val/")
         score = metrics.get(self.monitor)
         if score is not None and (self.best is None or score > self.best["metrics"][self.monitor]):
-            self.best = {"epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": metrics}
+            self.best = {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "metrics": metrics,
+            }
         if trainer.is_global_zero:
-            self._update(trainer, monitor=self.monitor, best_val=self.best,
-                         last_val={"epoch": trainer.current_epoch, "metrics": metrics})
+            self._update(
+                trainer,
+                monitor=self.monitor,
+                best_val=self.best,
+                last_val={"epoch": trainer.current_epoch, "metrics": metrics},
+            )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -167,8 +195,9 @@ class MetricsFileCallback(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            self._update(trainer, test=self._collect(trainer, "test/"),
-                         test_checkpoint=trainer.ckpt_path)
+            self._update(
+                trainer, test=self._collect(trainer, "test/"), test_checkpoint=trainer.ckpt_path
+            )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -184,8 +213,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``fsync``, ``os.replace``. Remote paths (``s3://``...) keep Lightning's behaviour.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
-                        storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         from fsspec.implementations.local import LocalFileSystem
 
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):

@@ -110,22 +110,27 @@ def _make_cli_class() -> type:
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             # A ModelCheckpoint whose last.ckpt follows every epoch (see ResumableCheckpoint).
             parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
-            parser.set_defaults({
-                "checkpoint.monitor": MONITOR,
-                "checkpoint.mode": "max",
-                "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
-                "checkpoint.auto_insert_metric_name": False,
-            })
+            parser.set_defaults(
+                {
+                    "checkpoint.monitor": MONITOR,
+                    "checkpoint.mode": "max",
+                    "checkpoint.filename": "best",
+                    "checkpoint.save_last": True,
+                    "checkpoint.auto_insert_metric_name": False,
+                }
+            )
             parser.add_argument(
-                "--test_after_fit", type=bool, default=True,
+                "--test_after_fit",
+                type=bool,
+                default=True,
                 help="After `fit`, evaluate the best checkpoint (by validation) on the test split.",
             )
             parser.link_arguments("model.backbone", "data.backbone", apply_on="parse")
             parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
             parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
-            parser.link_arguments("data.transform_config", "model.transform_config",
-                                  apply_on="instantiate")
+            parser.link_arguments(
+                "data.transform_config", "model.transform_config", apply_on="instantiate"
+            )
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
@@ -183,7 +188,9 @@ def _make_cli_class() -> type:
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
 
     CRASMRACLI.persistent_callbacks = lambda: [  # type: ignore[attr-defined]
-        RNGStateCallback(), RunInfoCallback(), MetricsFileCallback(MONITOR)
+        RNGStateCallback(),
+        RunInfoCallback(),
+        MetricsFileCallback(MONITOR),
     ]
     return CRASMRACLI
 
@@ -198,8 +205,11 @@ def default_loggers(root: str | Path) -> list[Any]:
     except ImportError:
         log.debug("tensorboard is not installed; logging to CSV only")
     else:
-        loggers.append(TensorBoardLogger(save_dir=str(root), name="tensorboard", version="",
-                                         default_hp_metric=False))
+        loggers.append(
+            TensorBoardLogger(
+                save_dir=str(root), name="tensorboard", version="", default_hp_metric=False
+            )
+        )
     return loggers
 
 
@@ -226,7 +236,9 @@ def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
 
     path = Path(path).resolve()
     if path in _chain:
-        raise UsageError(f"Config {path} includes itself through {BASE_KEY}: {[str(p) for p in _chain]}")
+        raise UsageError(
+            f"Config {path} includes itself through {BASE_KEY}: {[str(p) for p in _chain]}"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -343,9 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in LIGHTNING_COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
 
-    demo = sub.add_parser("demo", help="train and evaluate on the built-in synthetic set (CPU, minutes)")
-    demo.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the demo config's)")
-    demo.add_argument("--out", default="crasmra-demo", help="output folder (default: ./crasmra-demo)")
+    demo = sub.add_parser(
+        "demo", help="train and evaluate on the built-in synthetic set (CPU, minutes)"
+    )
+    demo.add_argument(
+        "--epochs", type=int, default=None, help="number of epochs (default: the demo config's)"
+    )
+    demo.add_argument(
+        "--out", default="crasmra-demo", help="output folder (default: ./crasmra-demo)"
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
 

@@ -51,8 +51,10 @@ def format_results_table(metrics_path: str | Path, num_classes: int) -> str:
     data = json.loads(Path(metrics_path).read_text())
     test = data.get("test", {})
     best_val = (data.get("best_val") or {}).get("metrics", {})
-    heads = sorted({k.split("/")[1].rsplit("_", 1)[0] for k in test if k.endswith("_top1")},
-                   key=lambda h: (h == "combined", h == "concat", h))
+    heads = sorted(
+        {k.split("/")[1].rsplit("_", 1)[0] for k in test if k.endswith("_top1")},
+        key=lambda h: (h == "combined", h == "concat", h),
+    )
     chance = 100.0 / num_classes
     has_top5 = any(k.endswith("_top5") for k in test)
     header = f"{'head':<10} {'val top-1':>10} {'test top-1':>11}"

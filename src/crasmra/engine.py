@@ -44,7 +44,9 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
     ok = value >= 0 if allow_zero else value > 0
     if not (ok and math.isfinite(value)):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}; change --model.{name}.")
+        raise ValueError(
+            f"{name} must be a finite number {bound}, got {value!r}; change --model.{name}."
+        )
 
 
 class CRASMRAModule(L.LightningModule):
@@ -55,10 +57,10 @@ class CRASMRAModule(L.LightningModule):
     with no other file.
 
     Args:
-        backbone: Any timm CNN with at least three feature stages (``resnet50``, ``densenet161``...).
+        backbone: Any timm CNN with at least three feature stages (e.g. ``resnet50``).
         num_classes: Number of classes. Linked from the data module by the CLI.
-        variant: ``"baseline"``, ``"cbam"``, ``"cram"`` or ``"cra-smra"`` (the paper's Table 3 rows).
-        pretrained: ``True`` for timm's ImageNet weights, a path to a local weights file, or ``False``.
+        variant: ``"baseline"``, ``"cbam"``, ``"cram"`` or ``"cra-smra"`` (paper's Table 3).
+        pretrained: ``True`` for timm's ImageNet weights, a local weights file, or ``False``.
         omega: CRAM suppression factor applied to the most important channels (SPEC: 0.5).
         delta: CRAM threshold, relative to the most important channel, for suppression (SPEC: 0.9).
         alpha: Weight of the sum of the stage heads' cross-entropies (SPEC: 2).
@@ -90,7 +92,7 @@ class CRASMRAModule(L.LightningModule):
             is read every N batches and always before validation and before any checkpoint is
             written, so a checkpoint never holds weights updated with a non-finite loss.
         classes: Class names in label order (linked from the data module by the CLI).
-        transform_config: Plain values that rebuild the eval transform (linked from the data module).
+        transform_config: Plain values that rebuild the eval transform (linked from data).
         init_from: A checkpoint or weights file to initialise the network from (fine-tuning, not
             resuming: optimiser state is not loaded).
         reinit_heads: With ``init_from``, re-initialise the classifier heads, e.g. to fine-tune
@@ -135,18 +137,24 @@ class CRASMRAModule(L.LightningModule):
         super().__init__()
         # Validate everything that does not need the network before building it, so a typo
         # fails in milliseconds rather than after a backbone is constructed.
-        for name, value in (("lr_backbone", lr_backbone), ("lr_attention", lr_attention),
-                            ("lr_heads", lr_heads)):
+        for name, value in (
+            ("lr_backbone", lr_backbone),
+            ("lr_attention", lr_attention),
+            ("lr_heads", lr_heads),
+        ):
             _check_positive(name, value)
         if lr_smram is not None:
             _check_positive("lr_smram", lr_smram)
         if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}; change --model.momentum.")
+            raise ValueError(
+                f"momentum must be in [0, 1), got {momentum!r}; change --model.momentum."
+            )
         _check_positive("weight_decay", weight_decay, allow_zero=True)
         _check_positive("warmup_epochs", warmup_epochs, allow_zero=True)
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(
-                f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}; change --model.min_lr_ratio."
+                f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}; "
+                "change --model.min_lr_ratio."
             )
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(
@@ -187,7 +195,9 @@ class CRASMRAModule(L.LightningModule):
         # SMRAM is a training-time regulariser: it exists only for the variant that uses it and
         # is never part of `self.net`, so saved and exported inference networks do not carry it.
         self.smram: SMRAM | None = (
-            SMRAM(head_channels, num_stages=len(self.net.stage_names)) if self.net.uses_smram else None
+            SMRAM(head_channels, num_stages=len(self.net.stage_names))
+            if self.net.uses_smram
+            else None
         )
         if init_from is not None:
             self._init_from(init_from, reinit_heads)
@@ -202,8 +212,9 @@ class CRASMRAModule(L.LightningModule):
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long), persistent=False)
         # First non-finite loss since the last host-side check (nonfinite_check_interval > 1):
         # global step, epoch and batch index (-1: none), and the loss terms at that step.
-        self.register_buffer("_nonfinite_at", torch.full((3,), -1, dtype=torch.long),
-                             persistent=False)
+        self.register_buffer(
+            "_nonfinite_at", torch.full((3,), -1, dtype=torch.long), persistent=False
+        )
         self._nonfinite_terms: Tensor | None = None
         self._nonfinite_names: tuple[str, ...] = ()
         self._batches_since_check = 0
@@ -246,7 +257,8 @@ class CRASMRAModule(L.LightningModule):
         """State-dict keys of the classifier heads (parameters and BN buffers)."""
         head_params = {id(p) for p in self.net.parameter_groups()["heads"]}
         head_modules = {
-            name for name, module in self.net.named_modules()
+            name
+            for name, module in self.net.named_modules()
             if any(id(p) in head_params for p in module.parameters(recurse=False))
         }
         return {key for key in self.net.state_dict() if key.rsplit(".", 1)[0] in head_modules}
@@ -287,15 +299,20 @@ class CRASMRAModule(L.LightningModule):
             # Deciding to skip needs the value on the host; this sync happens only under "skip".
             if not bool(finite):
                 self.skipped_batches += 1
-                log.warning("Skipping batch %d of step %d: non-finite loss %s", batch_idx,
-                            self.global_step, self._describe(parts))
+                log.warning(
+                    "Skipping batch %d of step %d: non-finite loss %s",
+                    batch_idx,
+                    self.global_step,
+                    self._describe(parts),
+                )
                 # In automatic optimisation a None loss means no backward: gradients stay None
                 # after Lightning's zero_grad, so the optimiser leaves every parameter untouched.
                 return None
         elif self.hparams.nonfinite_check_interval == 1:
             if not bool(finite):
-                raise self._nonfinite_error(self.global_step, self.current_epoch, batch_idx,
-                                            self._describe(parts))
+                raise self._nonfinite_error(
+                    self.global_step, self.current_epoch, batch_idx, self._describe(parts)
+                )
         else:
             self._remember_nonfinite(finite, parts, batch_idx)
             self._batches_since_check += 1
@@ -328,11 +345,13 @@ class CRASMRAModule(L.LightningModule):
         at = self._nonfinite_at
         first = ~finite & (at[0] < 0)
         # masked_fill takes the Python ints as kernel arguments: no host-to-device copy.
-        self._nonfinite_at = torch.stack([
-            at[0].masked_fill(first, self.global_step),
-            at[1].masked_fill(first, self.current_epoch),
-            at[2].masked_fill(first, batch_idx),
-        ])
+        self._nonfinite_at = torch.stack(
+            [
+                at[0].masked_fill(first, self.global_step),
+                at[1].masked_fill(first, self.current_epoch),
+                at[2].masked_fill(first, batch_idx),
+            ]
+        )
         self._nonfinite_terms = torch.where(first, terms, self._nonfinite_terms)
 
     def check_nonfinite(self) -> None:
@@ -347,8 +366,10 @@ class CRASMRAModule(L.LightningModule):
         step, epoch, batch_idx = (int(v) for v in self._nonfinite_at.tolist())
         if step < 0:
             return
-        terms = ", ".join(f"{name}={float(v):.4g}" for name, v in
-                          zip(self._nonfinite_names, self._nonfinite_terms.tolist(), strict=True))
+        terms = ", ".join(
+            f"{name}={float(v):.4g}"
+            for name, v in zip(self._nonfinite_names, self._nonfinite_terms.tolist(), strict=True)
+        )
         raise self._nonfinite_error(step, epoch, batch_idx, terms)
 
     def on_validation_start(self) -> None:
@@ -366,18 +387,25 @@ class CRASMRAModule(L.LightningModule):
             # The ranks agree on every skip (see training_step), so all log the same count.
             self.log("train/skipped_batches", float(skipped), sync_dist=True)
             if skipped:
-                log.warning("Epoch %d: skipped %d batch(es) with a non-finite loss.",
-                            self.current_epoch, skipped)
+                log.warning(
+                    "Epoch %d: skipped %d batch(es) with a non-finite loss.",
+                    self.current_epoch,
+                    skipped,
+                )
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, prefix: str) -> None:
+    def _eval_step(
+        self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, prefix: str
+    ) -> None:
         images, target = batch
         output = self(images)
         total, _ = self.compute_loss(output, target)
-        probs = {name: torch.softmax(logits.float(), dim=1)
-                 for name, logits in zip(self.head_names[:-1], output.logits, strict=True)}
+        probs = {
+            name: torch.softmax(logits.float(), dim=1)
+            for name, logits in zip(self.head_names[:-1], output.logits, strict=True)
+        }
         probs[COMBINED] = output.probs.float()
         for name, metric in metrics.items():
-            head = name[len(prefix):].rsplit("_", 1)[0]
+            head = name[len(prefix) :].rsplit("_", 1)[0]
             metric.update(probs[head], target)
         self.log(f"{prefix}loss", total, batch_size=images.shape[0], sync_dist=True)
         self.log_dict(metrics)
@@ -421,9 +449,12 @@ class CRASMRAModule(L.LightningModule):
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = min(total_steps - 1, int(round(hp.warmup_epochs * steps_per_epoch)))
+        warmup_steps = min(total_steps - 1, round(hp.warmup_epochs * steps_per_epoch))
         scheduler = build_scheduler(optimizer, total_steps, warmup_steps, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -468,13 +499,18 @@ class WarmupCosine:
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        progress = min(
+            1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        )
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step cosine decay with optional linear warm-up; every group keeps its own base rate."""
     return torch.optim.lr_scheduler.LambdaLR(
@@ -499,8 +535,12 @@ class RNGStateCallback(L.Callback):
             "python": list(random.getstate()[1]),
             "python_version": random.getstate()[0],
             "python_gauss": random.getstate()[2],
-            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "numpy": {
+                "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                "pos": int(np_state[2]),
+                "has_gauss": int(np_state[3]),
+                "cached_gaussian": float(np_state[4]),
+            },
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -510,14 +550,30 @@ class RNGStateCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A restart inside an epoch (step-interval checkpoints) continues that epoch without
+        # an epoch-start hook: restore now rather than at the next epoch.
+        if getattr(trainer.fit_loop, "restarted_mid_epoch", False):
+            self._restore()
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
         if self._pending is None:
             return
         state, self._pending = self._pending, None
         random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
         np_state = state["numpy"]
-        np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                             np_state["has_gauss"], np_state["cached_gaussian"]))
+        np.random.set_state(
+            (
+                "MT19937",
+                np_state["keys"].numpy().astype(np.uint32),
+                np_state["pos"],
+                np_state["has_gauss"],
+                np_state["cached_gaussian"],
+            )
+        )
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

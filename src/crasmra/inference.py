@@ -363,7 +363,11 @@ class _ImageFiles(Dataset):
             image = load_image(self.files[index])
         except ImageLoadError as err:
             return None, index, err.reason
-        return self.transform(image), index, None
+        try:
+            return self.transform(image), index, None
+        except (OSError, ValueError, RuntimeError) as err:
+            # A decodable but unusable image (e.g. a degenerate size) is one bad file too.
+            return None, index, f"cannot be transformed ({err})"
 
 
 def _collate_good(items: list[tuple[Tensor | None, int, str | None]]) -> dict[str, Any]:

@@ -24,7 +24,9 @@ class EpochShuffleSampler(Sampler[int]):
         generator: The generator passed to the DataLoader as ``generator=``; reseeded per epoch.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, num_samples: int, seed: int = 0, generator: torch.Generator | None = None
+    ) -> None:
         self.num_samples = num_samples
         self.seed = int(seed)
         self.generator = generator

@@ -1,0 +1,88 @@
+"""``crasmra serve CKPT``: a local web page to try a checkpoint on images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+#: Defaults, repeated from crasmra.serve so that `crasmra --help` does not import FastAPI.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_MAX_UPLOAD_MB = 20.0
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` subcommand."""
+    p = subparsers.add_parser(
+        "serve",
+        help="a local web page: upload an image, see the top-5 and each stage's maps",
+        description="Serve a web page where you pick or drop an image and see the top-5 "
+        "classes with probabilities and, for every attended stage, the Grad-CAM of the "
+        "predicted class and the activation map over the image. Listens on 127.0.0.1 only "
+        "unless --host says otherwise; the server has no authentication.",
+    )
+    p.add_argument("checkpoint", help="checkpoint (.ckpt) or .safetensors export")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; "
+                        "0.0.0.0 exposes the page to the network)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                   help=f"largest image file accepted, MiB (default: {DEFAULT_MAX_UPLOAD_MB:g})")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="largest image accepted, width x height, checked before decoding "
+                        f"(default: {DEFAULT_MAX_PIXELS:_})")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.set_defaults(func=run)
+
+
+def _warn_exposed(host: str) -> None:
+    rule = "!" * 78
+    print(f"{rule}\nWARNING: listening on {host}, not on loopback: every machine that can reach "
+          "this one\ncan use this page and upload images to it. There is no authentication "
+          "and no TLS.\nUse the default --host 127.0.0.1 unless that is what you want.\n"
+          f"{rule}", file=sys.stderr)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Handler of ``crasmra serve``."""
+    from crasmra.cli import UsageError
+
+    if not 0 <= ns.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {ns.port}.")
+    if ns.max_upload_mb <= 0:
+        raise UsageError(f"--max-upload-mb must be positive, got {ns.max_upload_mb:g}.")
+    if ns.max_pixels <= 0:
+        raise UsageError(f"--max-pixels must be positive, got {ns.max_pixels}.")
+    try:
+        from crasmra import serve
+    except ImportError as err:
+        raise UsageError(str(err)) from err
+    from crasmra.inference import load_model
+
+    loopback = serve.is_loopback(ns.host)
+    try:
+        sock = serve.bind_socket(ns.host, ns.port)
+    except OSError as err:
+        raise UsageError(f"Cannot listen on {ns.host}:{ns.port} ({err.strerror or err}); is "
+                         "another server using the port? Choose one with --port.") from err
+    try:
+        model = load_model(ns.checkpoint, device=ns.device)
+        # Behind loopback only loopback names are answered (no DNS rebinding); a server
+        # exposed on purpose is reached under whatever name the network gives it.
+        app = serve.create_app(
+            model, max_upload_mb=ns.max_upload_mb, max_pixels=ns.max_pixels,
+            allowed_hosts=tuple(serve.LOOPBACK_NAMES) if loopback else None)
+        if not loopback:
+            _warn_exposed(ns.host)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"crasmra serve: {ns.checkpoint} on http://{shown}:{port}  (Ctrl+C to stop)",
+              file=sys.stderr)
+        serve.run_server(app, sock)
+    finally:
+        sock.close()
+    return 0
