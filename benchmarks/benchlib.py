@@ -147,10 +147,11 @@ def peak_memory_mb(
     """Peak memory of ``run`` beyond what ``build`` already holds, in MB.
 
     CUDA: ``torch.cuda.max_memory_allocated`` around ``in_process()`` (a callable), in this
-    process. CPU: there is no allocator counter and ``ru_maxrss`` is a process-wide high-water
-    mark that cannot be reset, so ``build`` and ``run`` (Python source, run in a fresh
-    interpreter) are measured as the growth of ``ru_maxrss`` over ``calls`` calls of ``run``:
-    activations, gradients and optimiser state, not the weights.
+    process. CPU: there is no allocator counter and the resident-set high-water mark cannot be
+    reset, so ``build`` and ``run`` (Python source) run in a fresh interpreter and the growth
+    of its high-water mark over ``calls`` calls of ``run`` is reported: activations, gradients
+    and optimiser state, not the weights. The mark is read from ``/proc/self/status`` (VmHWM,
+    per address space): ``ru_maxrss`` survives ``exec`` and would start at this process's peak.
     """
     if device.type == "cuda":
         synchronize(device)
@@ -161,14 +162,14 @@ def peak_memory_mb(
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         f"sys.path.insert(0, {str(_here())!r})\n"
+        "from benchlib import rss_high_water_mb\n"
         f"{build}\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "before = rss_high_water_mb()\n"
         f"for _ in range({calls}):\n"
         f"    {run}\n"
-        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print((after - before) / 1024)\n"  # ru_maxrss is in KiB on Linux
+        "print(rss_high_water_mb() - before)\n"
     )
     return _rss_probe(code)
 
@@ -179,8 +180,15 @@ def _here() -> str:
     return str(Path(__file__).resolve().parent)
 
 
-def process_peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MB."""
+def rss_high_water_mb() -> float:
+    """This process's peak resident set size so far, in MB (Linux VmHWM; else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

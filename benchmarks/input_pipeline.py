@@ -13,9 +13,13 @@ noise, like a CUB photo) and measures, in one thread as a DataLoader worker runs
   interpolation, 34% fewer resized output pixels).
 * ``tv-crop-first-u8``: as ``tv-crop-first`` but the worker stops at the flipped uint8 crop;
   float conversion and normalisation move to the GPU (a quarter of the bytes to pin and copy).
+* ``tensor``: the library's own fast path, ``FGVCDataModule(decode_backend="tensor")``:
+  :func:`crasmra.data.load_image_tensor` + ``build_transforms(train=True, backend="tensor")``.
+* ``tensor-u8``: as ``tensor`` with ``normalize_on_device=True`` (``normalize=False``: the
+  worker returns uint8; the data module normalises after the transfer).
 
 Each path is split into decode and augment time. Then a real ``DataLoader`` (batch 32) is
-timed for 1..``--max-workers`` workers with the ``pil`` path.
+timed for 1..``--max-workers`` workers with the ``pil`` and ``tensor-u8`` paths.
 
 Usage::
 
@@ -41,10 +45,13 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
 from benchlib import markdown_table
-from crasmra.data import build_transforms, load_image
+from crasmra.data import build_transforms, load_image, load_image_tensor
 from crasmra.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-PATHS: tuple[str, ...] = ("pil", "tv", "tv-crop-first", "tv-crop-first-u8")
+PATHS: tuple[str, ...] = (
+    "pil", "tv", "tv-crop-first", "tv-crop-first-u8", "tensor", "tensor-u8",
+)
+LOADER_PATHS: tuple[str, ...] = ("pil", "tensor-u8")
 
 
 def make_jpegs(folder: Path, count: int, size: tuple[int, int] = (500, 375),
@@ -118,6 +125,10 @@ def pipeline(name: str) -> tuple[Callable[[Path], object], Callable[[object], Te
         return decode_tv, CropFirst()
     if name == "tv-crop-first-u8":
         return decode_tv, CropFirst(normalize=False)
+    if name in ("tensor", "tensor-u8"):
+        augment = build_transforms(train=True, image_size=448, resize_size=550, backend="tensor",
+                                   normalize=name == "tensor")
+        return load_image_tensor, augment
     raise ValueError(f"path must be one of {PATHS}, got {name!r}")
 
 
@@ -219,8 +230,10 @@ def main(argv: list[str] | None = None) -> None:
         rates = per_worker_rates(paths, rounds=args.rounds)
         targets = {f"{v:g} img/s": v for v in args.train_img_s}
         print(pipeline_table(rates, targets))
-        for w in range(1, args.max_workers + 1):
-            print(f"DataLoader pil, {w} worker(s): {loader_rate(paths, w):.1f} img/s")
+        for name in LOADER_PATHS:
+            for w in range(1, args.max_workers + 1):
+                rate = loader_rate(paths, w, name)
+                print(f"DataLoader {name}, {w} worker(s): {rate:.1f} img/s")
 
 
 if __name__ == "__main__":

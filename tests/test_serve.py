@@ -22,11 +22,11 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="crasmra[serve] is not installed")
 pytest.importorskip("httpx", reason="fastapi's TestClient needs httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from crasmra import serve  # noqa: E402
-from crasmra.cli import build_parser, main  # noqa: E402
-from crasmra.inference import load_model  # noqa: E402
+from crasmra import serve
+from crasmra.cli import build_parser, main
+from crasmra.inference import load_model
 
 BASE = "http://127.0.0.1"
 
@@ -69,7 +69,7 @@ def png_bytes(size: tuple[int, int], seed: int) -> bytes:
 
 
 def decode_data_url(url: str) -> Image.Image:
-    assert url.startswith("data:image/png;base64,")
+    assert url.startswith("data:image/jpeg;base64,")
     return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
 
 
@@ -209,7 +209,7 @@ def test_concurrent_users_get_their_own_results(app: Any) -> None:
             for key in ("gradcam", "activation"):
                 diff = np.abs(np.asarray(decode_data_url(got[key]), dtype=int)
                               - np.asarray(decode_data_url(want[key]), dtype=int))
-                assert diff.max() <= 1
+                assert diff.max() <= 2
 
 
 def multipart(data: bytes, name: str = "image.png") -> tuple[bytes, str]:
@@ -275,12 +275,9 @@ def test_oversized_file_is_refused(small_client: TestClient) -> None:
 
 
 def test_oversized_stream_without_length_is_cut_off(small_client: TestClient) -> None:
-    sent = []
-
-    def chunks() -> Iterator[bytes]:
+    def chunks() -> Iterator[bytes]:  # no Content-Length: sent chunked
         body, _ = multipart(b"\0" * (10 * 2**20))
         for start in range(0, len(body), 16 * 1024):
-            sent.append(start)
             yield body[start:start + 16 * 1024]
 
     response = small_client.post(
@@ -296,7 +293,14 @@ def test_huge_declared_length_is_refused_before_the_body(small_app: Any) -> None
         sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: multipart/form-data; boundary=x\r\n"
                      b"Content-Length: 100000000000\r\n\r\n")
-        answer = sock.recv(65536).decode("latin-1")  # no body was sent: the answer comes first
+        # No body is ever sent: the whole answer must come before it.
+        answer = b""
+        while b"\r\n\r\n" not in answer or b"larger than" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        answer = answer.decode("latin-1")
     assert answer.startswith("HTTP/1.1 413"), answer[:200]
     assert "larger than" in answer
 

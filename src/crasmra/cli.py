@@ -392,6 +392,12 @@ def _configure_logging() -> None:
     log.addHandler(handler)
     log.setLevel(os.environ.get("CRASMRA_LOG_LEVEL", "INFO").upper())
     log.propagate = False
+    # Lightning advertises a hosted logger on every run; that is noise in a research tool's output.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡")
+    )
+    # Raised inside Lightning's own utilities on current torch; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

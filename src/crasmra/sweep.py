@@ -290,7 +290,9 @@ def parse_sweep(data: Any, source: Path | None = None) -> SweepSpec:
 
     launcher = data.get("launcher", "subprocess")
     if launcher not in LAUNCHERS:
-        raise SweepError(f"{where}: `launcher` must be one of {', '.join(LAUNCHERS)}, got {launcher!r}.")
+        raise SweepError(
+            f"{where}: `launcher` must be one of {', '.join(LAUNCHERS)}, got {launcher!r}."
+        )
     threads = data.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                 or threads < 1):
@@ -469,7 +471,7 @@ def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[
     Raises:
         SweepError: A setting does not parse; the message names the setting and the parser's error.
     """
-    from crasmra.cli import _make_cli_class
+    from crasmra.cli import _make_cli_class, expand_config_args
     from crasmra.data import FGVCDataModule
     from crasmra.engine import CRASMRAModule
 
@@ -489,7 +491,8 @@ def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[
         if run.setting_name in seen:
             continue
         seen.add(run.setting_name)
-        args = run.fit_args(spec.base, Path("sweep-validation"), extra)
+        # The same `__base__` resolution as `crasmra fit` (cli.run_lightning) applies.
+        args = expand_config_args(run.fit_args(spec.base, Path("sweep-validation"), extra))
         stderr = io.StringIO()
         try:
             with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
@@ -673,7 +676,7 @@ def collect(spec: SweepSpec, out: str | Path) -> dict[str, dict[int, dict[str, f
         if not metrics or not metrics.get("test"):
             continue
         flat = dict(metrics["test"])
-        flat.update(((metrics.get("best_val") or {}).get("metrics") or {}))
+        flat.update((metrics.get("best_val") or {}).get("metrics") or {})
         results.setdefault(run.setting_name, {})[run.seed] = flat
     return results
 
@@ -747,8 +750,8 @@ def format_table(grid: dict[str, Any], n_seeds: int, monitor: str = "test/combin
     """One grid as a markdown table: a row per setting, test top-1 per head, val combined."""
     names = {k for row in grid["rows"] for k in row["metrics"]}
     heads = head_names(names) or ["combined"]
-    best = max((row["metrics"][monitor]["mean"] for row in grid["rows"] if monitor in row["metrics"]),
-               default=None)
+    best = max((row["metrics"][monitor]["mean"] for row in grid["rows"]
+                if monitor in row["metrics"]), default=None)
     key = short_key(grid["keys"][0]) if len(grid["keys"]) == 1 else "setting"
     header = [key, *[f"{h} (test)" for h in heads], "combined (val)", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -829,7 +832,8 @@ def write_plots(results: dict[str, Any], folder: str | Path) -> dict[str, str]:
             combined = head == "combined"
             ys = [100 * s["mean"] for _, s in pts]
             es = [100 * s["std"] for _, s in pts]
-            style = {"lw": 2.2, "color": "black", "zorder": 3} if combined else {"lw": 1, "alpha": 0.8}
+            style = ({"lw": 2.2, "color": "black", "zorder": 3} if combined
+                     else {"lw": 1, "alpha": 0.8})
             ax.errorbar([x for x, _ in pts], ys, yerr=es, capsize=3, marker="o", ms=4,
                         label=head, ls="-" if numeric else "none", **style)
             if combined:

@@ -9,13 +9,14 @@ Example::
     test = create_dataset("cub", "/data", "test")          # official test split
     dm = FGVCDataModule("aircraft", "/data", options={"level": "family"})
     dm.num_classes                                         # 70, known before setup()
+    fast = FGVCDataModule("cub", "/data", decode_backend="tensor", normalize_on_device=True)
 """
 
 from crasmra.data.base import FGVCImageDataset, stratified_split
 from crasmra.data.datamodule import FGVCDataModule
 from crasmra.data.errors import DatasetRootError, ImageLoadError
 from crasmra.data.factory import DATASET_NAMES, create_dataset, dataset_classes
-from crasmra.data.image import load_image
+from crasmra.data.image import load_image, load_image_tensor
 from crasmra.data.synthetic import SyntheticFGVC
 from crasmra.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
@@ -37,6 +38,7 @@ __all__ = [
     "create_dataset",
     "dataset_classes",
     "load_image",
+    "load_image_tensor",
     "normalization_for_backbone",
     "stratified_split",
 ]

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from crasmra.data.errors import DatasetRootError, ImageLoadError
-from crasmra.data.image import load_image
+from crasmra.data.image import load_image, load_image_tensor
 
 __all__ = [
     "SPLITS",
@@ -177,8 +177,11 @@ def warn_count(dataset: str, what: str, found: int, official: int) -> None:
 class FGVCImageDataset(Dataset):
     """Images listed by path with integer labels, loaded robustly, transformed on access.
 
-    Items are ``(image, label)``; ``image`` is what ``transform`` makes of the RGB PIL image
-    (a float tensor ``(3, H, W)`` with the default transforms).
+    Items are ``(image, label)``; ``image`` is what ``transform`` makes of the RGB image
+    (a float tensor ``(3, H, W)`` with the default transforms). With
+    ``decode_backend="pil"`` the transform receives a PIL image (:func:`load_image`), with
+    ``"tensor"`` a ``uint8`` tensor ``(3, H, W)`` (:func:`load_image_tensor`, for the
+    ``backend="tensor"`` transforms).
 
     Attributes:
         classes: Readable class names in label order.
@@ -199,7 +202,11 @@ class FGVCImageDataset(Dataset):
         bbox_crop: bool = False,
         skip_bad_images: bool = False,
         name: str = "dataset",
+        decode_backend: str = "pil",
     ) -> None:
+        if decode_backend not in ("pil", "tensor"):
+            raise ValueError(f"decode_backend must be 'pil' or 'tensor', got {decode_backend!r}")
+        self.decode_backend = decode_backend
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples = [(r.path, r.label) for r in records]
@@ -217,13 +224,18 @@ class FGVCImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> Image.Image:
-        """The RGB image of sample ``index`` (cropped to its box with ``bbox_crop``)."""
-        path = self.samples[index][0]
-        img = load_image(path)
+    def load(self, index: int) -> Image.Image | torch.Tensor:
+        """The RGB image of sample ``index`` (cropped to its box with ``bbox_crop``).
+
+        A PIL image, or a ``uint8`` tensor ``(3, H, W)`` with ``decode_backend="tensor"``.
+        """
+        img = self._decode(self.samples[index][0])
         if self.bbox_crop:
             img = crop_to_box(img, self.bboxes[index])  # type: ignore[arg-type]
         return img
+
+    def _decode(self, path: str) -> Image.Image | torch.Tensor:
+        return load_image_tensor(path) if self.decode_backend == "tensor" else load_image(path)
 
     def _record_bad(self, path: str, err: ImageLoadError) -> None:
         if path in self._bad_paths:
@@ -273,7 +285,7 @@ class FGVCImageDataset(Dataset):
         keep: list[int] = []
         for i, (path, _) in enumerate(self.samples):
             try:
-                load_image(path)
+                self._decode(path)
                 keep.append(i)
             except ImageLoadError as err:
                 if not self.skip_bad_images:
@@ -305,11 +317,19 @@ class FGVCImageDataset(Dataset):
         return f"{type(self).__name__}({self.summary()})"
 
 
-def crop_to_box(img: Image.Image, bbox: BBox) -> Image.Image:
-    """Crop to ``(x1, y1, x2, y2)`` clipped to the image; an empty box keeps the image."""
+def crop_to_box(img: Image.Image | torch.Tensor, bbox: BBox) -> Image.Image | torch.Tensor:
+    """Crop to ``(x1, y1, x2, y2)`` clipped to the image; an empty box keeps the image.
+
+    Takes a PIL image or a ``(..., H, W)`` tensor; both get the same pixel box.
+    """
     x1, y1, x2, y2 = bbox
-    w, h = img.size
+    if isinstance(img, torch.Tensor):
+        h, w = img.shape[-2:]
+    else:
+        w, h = img.size
     box = (max(0, int(x1)), max(0, int(y1)), min(w, round(x2)), min(h, round(y2)))
     if box[2] - box[0] < 1 or box[3] - box[1] < 1:
         return img
+    if isinstance(img, torch.Tensor):
+        return img[..., box[1] : box[3], box[0] : box[2]]
     return img.crop(box)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.functional import pil_to_tensor
 
 from crasmra.data.errors import ImageLoadError
 
-__all__ = ["load_image"]
+__all__ = ["load_image", "load_image_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +85,35 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _check_nonempty(path: Path) -> None:
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageLoadError(str(path), "the file is empty (0 bytes)")
+    except OSError as err:
+        if isinstance(err, ImageLoadError):
+            raise
+        raise ImageLoadError(str(path), f"cannot read file ({err.strerror or err})") from err
+
+
+@contextmanager
+def _pil_errors(path: Path) -> Iterator[None]:
+    """Turn PIL's exceptions into :class:`ImageLoadError` naming ``path``."""
+    try:
+        yield
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(
+            str(path),
+            f"larger than PIL's decompression-bomb limit ({err}); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS deliberately if this file is trusted",
+        ) from err
+    except Image.UnidentifiedImageError as err:
+        raise ImageLoadError(str(path), "not a recognised image format (corrupt?)") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        if isinstance(err, ImageLoadError):
+            raise
+        raise ImageLoadError(str(path), f"corrupt or truncated image ({err})") from err
+
+
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Open an image file as an RGB PIL image with its EXIF orientation applied.
 
@@ -94,25 +131,70 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             larger than PIL's decompression-bomb limit. The message names the file.
     """
     path = Path(path)
+    _check_nonempty(path)
+    with _pil_errors(path), Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+
+
+# Byte offset of the bit depth in a PNG file: 8-byte signature, then the IHDR chunk's length,
+# type, width and height (4 bytes each).
+_PNG_BIT_DEPTH_OFFSET = 24
+
+
+def _fast_decodable(img: Image.Image, raw: bytes) -> bool:
+    """Whether torchvision decodes this file to exactly what :func:`load_image` returns.
+
+    Only 8-bit RGB and greyscale JPEG/PNG without transparency or animation qualify: CMYK,
+    palette and alpha images (composited on white by :func:`to_rgb`), 16-bit and low-depth
+    PNGs (rescaled differently) and multi-frame files take the PIL route.
+    """
+    if img.format not in ("JPEG", "PNG") or img.mode not in ("RGB", "L"):
+        return False
+    if "transparency" in img.info or getattr(img, "is_animated", False):
+        return False
+    return img.format == "JPEG" or (
+        len(raw) > _PNG_BIT_DEPTH_OFFSET and raw[_PNG_BIT_DEPTH_OFFSET] == 8
+    )
+
+
+def load_image_tensor(path: str | os.PathLike[str]) -> Tensor:
+    """Load an image as an RGB ``uint8`` tensor ``(3, H, W)``, EXIF orientation applied.
+
+    8-bit RGB/greyscale JPEGs and PNGs are decoded by ``torchvision.io.decode_image``
+    (libjpeg-turbo / libpng, no PIL image in between), which gives the same pixels as
+    :func:`load_image` with this torchvision and Pillow (checked by the tests). Every other
+    file, and any file torchvision fails on, takes the :func:`load_image` route, so the
+    result always equals ``pil_to_tensor(load_image(path))``.
+
+    The header is opened with PIL first (lazy: nothing is decoded), which applies PIL's
+    decompression-bomb check to the declared size before any pixel is decoded.
+
+    Raises:
+        ImageLoadError: As :func:`load_image`; the message names the file.
+    """
+    path = Path(path)
+    _check_nonempty(path)
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageLoadError(str(path), "the file is empty (0 bytes)")
+        raw = path.read_bytes()
     except OSError as err:
-        if isinstance(err, ImageLoadError):
-            raise
         raise ImageLoadError(str(path), f"cannot read file ({err.strerror or err})") from err
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except Image.DecompressionBombError as err:
-        raise ImageLoadError(
-            str(path),
-            f"larger than PIL's decompression-bomb limit ({err}); raise "
-            "PIL.Image.MAX_IMAGE_PIXELS deliberately if this file is trusted",
-        ) from err
-    except Image.UnidentifiedImageError as err:
-        raise ImageLoadError(str(path), "not a recognised image format (corrupt?)") from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageLoadError(str(path), f"corrupt or truncated image ({err})") from err
+    with _pil_errors(path), Image.open(io.BytesIO(raw)) as img:
+        fast = _fast_decodable(img, raw)
+    if fast:
+        try:
+            with warnings.catch_warnings():
+                # torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns
+                # on every call; the decoder still works and is the fast path here.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_image(
+                    torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                    mode=ImageReadMode.RGB,
+                    apply_exif_orientation=True,
+                )
+        except RuntimeError:
+            # Truncated or corrupt data: PIL decides (it may still decode it, or raises the
+            # same ImageLoadError as load_image).
+            logger.debug("torchvision could not decode %s; using PIL", path)
+    return pil_to_tensor(load_image(path))

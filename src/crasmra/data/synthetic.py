@@ -225,12 +225,17 @@ class SyntheticFGVC(Dataset):
             train_idx, val_idx = stratified_split(stream_targets, val_fraction, split_seed)
             self.indices = val_idx if split == "val" else train_idx
         self.targets = [stream_targets[i] for i in self.indices]
+        self._rendered: dict[int, Image.Image] = {}
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int):
-        img = self.render(self.indices[index])
+        # Rendering costs far more than the augmentation that follows, and an image depends
+        # only on its index: keep each one after its first use (a few MB; per worker process).
+        img = self._rendered.get(index)
+        if img is None:
+            img = self._rendered[index] = self.render(self.indices[index])
         label = self.targets[index]
         return (self.transform(img) if self.transform is not None else img), label
 

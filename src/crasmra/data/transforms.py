@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import torch
+from PIL import Image
+from torch import Tensor
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_IMAGE_SIZE",
     "DEFAULT_RESIZE_SIZE",
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
+    "CropThenResize",
     "build_transforms",
     "default_resize_size",
     "normalization_for_backbone",
@@ -28,6 +34,7 @@ DEFAULT_IMAGE_SIZE = 448
 DEFAULT_RESIZE_SIZE = 550
 
 Size = int | Sequence[int]
+BACKENDS = ("pil", "tensor")
 
 
 def to_hw(size: Size, name: str = "size") -> tuple[int, int]:
@@ -55,6 +62,58 @@ def default_resize_size(image_size: Size) -> tuple[int, int]:
     return (round(h * scale), round(w * scale))
 
 
+class CropThenResize:
+    """``Resize(resize) -> RandomCrop(crop)`` as one resize: the crop is chosen in source pixels.
+
+    The crop window of the resized image is mapped back to the source image and only that
+    region is resized, straight to ``crop``: the same pixels up to interpolation at the
+    window's edges and a sub-pixel rounding of its position, at about 66% of the resize work
+    (448 x 448 instead of 550 x 550 output pixels). A ``RandomResizedCrop`` with a fixed scale
+    of ``crop / resize`` per side and the aspect change of the full resize.
+
+    Works on ``uint8`` or float tensors ``(..., H, W)`` and on PIL images (converted to a
+    ``uint8`` tensor first). The position is drawn from torch's RNG, which DataLoader seeds
+    per worker.
+
+    Args:
+        crop: Output ``(h, w)``.
+        resize: The ``(h, w)`` the reference transform resizes to before cropping.
+        random: Random window (``RandomCrop``); ``False`` takes the centre (``CenterCrop``).
+    """
+
+    def __init__(self, crop: tuple[int, int], resize: tuple[int, int], random: bool = True) -> None:
+        self.crop, self.resize, self.random = tuple(crop), tuple(resize), random
+
+    def __call__(self, img: Tensor | Image.Image) -> Tensor:
+        if isinstance(img, Image.Image):
+            img = v2.functional.pil_to_tensor(img)
+        h, w = img.shape[-2:]
+        (ch, cw), (rh, rw) = self.crop, self.resize
+        if self.random:
+            top = int(torch.randint(0, rh - ch + 1, (1,)))
+            left = int(torch.randint(0, rw - cw + 1, (1,)))
+        else:  # the offsets CenterCrop uses
+            top, left = round((rh - ch) / 2.0), round((rw - cw) / 2.0)
+        sy, sx = h / rh, w / rw
+        src_h, src_w = max(1, round(ch * sy)), max(1, round(cw * sx))
+        src_top = min(round(top * sy), h - src_h)
+        src_left = min(round(left * sx), w - src_w)
+        return v2.functional.resized_crop(
+            img,
+            src_top,
+            src_left,
+            src_h,
+            src_w,
+            list(self.crop),
+            interpolation=v2.InterpolationMode.BILINEAR,
+            antialias=True,
+        )
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(crop={self.crop}, resize={self.resize}, random={self.random})"
+
+
 def build_transforms(
     train: bool,
     image_size: Size = DEFAULT_IMAGE_SIZE,
@@ -63,12 +122,20 @@ def build_transforms(
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     random_crop: bool = True,
     hflip: bool = True,
-) -> T.Compose:
+    backend: str = "pil",
+    normalize: bool = True,
+) -> Callable:
     """Build the paper's transform (SPEC, "Training recipe").
 
     Train: resize to ``resize_size`` (both sides, aspect not kept) -> ``RandomCrop(image_size)``
     (``CenterCrop`` when ``random_crop`` is False) -> random horizontal flip (if ``hflip``)
     -> tensor -> normalise. Eval: resize -> ``CenterCrop(image_size)`` -> tensor -> normalise.
+
+    ``backend="pil"`` (the default, and what checkpoints rebuild for inference) runs these
+    steps on PIL images. ``backend="tensor"`` runs them with ``torchvision.transforms.v2`` on
+    ``uint8`` tensors ``(3, H, W)`` (PIL images are converted first): eval is the same resize
+    and centre crop (torchvision's antialiased ``uint8`` bilinear resize reproduces PIL's), and
+    training resizes only the crop window (:class:`CropThenResize`), about twice as fast.
 
     Args:
         train: Training (augmenting) or evaluation transform.
@@ -79,11 +146,18 @@ def build_transforms(
         std: Per-channel normalisation std.
         random_crop: Random crop in training (the paper's text says centre crop).
         hflip: Random horizontal flip in training.
+        backend: "pil" or "tensor".
+        normalize: Convert to float and normalise; ``False`` (only with "tensor") returns
+            the ``uint8`` tensor, to be normalised after the transfer to the device.
 
     Returns:
-        A ``torchvision.transforms.Compose`` taking a PIL RGB image to a float tensor
-        ``(3, h, w)``.
+        A callable taking a PIL RGB image (or, for "tensor", a ``uint8`` tensor) to a float
+        tensor ``(3, h, w)`` (``uint8`` with ``normalize=False``).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not normalize and backend != "tensor":
+        raise ValueError("normalize=False needs backend='tensor' (the PIL path returns floats)")
     crop = to_hw(image_size, "image_size")
     resize = default_resize_size(crop) if resize_size is None else to_hw(resize_size, "resize_size")
     if resize[0] < crop[0] or resize[1] < crop[1]:
@@ -94,6 +168,8 @@ def build_transforms(
     mean_t, std_t = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     if len(mean_t) != 3 or len(std_t) != 3 or min(std_t) <= 0:
         raise ValueError(f"mean/std must be 3 values with std > 0, got mean={mean}, std={std}")
+    if backend == "tensor":
+        return _tensor_transforms(train, crop, resize, mean_t, std_t, random_crop, hflip, normalize)
     steps: list = [T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
     if train:
         steps.append(T.RandomCrop(crop) if random_crop else T.CenterCrop(crop))
@@ -103,6 +179,32 @@ def build_transforms(
         steps.append(T.CenterCrop(crop))
     steps += [T.ToTensor(), T.Normalize(mean_t, std_t)]
     return T.Compose(steps)
+
+
+def _tensor_transforms(
+    train: bool,
+    crop: tuple[int, int],
+    resize: tuple[int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    random_crop: bool,
+    hflip: bool,
+    normalize: bool,
+) -> v2.Compose:
+    # PILToTensor only acts on PIL images (tensors pass through), so both inputs work.
+    steps: list = [v2.PILToTensor()]
+    if train:
+        steps.append(CropThenResize(crop, resize, random=random_crop))
+        if hflip:
+            steps.append(v2.RandomHorizontalFlip())
+    else:
+        steps += [
+            v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.CenterCrop(crop),
+        ]
+    if normalize:
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
 
 
 def normalization_for_backbone(

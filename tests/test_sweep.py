@@ -1,0 +1,288 @@
+"""``crasmra sweep``: the sweep file, grid expansion, skipping finished runs, aggregation, report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import REPO, TINY_CONFIG, run_cli
+
+from crasmra import sweep as sw
+
+
+def _spec(**overrides: Any) -> sw.SweepSpec:
+    data: dict[str, Any] = {
+        "base": {"model": {"backbone": "resnet10t"}},
+        "seeds": [0, 1, 2],
+        "defaults": {"model.variant": "cra-smra", "model.delta": 0.9, "model.gamma": 1.0},
+        "grids": {
+            "variants": {"values": {"model.variant": ["baseline", "cbam", "cram", "cra-smra"]}},
+            "delta": {"values": {"model.delta": [0.5, 0.7, 0.8, 0.9, 1.0]}},
+            "gamma": {"values": {"model.gamma": [0, 0.5, 1, 2]}},
+        },
+    }
+    data.update(overrides)
+    return sw.parse_sweep(data)
+
+
+def _write_metrics(run_dir: Path, combined: float, *, test: bool = True) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = {
+        "best_val": {"epoch": 3, "metrics": {"val/combined_top1": combined + 0.01}},
+    }
+    if test:
+        metrics["test"] = {
+            "test/combined_top1": combined,
+            "test/concat_top1": combined - 0.02,
+            "test/stage3_top1": combined - 0.1,
+            "test/stage4_top1": combined - 0.05,
+            "test/stage5_top1": combined - 0.03,
+        }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid expansion
+# ---------------------------------------------------------------------------------------------
+def test_grids_are_separate_subgrids_and_shared_settings_run_once() -> None:
+    spec = _spec()
+    runs, rows = sw.plan_runs(spec)
+    # 4 + 5 + 4 = 13 grid points; the default CRA-SMRA setting is in all three grids.
+    assert sum(len(r) for r in rows.values()) == 13
+    assert len({name for r in rows.values() for _, name in r}) == 11
+    assert len(runs) == 11 * 3
+    assert len({r.folder for r in runs}) == len(runs)
+    shared = rows["variants"][3][1]
+    assert rows["delta"][3][1] == shared and rows["gamma"][2][1] == shared  # 0.9 == 0.9, 1 == 1.0
+    assert shared == "variant=cra-smra_delta=0.9_gamma=1"
+    assert [r.seed for r in runs[:3]] == [0, 1, 2]
+
+
+def test_multi_key_grid_is_a_product_and_rows_keep_file_order() -> None:
+    spec = _spec(grids={"both": {"values": {"model.delta": [0.5, 0.9],
+                                            "model.gamma": [0, 1]}}}, seeds=[7])
+    runs, rows = sw.plan_runs(spec)
+    points = [p for p, _ in rows["both"]]
+    assert points == [{"model.delta": 0.5, "model.gamma": 0}, {"model.delta": 0.5, "model.gamma": 1},
+                      {"model.delta": 0.9, "model.gamma": 0}, {"model.delta": 0.9, "model.gamma": 1}]
+    assert [r.seed for r in runs] == [7] * 4
+    assert spec.grids[0].label(points[1]) == "delta=0.5, gamma=1"
+
+
+def test_fit_args_carry_overrides_seed_and_run_folder(tmp_path: Path) -> None:
+    run = sw.plan_runs(_spec())[0][0]
+    args = run.fit_args(str(TINY_CONFIG), tmp_path, ["--data.num_workers=0"], resume=True)
+    assert args[:2] == ["fit", f"--config={TINY_CONFIG}"]
+    assert "--model.variant=baseline" in args and "--model.delta=0.9" in args
+    assert "--seed_everything=0" in args and f"--trainer.default_root_dir={tmp_path}" in args
+    assert args[-2:] == ["--data.num_workers=0", "--ckpt_path=last"]
+    inline = run.fit_args({"model": {"backbone": "resnet10t"}}, tmp_path)
+    assert yaml.safe_load(inline[1].removeprefix("--config=")) == {"model": {"backbone": "resnet10t"}}
+
+
+def test_values_become_flags_jsonargparse_reads_back() -> None:
+    assert sw.cli_value(True) == "true" and sw.cli_value(None) == "null"
+    assert sw.cli_value(0.5) == "0.5" and sw.cli_value({"num_classes": 4}) == '{"num_classes": 4}'
+    assert sw.format_value(1.0) == "1" and sw.format_value(0.25) == "0.25"
+
+
+def test_setting_names_stay_unique_when_last_components_collide() -> None:
+    spec = _spec(defaults={}, seeds=[0], grids={
+        "a": {"values": {"model.seed": [1]}}, "b": {"values": {"data.seed": [1]}}})
+    runs, _ = sw.plan_runs(spec)
+    assert len({r.setting_name for r in runs}) == 2
+    assert all("model.seed=1" in r.setting_name or "data.seed=1" in r.setting_name for r in runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of the sweep file
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"grid": {}}, "unknown key(s) ['grid']"),
+        ({"seeds": []}, "`seeds` must be a non-empty list"),
+        ({"seeds": [0, 0]}, "repeated"),
+        ({"grids": {}}, "`grids` must map grid names"),
+        ({"grids": {"d": {"values": {"model.delta": []}}}}, "non-empty list"),
+        ({"grids": {"d": {"values": {"model.delta": [0.9, 0.90]}}}}, "lists a value twice"),
+        ({"grids": {"d": {"values": {"delta": [0.5]}}}}, "'delta' is not a config key"),
+        ({"grids": {"d": {"values": {"trainer.default_root_dir": ["x"]}}}}, "set by the sweep"),
+        ({"grids": {"d": {"vals": {"model.delta": [0.5]}}}}, "unknown key(s) ['vals']"),
+        ({"defaults": {"seed_everything": 1}}, "is not a config key"),
+        ({"base": "no/such/config.yaml"}, "not found"),
+        ({"launcher": "slurm"}, "`launcher` must be one of"),
+    ],
+)
+def test_bad_sweep_files_are_rejected_with_the_fix(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(sw.SweepError, match=None) as err:
+        _spec(**change)
+    assert message in str(err.value)
+
+
+def test_base_path_is_relative_to_the_sweep_file(tmp_path: Path) -> None:
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "base.yaml").write_text("model: {backbone: resnet10t}\n")
+    path = tmp_path / "sweeps" / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": "../base.yaml", "seeds": [0],
+                                    "grids": {"d": {"values": {"model.delta": [0.5]}}}}))
+    assert sw.load_sweep(path).base == str((tmp_path / "base.yaml").resolve())
+
+
+def test_the_committed_sweep_files_are_valid() -> None:
+    files = sorted((REPO / "sweeps").glob("*.yaml"))
+    assert any(f.name == "synthetic.yaml" for f in files)
+    for path in files:
+        spec = sw.load_sweep(path)
+        runs, _ = sw.plan_runs(spec)
+        assert runs, path
+    synthetic = sw.load_sweep(REPO / "sweeps" / "synthetic.yaml")
+    assert len(sw.plan_runs(synthetic)[0]) == 33
+
+
+@pytest.mark.slow
+def test_a_misspelt_key_fails_before_any_run(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"base": str(TINY_CONFIG), "seeds": [0],
+                                    "grids": {"d": {"values": {"model.detla": [0.5]}}}}))
+    assert run_cli(["sweep", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "detla" in err[0] and err[0].startswith("crasmra: error:")
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Skipping, resuming and failures (the training itself replaced by a stub)
+# ---------------------------------------------------------------------------------------------
+def test_finished_runs_are_skipped_and_interrupted_ones_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = _spec(grids={"delta": {"values": {"model.delta": [0.5, 0.9]}}}, seeds=[0, 1],
+                 launcher="in-process")
+    runs, _ = sw.plan_runs(spec)
+    _write_metrics(tmp_path / runs[0].folder, 0.5)                 # finished
+    _write_metrics(tmp_path / runs[1].folder, 0.5, test=False)     # stopped mid-way...
+    (tmp_path / runs[1].folder / "checkpoints").mkdir()
+    (tmp_path / runs[1].folder / "checkpoints" / "last.ckpt").write_bytes(b"")  # ...resumable
+    _write_metrics(tmp_path / runs[2].folder, 0.5, test=False)     # failed before a checkpoint
+    calls: list[list[str]] = []
+
+    def fake_fit(args: list[str], threads: int | None) -> None:
+        calls.append(args)
+        root = Path(next(a for a in args if a.startswith("--trainer.default_root_dir="))
+                    .split("=", 1)[1])
+        assert not (root / "metrics.json").exists() or "--ckpt_path=last" in args
+        if "--model.delta=0.9" in args and "--seed_everything=1" in args:
+            raise RuntimeError("boom")
+        _write_metrics(root, 0.6)
+
+    monkeypatch.setattr(sw, "_run_in_process", fake_fit)
+    lines: list[str] = []
+    summary = sw.run_sweep(spec, tmp_path, validate=False, echo=lines.append)
+    assert summary["finished"] == 1 and summary["ran"] == 2
+    assert summary["failed"] == [str(runs[3].folder)]
+    assert len(calls) == 3
+    assert calls[0][-1] == "--ckpt_path=last" and "--ckpt_path=last" not in calls[1]
+    record = json.loads((tmp_path / runs[3].folder / sw.RUN_FILE).read_text())
+    assert record["status"] == "failed" and "boom" in record["error"]
+    assert "boom" in (tmp_path / runs[3].folder / "error.txt").read_text()
+    assert any("FAILED" in line for line in lines)
+
+    calls.clear()
+    again = sw.run_sweep(spec, tmp_path, validate=False, echo=lines.append)
+    assert again["finished"] == 3 and len(calls) == 1  # only the failed run is retried
+
+
+def test_dry_run_lists_and_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _spec(launcher="in-process")
+    monkeypatch.setattr(sw, "_run_in_process", lambda *a: pytest.fail("ran"))
+    lines: list[str] = []
+    summary = sw.run_sweep(spec, tmp_path / "out", validate=False, dry_run=True, echo=lines.append)
+    assert summary["runs"] == 33 and summary["ran"] == 0
+    assert sum("would run" in line for line in lines) == 33
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation and report
+# ---------------------------------------------------------------------------------------------
+def test_mean_and_sample_std() -> None:
+    assert sw.mean_std([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))
+    assert sw.mean_std([0.4]) == (0.4, 0.0)
+    assert all(math.isnan(v) for v in sw.mean_std([]))
+    stats = sw.aggregate({0: {"a": 1.0, "b": 2.0}, 1: {"a": 3.0}})
+    assert stats["a"] == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "n": 2,
+                          "seeds": [0, 1], "values": [1.0, 3.0]}
+    assert stats["b"]["n"] == 1 and stats["b"]["std"] == 0.0
+
+
+def test_report_tables_and_plots_from_run_folders(tmp_path: Path) -> None:
+    spec = _spec()
+    runs, rows = sw.plan_runs(spec)
+    accuracy = {0: 0.5, 1: 0.6, 2: 0.7}
+    for run in runs:
+        if run.setting_name.startswith("variant=cbam") and run.seed == 2:
+            continue  # one missing seed: reported with its n
+        bonus = 0.1 if "delta=0.5" in run.setting_name else 0.0
+        _write_metrics(tmp_path / run.folder, accuracy[run.seed] + bonus)
+    results = sw.write_report(spec, tmp_path, tmp_path / "report")
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert results["runs_finished"] == 32 and results["runs_planned"] == 33
+    assert "| variant | stage3 (test) | stage4 (test) | stage5 (test) | concat (test) | " \
+           "combined (test) | combined (val) | seeds |" in text
+    assert "| backbone only (`baseline`) | 50.0 ± 10.0 |" in text
+    assert "55.0 ± 7.1 (n=2)" in text                   # cbam: seeds 0 and 1 only
+    assert "**70.0 ± 10.0**" in text                    # best combined of the delta table
+    assert "| 0.5 | 60.0 ± 10.0 | 65.0 ± 10.0 | 67.0 ± 10.0 | 68.0 ± 10.0 |" in text
+    for name in ("variants", "delta", "gamma"):
+        assert (tmp_path / "report" / "plots" / f"{name}.png").stat().st_size > 1000
+        assert f"](plots/{name}.png)" in text
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    delta_rows = next(g for g in saved["grids"] if g["name"] == "delta")["rows"]
+    assert delta_rows[0]["metrics"]["test/combined_top1"]["values"] == pytest.approx([0.6, 0.7, 0.8])
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end through the command line
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_mini_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep_file = tmp_path / "mini.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "title": "mini",
+        "base": str(TINY_CONFIG),
+        "seeds": [0, 1],
+        "grids": {
+            "ok": {"values": {"model.delta": [0.5]}},
+            # Fails when the model is built: the sweep must go on and report it.
+            "broken": {"values": {"model.lr_heads": [-1.0]}},
+        },
+        "launcher": "in-process",
+        "threads": 1,
+        "keep_checkpoints": False,
+    }))
+    out = tmp_path / "out"
+    args = ["sweep", "--config", str(sweep_file), "--out", str(out)]
+    assert run_cli(args) == 1
+    printed = capsys.readouterr().out
+    assert "2 runs failed" in printed and "2 of 4 runs finished" in printed
+    for seed in (0, 1):
+        run_dir = out / "runs" / "delta=0.5" / f"seed-{seed}"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert "test/combined_top1" in metrics["test"]
+        assert not (run_dir / "checkpoints").exists()
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["seed_everything"] == seed and config["model"]["delta"] == 0.5
+    failed = out / "runs" / "lr_heads=-1.0" / "seed-0"
+    assert "lr_heads" in (failed / "error.txt").read_text()
+    text = (out / "results.md").read_text()
+    assert "| 0.5 |" in text and (out / "plots" / "ok.png").is_file()
+
+    # Run again: the finished runs are skipped, only the broken ones are tried.
+    assert run_cli([*args, "--grid", "ok"]) == 0
+    assert "2 already finished, 0 to run" in capsys.readouterr().out
