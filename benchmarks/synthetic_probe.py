@@ -36,6 +36,8 @@ def _render(split: str, args: argparse.Namespace):
         test_samples_per_class=args.test_samples_per_class,
         image_size=args.native_size,
         seed=args.seed,
+        clutter=args.clutter,
+        max_rotation=args.max_rotation,
     )
     return [ds[i][0] for i in range(len(ds))], torch.tensor(ds.targets)
 
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test-samples-per-class", type=int, default=20)
     p.add_argument("--native-size", type=int, default=128, help="generated image side")
     p.add_argument("--image-size", type=int, default=80, help="network input (crop) side")
+    p.add_argument("--clutter", type=int, default=8, help="background distractor shapes")
+    p.add_argument("--max-rotation", type=float, default=30.0, help="degrees")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)

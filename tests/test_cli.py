@@ -113,6 +113,16 @@ def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "cannot be written" in capsys.readouterr().err
 
 
+def test_fit_refuses_to_replace_an_earlier_run(tiny_run: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_run.rglob("*") if p.is_file()}
+    assert run_cli(tiny_fit_args(tiny_run)) == 2
+    err = capsys.readouterr().err
+    assert "earlier run" in err and "--ckpt_path last" in err and "--overwrite" in err
+    after = {p.name: p.stat().st_mtime_ns for p in tiny_run.rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_missing_resume_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(tiny_fit_args(tmp_path, "--ckpt_path=last")) == 2
     assert "no checkpoint" in capsys.readouterr().err

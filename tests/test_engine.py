@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from pathlib import Path
@@ -191,6 +192,10 @@ def test_resume_with_ckpt_path_last_through_the_cli(tmp_path: Path) -> None:
     assert run_cli(tiny_fit_args(tmp_path, "--trainer.max_epochs=2", "--ckpt_path=last")) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs_completed"] == 2
+    # The resumed run appends to the interrupted run's metrics.csv instead of replacing it.
+    with (tmp_path / "metrics.csv").open() as f:
+        epochs = {row["epoch"] for row in csv.DictReader(f) if row.get("val/combined_top1")}
+    assert epochs == {"0", "1"}
 
 
 def test_fine_tune_on_another_class_count(tiny_checkpoint: Path, tmp_path: Path) -> None:

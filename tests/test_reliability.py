@@ -103,7 +103,10 @@ def test_kill_9_during_fit_resumes_to_the_uninterrupted_result(tmp_path: Path) -
         kills: list[str] = []
 
         def resume_args() -> list[str]:
-            return tiny_fit_args(root, *epochs, *(["--ckpt_path=last"] if last.exists() else []))
+            # Before the first checkpoint exists the run starts over (a kill can land after
+            # metrics.json was written but before last.ckpt was).
+            resume = ["--ckpt_path=last"] if last.exists() else ["--overwrite=true"]
+            return tiny_fit_args(root, *epochs, *resume)
 
         # One kill in each half of the run (seeded), so both epochs are hit across attempts.
         for attempt, (low, high) in enumerate(((0.15, 0.5), (0.5, 0.95))):

@@ -1,4 +1,4 @@
-"""``crasmra sweep``: the sweep file, grid expansion, skipping finished runs, aggregation, report."""
+"""``crasmra sweep``: the sweep file, grid expansion, skipping finished runs, the report."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, TINY_CONFIG, run_cli
 
+from conftest import REPO, TINY_CONFIG, run_cli
 from crasmra import sweep as sw
 
 
@@ -67,8 +67,7 @@ def test_multi_key_grid_is_a_product_and_rows_keep_file_order() -> None:
                                             "model.gamma": [0, 1]}}}, seeds=[7])
     runs, rows = sw.plan_runs(spec)
     points = [p for p, _ in rows["both"]]
-    assert points == [{"model.delta": 0.5, "model.gamma": 0}, {"model.delta": 0.5, "model.gamma": 1},
-                      {"model.delta": 0.9, "model.gamma": 0}, {"model.delta": 0.9, "model.gamma": 1}]
+    assert points == [{"model.delta": d, "model.gamma": g} for d in (0.5, 0.9) for g in (0, 1)]
     assert [r.seed for r in runs] == [7] * 4
     assert spec.grids[0].label(points[1]) == "delta=0.5, gamma=1"
 
@@ -81,7 +80,8 @@ def test_fit_args_carry_overrides_seed_and_run_folder(tmp_path: Path) -> None:
     assert "--seed_everything=0" in args and f"--trainer.default_root_dir={tmp_path}" in args
     assert args[-2:] == ["--data.num_workers=0", "--ckpt_path=last"]
     inline = run.fit_args({"model": {"backbone": "resnet10t"}}, tmp_path)
-    assert yaml.safe_load(inline[1].removeprefix("--config=")) == {"model": {"backbone": "resnet10t"}}
+    inline_base = yaml.safe_load(inline[1].removeprefix("--config="))
+    assert inline_base == {"model": {"backbone": "resnet10t"}}
 
 
 def test_values_become_flags_jsonargparse_reads_back() -> None:
@@ -198,6 +198,20 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(
     assert again["finished"] == 3 and len(calls) == 1  # only the failed run is retried
 
 
+def test_runs_of_another_base_config_are_not_mixed_in(tmp_path: Path) -> None:
+    spec = _spec(launcher="in-process")
+    runs, _ = sw.plan_runs(spec)
+    _write_metrics(tmp_path / runs[0].folder, 0.5)
+    (tmp_path / runs[0].folder / sw.RUN_FILE).write_text(json.dumps(
+        {"base_fingerprint": sw.base_fingerprint({"model": {"backbone": "resnet18"}})}))
+    with pytest.raises(sw.SweepError, match="different base config"):
+        sw.run_sweep(spec, tmp_path, validate=False, dry_run=True, echo=lambda _: None)
+    (tmp_path / runs[0].folder / sw.RUN_FILE).write_text(json.dumps(
+        {"base_fingerprint": sw.base_fingerprint(spec.base)}))
+    summary = sw.run_sweep(spec, tmp_path, validate=False, dry_run=True, echo=lambda _: None)
+    assert summary["finished"] == 1
+
+
 def test_dry_run_lists_and_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = _spec(launcher="in-process")
     monkeypatch.setattr(sw, "_run_in_process", lambda *a: pytest.fail("ran"))
@@ -223,7 +237,7 @@ def test_mean_and_sample_std() -> None:
 
 def test_report_tables_and_plots_from_run_folders(tmp_path: Path) -> None:
     spec = _spec()
-    runs, rows = sw.plan_runs(spec)
+    runs, _ = sw.plan_runs(spec)
     accuracy = {0: 0.5, 1: 0.6, 2: 0.7}
     for run in runs:
         if run.setting_name.startswith("variant=cbam") and run.seed == 2:
@@ -244,7 +258,8 @@ def test_report_tables_and_plots_from_run_folders(tmp_path: Path) -> None:
         assert f"](plots/{name}.png)" in text
     saved = json.loads((tmp_path / "report" / "results.json").read_text())
     delta_rows = next(g for g in saved["grids"] if g["name"] == "delta")["rows"]
-    assert delta_rows[0]["metrics"]["test/combined_top1"]["values"] == pytest.approx([0.6, 0.7, 0.8])
+    values = delta_rows[0]["metrics"]["test/combined_top1"]["values"]
+    assert values == pytest.approx([0.6, 0.7, 0.8])
 
 
 # ---------------------------------------------------------------------------------------------

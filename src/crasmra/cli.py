@@ -9,6 +9,7 @@ beyond wiring and error reporting.
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
 import logging
 import os
@@ -125,6 +126,13 @@ def _make_cli_class() -> type:
                 default=True,
                 help="After `fit`, evaluate the best checkpoint (by validation) on the test split.",
             )
+            parser.add_argument(
+                "--overwrite",
+                type=bool,
+                default=False,
+                help="Let `fit` start afresh in a run folder that holds an earlier run's "
+                "checkpoints or metrics (they are replaced). Without it such a folder is refused.",
+            )
             parser.link_arguments("model.backbone", "data.backbone", apply_on="parse")
             parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
             parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
@@ -135,9 +143,11 @@ def _make_cli_class() -> type:
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
             root = Path(config.trainer.default_root_dir or "runs/crasmra")
+            ckpt_path = config.get("ckpt_path")
             if self.subcommand == "fit":
                 _check_writable(root)
-            ckpt_path = config.get("ckpt_path")
+                if ckpt_path is None and not config.get("overwrite", False):
+                    _refuse_earlier_run(root)
             if ckpt_path not in (None, "last", "best", "hpc") and not Path(ckpt_path).is_file():
                 raise UsageError(f"--ckpt_path {ckpt_path} does not exist.")
             if ckpt_path == "last" and self.subcommand == "fit":
@@ -160,7 +170,11 @@ def _make_cli_class() -> type:
             trainer_config = self._get(self.config_init, "trainer", default={})
             root = trainer_config.get("default_root_dir") or "runs/crasmra"
             if trainer_config.get("logger") in (None, True):
-                kwargs["logger"] = default_loggers(root)
+                # validate/test log into their own subfolder so that they never replace the
+                # training run's metrics.csv, config.yaml or TensorBoard events.
+                log_root = Path(root) if self.subcommand == "fit" else Path(root) / self.subcommand
+                resuming = self.subcommand == "fit" and self.config.fit.get("ckpt_path")
+                kwargs["logger"] = default_loggers(log_root, append=bool(resuming))
             kwargs["default_root_dir"] = root
             kwargs["plugins"] = _with_atomic_checkpoint_io(trainer_config.get("plugins"))
             return super().instantiate_trainer(**kwargs)
@@ -195,11 +209,33 @@ def _make_cli_class() -> type:
     return CRASMRACLI
 
 
-def default_loggers(root: str | Path) -> list[Any]:
-    """CSV metrics in ``root/metrics.csv`` plus TensorBoard in ``root/tensorboard`` if installed."""
+def _refuse_earlier_run(root: Path) -> None:
+    """Fail when ``root`` holds another run's results, which a fresh ``fit`` would replace."""
+    checkpoints = root / "checkpoints"
+    earlier = sorted(checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
+    earlier += [p for p in (root / "metrics.csv", root / "metrics.json") if p.is_file()]
+    if earlier:
+        raise UsageError(
+            f"{root} already holds an earlier run ({', '.join(p.name for p in earlier[:3])}). "
+            "Resume it with --ckpt_path last, choose another --trainer.default_root_dir, or "
+            "pass --overwrite true to replace it."
+        )
+
+
+def default_loggers(root: str | Path, append: bool = False) -> list[Any]:
+    """CSV metrics in ``root/metrics.csv`` plus TensorBoard in ``root/tensorboard`` if installed.
+
+    Args:
+        root: The folder to log into.
+        append: Keep the rows of an existing ``metrics.csv`` (a resumed run) instead of
+            starting the file afresh.
+    """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    loggers: list[Any] = [CSVLogger(save_dir=str(root), name="", version="")]
+    csv_logger = CSVLogger(save_dir=str(root), name="", version="")
+    if append:
+        _keep_existing_csv(csv_logger)
+    loggers: list[Any] = [csv_logger]
     try:
         import tensorboard  # noqa: F401
     except ImportError:
@@ -211,6 +247,30 @@ def default_loggers(root: str | Path) -> list[Any]:
             )
         )
     return loggers
+
+
+def _keep_existing_csv(logger: Any) -> None:
+    """Make a CSVLogger append to its ``metrics.csv`` rather than delete it at start.
+
+    Lightning's CSV writer deletes an existing metrics file when its folder is not empty; its
+    own appending path (which merges new columns into the header) is what a resumed run needs.
+    """
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class _AppendingWriter(ExperimentWriter):
+        def __init__(self, log_dir: str) -> None:
+            super().__init__(log_dir)
+            # Start from the existing header, so that rows written before keep their columns
+            # when new ones are merged in.
+            if os.path.isfile(self.metrics_file_path):
+                with open(self.metrics_file_path, newline="") as f:
+                    self.metrics_keys = next(csv.reader(f), [])
+
+        def _check_log_dir_exists(self) -> None:
+            pass
+
+    Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
+    logger._experiment = _AppendingWriter(log_dir=logger.log_dir)
 
 
 BASE_KEY = "__base__"

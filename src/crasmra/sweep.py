@@ -386,8 +386,9 @@ class RunSpec:
         args += [f"--{k}={cli_value(v)}" for k, v in self.overrides]
         args += [f"--seed_everything={self.seed}", f"--trainer.default_root_dir={root}"]
         args += list(extra)
-        if resume:
-            args.append("--ckpt_path=last")
+        # A run that is not resumed starts over in its own folder, replacing what an
+        # interrupted attempt left there.
+        args.append("--ckpt_path=last" if resume else "--overwrite=true")
         return args
 
 
@@ -461,6 +462,40 @@ def is_finished(run_dir: Path) -> bool:
     """Whether a run folder holds a finished run (its ``metrics.json`` has test results)."""
     metrics = read_metrics(run_dir)
     return bool(metrics and metrics.get("test"))
+
+
+def base_fingerprint(base: str | dict[str, Any]) -> str:
+    """A hash of the base config's content (``__base__`` chains merged), not of its path."""
+    import hashlib
+
+    if isinstance(base, str):
+        from crasmra.cli import load_config
+
+        base = load_config(base)
+    text = json.dumps(_canonical(base), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def check_same_base(spec: SweepSpec, out: Path, runs: Sequence[RunSpec]) -> None:
+    """Refuse an output folder whose runs were trained from another base config.
+
+    Run folders are named after their overrides only; skipping a finished run trained from a
+    different base would silently mix two experiments in one table.
+
+    Raises:
+        SweepError: Some run in ``out`` records another base config fingerprint.
+    """
+    current = base_fingerprint(spec.base)
+    for run in runs:
+        try:
+            recorded = json.loads((out / run.folder / RUN_FILE).read_text()).get("base_fingerprint")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if recorded not in (None, current):
+            raise SweepError(
+                f"{out / run.folder} was trained from a different base config than {spec.title!r} "
+                "now has; use another --out, or delete that folder to retrain it."
+            )
 
 
 def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[str] = ()) -> None:
@@ -586,6 +621,7 @@ def run_sweep(
     runs, _ = plan_runs(spec)
     if validate:
         validate_settings(spec, runs, extra_args)
+    check_same_base(spec, out, runs)
     todo = [r for r in runs if not is_finished(out / r.folder)]
     echo(f"{spec.title}: {len(runs)} runs ({len(runs) // len(spec.seeds)} settings x "
          f"{len(spec.seeds)} seeds), {len(runs) - len(todo)} already finished, "
@@ -598,6 +634,7 @@ def run_sweep(
         return summary
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    fingerprint = base_fingerprint(spec.base)
     start = time.perf_counter()
     for i, run in enumerate(todo, 1):
         run_dir = (out / run.folder).resolve()
@@ -607,7 +644,8 @@ def run_sweep(
             _clean_for_fresh_start(run_dir)
         args = run.fit_args(spec.base, run_dir, extra_args, resume=resume)
         record = {"setting": dict(run.overrides), "seed": run.seed, "args": args,
-                  "launcher": spec.launcher, "resumed": resume, "status": "running"}
+                  "base_fingerprint": fingerprint, "launcher": spec.launcher,
+                  "resumed": resume, "status": "running"}
         write_json_atomic(run_dir / RUN_FILE, record)
         echo(f"[{i}/{len(todo)}] {run.folder}{' (resuming)' if resume else ''}")
         t0 = time.perf_counter()
@@ -820,12 +858,17 @@ def write_plots(results: dict[str, Any], folder: str | Path) -> dict[str, str]:
             xs = [float(r["point"][grid["keys"][0]]) for r in rows]
             ax.set_xlabel(grid["keys"][0])
             ax.set_xticks(xs)
+            gaps = [b - a for a, b in zip(sorted(xs), sorted(xs)[1:], strict=False)]
+            dodge = 0.05 * min(gaps, default=1.0)
         else:
-            xs = list(range(len(rows)))
+            xs = [float(i) for i in range(len(rows))]
             ax.set_xticks(xs, [r["label"].split(" (`")[0] for r in rows], rotation=15, ha="right")
-        for head in heads:
+            dodge = 0.1
+        for i, head in enumerate(heads):
             name = f"test/{head}_top1"
-            pts = [(x, r["metrics"][name]) for x, r in zip(xs, rows, strict=True)
+            # Heads side by side around each x, so their error bars do not hide each other.
+            shift = (i - (len(heads) - 1) / 2) * dodge
+            pts = [(x + shift, r["metrics"][name]) for x, r in zip(xs, rows, strict=True)
                    if name in r["metrics"]]
             if not pts:
                 continue
