@@ -442,12 +442,31 @@ def _extra_commands() -> list[Callable[[Any], None]]:
     ]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record.
+
+    ``main`` may run many times in one process (tests, sweeps), with ``sys.stderr`` replaced
+    in between; a handler holding the first stream would write to a closed file.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging() -> None:
     # Only crasmra's own logger: Lightning configures its own, and a root handler would
     # print every Lightning message twice.
     if log.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(os.environ.get("CRASMRA_LOG_LEVEL", "INFO").upper())
