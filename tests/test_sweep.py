@@ -293,7 +293,7 @@ def test_mini_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert not (run_dir / "checkpoints").exists()
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert config["seed_everything"] == seed and config["model"]["delta"] == 0.5
-    failed = out / "runs" / "lr_heads=-1.0" / "seed-0"
+    failed = out / "runs" / "lr_heads=-1" / "seed-0"
     assert "lr_heads" in (failed / "error.txt").read_text()
     text = (out / "results.md").read_text()
     assert "| 0.5 |" in text and (out / "plots" / "ok.png").is_file()

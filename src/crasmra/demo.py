@@ -17,7 +17,7 @@ from typing import Any
 DEMO_CONFIG: dict[str, Any] = {
     "seed_everything": 0,
     "trainer": {
-        "max_epochs": 12,
+        "max_epochs": 10,
         "accelerator": "cpu",
         "devices": 1,
         "precision": "32-true",
@@ -45,7 +45,7 @@ DEMO_CONFIG: dict[str, Any] = {
         "val_fraction": 0.15,
         "options": {
             "num_classes": 6,
-            "samples_per_class": 150,
+            "samples_per_class": 130,
             "test_samples_per_class": 40,
             "native_size": 64,
             "clutter": 0,

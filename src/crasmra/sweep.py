@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -556,6 +557,8 @@ def _run_in_process(args: list[str], threads: int | None) -> None:
 
     if threads is not None:
         torch.set_num_threads(threads)
+    # The folder already holds the sweep's own sweep_run.json; nothing of Lightning's is lost.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* is not empty")
     handler = signal.getsignal(signal.SIGINT)
     try:
         run_lightning(args)

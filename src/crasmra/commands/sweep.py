@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run every run of a sweep file that is not finished in --out (a stopped sweep "
             "continues), then write results.md, results.json and plots/ (mean ± std over seeds). "
-            "See sweeps/synthetic.yaml for the file format."
+            "The file format is described in EXPERIMENTS.md, \"The sweep file\"."
         ),
     )
     parser.add_argument("--config", required=True, metavar="SWEEP.yaml", help="the sweep file")
