@@ -36,7 +36,7 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """Read a ``.ckpt``/``.pt``/``.pth`` file with ``weights_only=True``, or a ``.safetensors`` file.
+    """Read a ``.ckpt``/``.pt``/``.pth`` file with ``weights_only=True``, or a safetensors file.
 
     Returns:
         For torch files, the stored dictionary. For safetensors, ``{"state_dict": tensors}`` plus
@@ -73,7 +73,9 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
             "one in the same folder is intact."
         ) from err
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a dictionary of tensors (found {type(obj).__name__}).")
+        raise CheckpointError(
+            f"{path} does not hold a dictionary of tensors (found {type(obj).__name__})."
+        )
     return obj
 
 
