@@ -158,6 +158,10 @@ def _make_cli_class() -> type:
                         "--trainer.default_root_dir (or --config) as the interrupted run."
                     )
                 load_checkpoint_file(last)
+            init_from = config.model.get("init_from")
+            if init_from:
+                # Before the data module is built: a bad file must fail before any other work.
+                load_checkpoint_file(init_from)
             pretrained = config.model.get("pretrained")
             if isinstance(pretrained, str) and Path(pretrained).is_file():
                 # Read once here for the checks the backbone loader lacks: torch.load does not
