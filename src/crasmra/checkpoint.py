@@ -13,8 +13,9 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor
@@ -219,12 +220,19 @@ def _remove_stale_temporaries(path: Path) -> None:
             log.warning("Could not remove the stale temporary file %s: %s", stale, err)
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` ``obj`` to ``path`` so that ``path`` always holds the old or the new file.
+def _plain_permissions(path: str | Path) -> None:
+    # mkstemp and safetensors create files private (0600); give them what a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write(file)`` so that it always holds the old or the new content.
 
     The data goes to a temporary file in the same folder, is flushed to disk (``fsync``) and
     then renamed over ``path`` (``os.replace``, atomic on POSIX and Windows). A crash or
-    ``kill -9`` at any moment leaves the previous checkpoint intact.
+    ``kill -9`` at any moment leaves the previous file intact.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,18 +240,20 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        _plain_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`write_atomic`)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _tensor_state(ckpt: dict[str, Any], path: str | Path) -> dict[str, Tensor]:
@@ -303,10 +313,7 @@ def save_safetensors(path: str | Path, state: dict[str, Tensor], meta: dict[str,
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(tensors, str(path), metadata={SAFETENSORS_META_KEY: json.dumps(meta)})
-    # safetensors creates the file private (0600); give it the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    _plain_permissions(path)
     return path
 
 
