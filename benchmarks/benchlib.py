@@ -9,6 +9,7 @@ the same round tolerate such load better than absolute figures.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import platform
 import resource
@@ -36,6 +37,23 @@ __all__ = [
     "synchronize",
     "time_alternating",
 ]
+
+
+def add_model_timing_args(
+    parser: argparse.ArgumentParser, *, warmup: int, iters: int, rounds: int = 5
+) -> None:
+    """The options every per-part benchmark script shares: model, input, precision, timing."""
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=200)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--peak-tflops", type=float, default=None)
 
 
 def pick_device(name: str) -> torch.device:

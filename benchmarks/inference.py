@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from benchlib import (
     Candidate,
+    add_model_timing_args,
     autocast,
     count_flops,
     count_params,
@@ -116,18 +117,8 @@ def infer_table(cands: list[Candidate], peak_tflops: float | None = None) -> str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=200)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
+    add_model_timing_args(parser, warmup=2, iters=3)
     parser.add_argument("--throughput-batch", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--peak-tflops", type=float, default=None)
     args = parser.parse_args(argv)
     cfg = InferConfig(args.backbone, args.num_classes, args.size, str(pick_device(args.device)),
                       args.dtype, args.channels_last, args.compile)

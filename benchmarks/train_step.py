@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from benchlib import (
     Candidate,
+    add_model_timing_args,
     autocast,
     count_flops,
     markdown_table,
@@ -273,20 +274,10 @@ def train_table(cands: list[Candidate], peak_tflops: float | None = None,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--size", type=int, default=224)
+    add_model_timing_args(parser, warmup=1, iters=2)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--num-classes", type=int, default=200)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--kinds", default=",".join(STEP_KINDS))
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory")
-    parser.add_argument("--peak-tflops", type=float, default=None)
     args = parser.parse_args(argv)
     cfg = StepConfig(args.backbone, args.num_classes, args.size, args.batch,
                      str(pick_device(args.device)), args.dtype, args.channels_last, args.compile)

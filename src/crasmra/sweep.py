@@ -237,6 +237,13 @@ def _check_scalar_or_config(value: Any, where: str) -> None:
         raise SweepError(f"{where}: {value!r} is not a finite number.")
 
 
+def _check_keys(data: dict, allowed: set[str] | frozenset[str], where: str, what: str) -> None:
+    unknown = sorted(set(map(str, data)) - allowed)
+    if unknown:
+        raise SweepError(f"{where}: unknown key(s) {unknown}; {what} takes "
+                         f"{', '.join(sorted(allowed))}.")
+
+
 def parse_sweep(data: Any, source: Path | None = None) -> SweepSpec:
     """Validate a sweep mapping (a parsed sweep file) and return its :class:`SweepSpec`.
 
@@ -246,10 +253,7 @@ def parse_sweep(data: Any, source: Path | None = None) -> SweepSpec:
     where = str(source) if source else "sweep"
     if not isinstance(data, dict):
         raise SweepError(f"{where}: a sweep file is a YAML mapping with base, seeds and grids.")
-    unknown = sorted(set(map(str, data)) - SWEEP_KEYS)
-    if unknown:
-        raise SweepError(f"{where}: unknown key(s) {unknown}; a sweep file takes "
-                         f"{', '.join(sorted(SWEEP_KEYS))}.")
+    _check_keys(data, SWEEP_KEYS, where, "a sweep file")
     for required in ("base", "seeds", "grids"):
         if required not in data:
             raise SweepError(f"{where}: `{required}` is missing.")
@@ -318,10 +322,7 @@ def _parse_grid(name: Any, data: Any, where: str) -> Grid:
     where = f"{where}: grids.{name}"
     if not isinstance(data, dict):
         raise SweepError(f"{where} must be a mapping with `values` (and optional title, labels).")
-    unknown = sorted(set(map(str, data)) - GRID_KEYS)
-    if unknown:
-        raise SweepError(f"{where}: unknown key(s) {unknown}; a grid takes "
-                         f"{', '.join(sorted(GRID_KEYS))}.")
+    _check_keys(data, GRID_KEYS, where, "a grid")
     values = data.get("values")
     if not isinstance(values, dict) or not values:
         raise SweepError(f"{where}: `values` must map config keys to lists of values, "
