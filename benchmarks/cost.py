@@ -21,8 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from crasmra import VARIANTS, create_model
-from crasmra.model import create_smram
+from crasmra.model import PAPER_VARIANTS, create_model, create_smram
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = [("plain timm classifier", base_params, base_flops)]
     smram_row = None
-    for variant in VARIANTS:
+    for variant in PAPER_VARIANTS:
         net = create_model(
             args.backbone,
             args.num_classes,

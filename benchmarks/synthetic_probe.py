@@ -52,7 +52,10 @@ def train_cnn(train_imgs, y_train, x_test, y_test, args) -> dict:
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
     aug = build_transforms(
-        True, image_size=args.image_size, resize_size=default_resize_size(args.image_size)
+        True,
+        image_size=args.image_size,
+        resize_size=default_resize_size(args.image_size),
+        random_crop=True,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     n = len(train_imgs)

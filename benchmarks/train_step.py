@@ -44,9 +44,9 @@ from benchlib import (
     time_alternating,
 )
 from crasmra.losses import CRASMRALoss
-from crasmra.model import VARIANTS, create_model, create_smram
+from crasmra.model import PAPER_VARIANTS, create_model, create_smram
 
-STEP_KINDS: tuple[str, ...] = ("plain", *VARIANTS, "pmg")
+STEP_KINDS: tuple[str, ...] = ("plain", *PAPER_VARIANTS, "pmg")
 
 
 @dataclass

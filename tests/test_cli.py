@@ -46,20 +46,40 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
         resolved = yaml.safe_load(capsys.readouterr().out)
         if path.name == "demo.yaml":
             continue
+        if path.parent.name == "cub10":
+            _check_cub10_recipe(path, resolved)
+            continue
         dataset = path.parent.name
         assert resolved["data"]["dataset"] == dataset
         backbone, _, variant = path.stem.partition("-")
-        assert resolved["model"]["backbone"] == backbone
+        # torchvision's ImageNet weights, named explicitly (a bare name takes timm's default)
+        assert resolved["model"]["backbone"] == f"{backbone}.tv_in1k"
         assert resolved["model"]["variant"] == (variant or "cra-smra")
         # the paper's recipe, inherited from base.yaml
         assert (
             resolved["model"]["lr_backbone"] == 2e-4 and resolved["model"]["lr_attention"] == 6e-3
         )
         assert resolved["data"]["image_size"] == 448 and resolved["data"]["resize_size"] == 550
+        # the paper's protocol: centre crop, the whole training split, no validation split
+        assert resolved["data"]["random_crop"] is False and resolved["data"]["val_fraction"] == 0
+        assert resolved["model"]["suppress_source"] == "input"
         assert resolved["trainer"]["max_epochs"] == 200 and resolved["data"]["batch_size"] == 20
         assert resolved["trainer"]["default_root_dir"].endswith(
             path.stem if variant else f"{path.stem}-cra-smra"
         )
+
+
+def _check_cub10_recipe(path: Path, resolved: dict) -> None:
+    """The CPU-scale real-bird recipes: the paper's rates and loss weights, lite0 at 224 px."""
+    assert resolved["data"]["dataset"] == "cub"
+    assert resolved["model"]["variant"] == path.stem
+    assert resolved["model"]["backbone"] == "tf_efficientnet_lite0"
+    weights = str(resolved["model"]["pretrained"])
+    assert weights.endswith("tf_efficientnet_lite0.imagenet.safetensors")
+    assert resolved["data"]["image_size"] == 224
+    for key, value in {"alpha": 2.0, "beta": 1.0, "gamma": 1.0, "omega": 0.5, "delta": 0.9}.items():
+        assert resolved["model"][key] == value, key
+    assert resolved["trainer"]["default_root_dir"] == f"runs/cub10/{path.stem}"
 
 
 def test_demo_config_file_matches_the_demo_command() -> None:
@@ -183,3 +203,30 @@ def test_two_process_ddp_on_cpu_agrees_on_metrics(tmp_path: Path) -> None:
     )
     single = json.loads((root / "metrics.json").read_text())["validate"]["val/combined_top1"]
     assert single == pytest.approx(ddp_top1)
+
+
+def _tiny_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrink the demo's config so that the command line itself can be tested in seconds."""
+    import crasmra.demo
+
+    config = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    monkeypatch.setattr(crasmra.demo, "DEMO_CONFIG", config)
+
+
+def test_demo_reruns_with_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _tiny_demo(monkeypatch)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet", "--seed", "3"]) == 0
+    assert "seed_everything: 3" in (out / "config.yaml").read_text()
+    first = (out / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    capsys.readouterr()
+    # A second run names the one flag that replaces the first, and leaves it untouched.
+    assert main(["demo", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "crasmra demo --overwrite" in err[0]
+    assert (out / "checkpoints" / "last.ckpt").stat().st_mtime_ns == first
+    assert main(["demo", "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert (out / "checkpoints" / "last.ckpt").stat().st_mtime_ns != first
+    assert "seed_everything: 0" in (out / "config.yaml").read_text()

@@ -28,11 +28,12 @@ def test_transforms_shapes_and_validation() -> None:
     evaluate = build_transforms(False, image_size=(48, 64), resize_size=(60, 80))
     assert train(img).shape == (3, 64, 64) and evaluate(img).shape == (3, 48, 64)
     names = [type(t).__name__ for t in train.transforms]
-    assert names == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    # The paper's default: centre crop in training too.
+    assert names == ["Resize", "CenterCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
     names = [
-        type(t).__name__ for t in build_transforms(True, random_crop=False, hflip=False).transforms
+        type(t).__name__ for t in build_transforms(True, random_crop=True, hflip=False).transforms
     ]
-    assert names == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert names == ["Resize", "RandomCrop", "ToTensor", "Normalize"]
     assert [type(t).__name__ for t in build_transforms(False).transforms][:2] == [
         "Resize",
         "CenterCrop",

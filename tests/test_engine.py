@@ -14,6 +14,7 @@ import torch
 from conftest import run_cli, tiny_fit_args
 from crasmra.data import FGVCDataModule
 from crasmra.engine import MONITOR, CRASMRAModule, RNGStateCallback, WarmupCosine
+from crasmra.layers import SMRAM
 
 TINY_MODEL = dict(
     backbone="resnet10t",
@@ -106,6 +107,20 @@ def test_variant_without_smram_has_no_smram_group() -> None:
     assert "smram" not in {g["name"] for g in model.parameter_groups()}
 
 
+def test_plain_variant_learns_at_the_backbone_and_head_rates() -> None:
+    dm = FGVCDataModule(**TINY_DATA)
+    model = _module(dm, variant="plain", lr_backbone=2e-4, lr_attention=6e-3, lr_heads=5e-3)
+    assert model.smram is None and model.head_names == ("classifier", "combined")
+    groups = {g["name"]: g for g in model.parameter_groups()}
+    assert set(groups) == {"backbone", "heads"}  # no attention, no SMRAM
+    assert groups["backbone"]["lr"] == 2e-4 and groups["heads"]["lr"] == 5e-3
+    fc = model.net.backbone.model.fc
+    assert {id(p) for p in groups["heads"]["params"]} == {id(fc.weight), id(fc.bias)}
+    grouped = [p for g in groups.values() for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped})
+    assert {id(p) for p in grouped} == {id(p) for p in model.parameters() if p.requires_grad}
+
+
 def test_warmup_cosine_schedule() -> None:
     f = WarmupCosine(total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     assert f(0) == pytest.approx(0.1)
@@ -155,7 +170,13 @@ def test_checkpoint_is_self_contained_and_weights_only(tiny_checkpoint: Path) ->
     assert meta["net_config"]["num_classes"] == 4
     assert len(meta["classes"]) == 4
     assert meta["transform"]["image_size"] in (64, [64, 64], (64, 64))
-    assert not any(k.startswith("smram.") and k.startswith("net.") for k in ckpt["state_dict"])
+    # SMRAM's state is kept for resuming, beside the network and never inside it
+    keys = list(ckpt["state_dict"])
+    smram_keys = [k for k in keys if k.startswith("smram.")]
+    assert any(k.startswith("smram.phi.") for k in smram_keys)
+    assert {k.removeprefix("smram.") for k in smram_keys} == set(SMRAM(32).state_dict())
+    assert all(k.startswith(("net.", "smram.")) for k in keys)
+    assert not any(".phi." in k or "smram" in k for k in keys if k.startswith("net."))
     # the optimiser, scheduler and loop state needed to resume are there too
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
 
@@ -185,6 +206,7 @@ def test_best_checkpoint_is_chosen_on_validation(tiny_run: Path) -> None:
     assert float(state["best_model_score"]) == pytest.approx(
         metrics["best_val"]["metrics"][MONITOR]
     )
+    assert metrics["selection"] == {"rule": "best_validation", "monitor": MONITOR, "mode": "max"}
 
 
 def test_resume_with_ckpt_path_last_through_the_cli(tmp_path: Path) -> None:
@@ -220,3 +242,27 @@ def test_resume_with_another_class_count_is_refused(
     assert code == 2
     err = capsys.readouterr().err
     assert "6" in err and "4" in err and "reinit_heads" in err
+
+
+def test_plain_fit_through_the_cli(plain_run: Path, plain_checkpoint: Path,
+                                   tmp_path: Path) -> None:
+    from crasmra.demo import format_results_table
+
+    metrics = json.loads((plain_run / "metrics.json").read_text())
+    test = metrics["test"]
+    assert {k for k in test if k.endswith("_top1")} == {"test/classifier_top1",
+                                                        "test/combined_top1"}
+    # The combined prediction of a one-head network is that head's.
+    assert test["test/classifier_top1"] == test["test/combined_top1"]
+    csv_header = (plain_run / "metrics.csv").read_text().splitlines()[0]
+    assert "train/classifier_ce" in csv_header and "train/concat_ce" not in csv_header
+    ckpt = torch.load(plain_checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["crasmra"]["net_config"]["variant"] == "plain"
+    assert all(k.startswith("net.backbone.model.") for k in ckpt["state_dict"])
+    table = format_results_table(plain_run / "metrics.json", 4).splitlines()
+    assert [line.split()[0] for line in table[2:]] == ["classifier", "combined"]
+    # Fine-tuning on another class count re-initialises timm's classifier.
+    options = '--data.options={"num_classes": 6, "samples_per_class": 4, "native_size": 64}'
+    assert run_cli(tiny_fit_args(tmp_path, options, "--model.variant=plain",
+                                 f"--model.init_from={plain_checkpoint}",
+                                 "--model.reinit_heads=true")) == 0

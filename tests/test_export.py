@@ -150,3 +150,31 @@ def test_export_wrapper_and_argument_checks(model: CRASMRANet, tmp_path: Path) -
         export_model(model, "safetensors", tmp_path / "m.bin")
     with pytest.raises(ValueError, match="tolerance"):
         export_model(model, "torchscript", tmp_path / "m.pt", tolerance=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_plain_checkpoint_exports_to_every_format(plain_checkpoint: Path, batch: torch.Tensor,
+                                                  tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import onnxruntime as ort
+
+    plain = load_model(plain_checkpoint)
+    out = tmp_path / "plain.onnx"
+    assert run_cli(["export", str(plain_checkpoint), "--format", "onnx", "--out", str(out),
+                    "--head-logits"]) == 0
+    assert _max_diff(capsys.readouterr().out) <= 1e-4
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["probs", "logits_classifier"]
+    probs, logits = session.run(None, {"images": batch.numpy()})
+    with torch.inference_mode():
+        reference = plain(batch)
+    np.testing.assert_allclose(probs, reference.probs.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits, reference.logits[0].numpy(), atol=1e-4, rtol=0)
+
+    assert export_model(plain, "torchscript", tmp_path / "plain.pt").max_abs_diff <= 1e-4
+    result = export_model(plain, "safetensors", tmp_path / "plain.safetensors")
+    assert result.max_abs_diff == 0.0
+    reloaded = load_model(result.path)
+    assert reloaded.variant == "plain" and reloaded.classes == plain.classes
+    with torch.inference_mode():
+        assert torch.equal(reloaded(batch).probs, reference.probs)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
 import crasmra
 from conftest import run_cli
@@ -207,3 +208,36 @@ def test_pickled_objects_are_never_loaded(tmp_path: Path) -> None:
 def test_checkpoint_for_another_class_count(tiny_checkpoint: Path) -> None:
     with pytest.raises(CheckpointError, match=f"trained for {NUM_CLASSES} classes, but 5"):
         load_model(tiny_checkpoint, num_classes=5)
+
+
+def test_plain_checkpoint_loads_predicts_and_reports(plain_checkpoint: Path, images: Path,
+                                                     tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    model = load_model(plain_checkpoint)
+    assert model.variant == "plain" and model.head_names == ("classifier",)
+    assert model.concat_head is None and len(model.classes) == NUM_CLASSES
+    result = predict(model, [images], top_k=2)
+    assert len(result.predictions) == NUM_CLASSES and len(result.failures) == 1
+    with torch.inference_mode():
+        x = model.transform(Image.open(sorted(images.rglob("*.png"))[0]).convert("RGB"))
+        out = model(x[None])
+    torch.testing.assert_close(out.probs, out.logits[0].softmax(dim=-1))
+
+    args = ["predict", str(plain_checkpoint), str(images), "--format", "json", "--quiet"]
+    assert run_cli(args) == 0
+    assert len(json.loads(capsys.readouterr().out)["predictions"]) == NUM_CLASSES
+    assert run_cli(["report", str(plain_checkpoint), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert list(report["heads"]) == ["classifier", "combined"]
+    assert report["heads"]["classifier"] == report["heads"]["combined"]
+    assert "| classifier |" in (tmp_path / "r" / "report.md").read_text()
+
+    # A classifier for another class count than the metadata says is named as such.
+    ckpt = torch.load(plain_checkpoint, map_location="cpu", weights_only=True)
+    state = dict(ckpt["state_dict"])
+    state["net.backbone.model.fc.weight"] = torch.zeros(7, state["net.backbone.model.fc.weight"]
+                                                        .shape[1])
+    tampered = tmp_path / "tampered.ckpt"
+    torch.save({"state_dict": state, "crasmra": ckpt["crasmra"]}, tampered)
+    with pytest.raises(CheckpointError, match="classifier weights for 7 classes"):
+        load_model(tampered)

@@ -36,12 +36,15 @@ def _expected_mask(importance: torch.Tensor, omega: float, delta: float) -> torc
     return torch.where(chosen, torch.tensor(omega), torch.tensor(1.0))
 
 
-@pytest.mark.parametrize(("omega", "delta"), [(0.5, 0.9), (0.2, 0.95), (0.0, 1.0), (1.0, 0.5)])
+@pytest.mark.parametrize(("omega", "delta"), [(0.5, 0.9), (0.2, 0.95), (0.0, 1.0), (0.75, 0.5)])
 def test_mask_picks_channels_within_delta_of_max(omega: float, delta: float) -> None:
     importance = torch.rand(4, 64)
     mask = suppression_mask(importance, omega, delta)
     assert mask.shape == importance.shape
-    torch.testing.assert_close(mask, _expected_mask(importance, omega, delta))
+    expected = _expected_mask(importance, omega, delta)
+    # every sample has suppressed and kept channels, so both branches of the rule are checked
+    assert ((expected == omega).any(dim=1) & (expected == 1.0).any(dim=1)).all()
+    torch.testing.assert_close(mask, expected)
 
 
 def test_mask_hand_example_is_per_sample() -> None:
@@ -68,14 +71,21 @@ def test_cram_outputs_and_definitions() -> None:
     x_e, x_s = cram(x)
     assert x_e.shape == (2, 16, 6, 5)
     assert x_s.shape == x.shape
-    importance = cram.last_importance
-    assert importance is not None and importance.shape == (2, 32) and not importance.requires_grad
-    assert torch.all((importance > 0) & (importance < 1))
-    mask = suppression_mask(importance, cram.omega, cram.delta)
+    # I = sigmoid(MLP(avg) + MLP(max)) with the shared MLP, written out with its weights
+    w1, w2 = cram.mlp[0].weight.flatten(1), cram.mlp[2].weight.flatten(1)
+    pooled = (x.mean(dim=(2, 3)), x.amax(dim=(2, 3)))
+    importance = torch.sigmoid(sum(torch.relu(z @ w1.T) @ w2.T for z in pooled))
+    assert cram.last_importance is not None and not cram.last_importance.requires_grad
+    torch.testing.assert_close(cram.last_importance, importance)
+    mask = _expected_mask(importance, cram.omega, cram.delta)
     torch.testing.assert_close(x_s, x * mask[:, :, None, None])
     torch.testing.assert_close(x_e, cram.conv_layer(importance[:, :, None, None] * x))
-    # at least the top channel is suppressed in every sample
-    assert torch.all((mask == cram.omega).sum(dim=1) >= 1)
+    # the most important channel is damped by omega; channels below the threshold pass as they are
+    rows, top = torch.arange(2), importance.argmax(dim=1)
+    torch.testing.assert_close(x_s[rows, top], cram.omega * x[rows, top])
+    kept = mask == 1.0
+    assert kept.any()
+    torch.testing.assert_close(x_s[kept], x[kept], rtol=0, atol=0)
 
 
 def test_cram_gradient_reaches_input_through_x_s_but_not_through_mask() -> None:
@@ -97,6 +107,42 @@ def test_cram_gradient_reaches_input_and_mlp_through_x_e() -> None:
     assert x.grad is not None and x.grad.abs().sum() > 0
     for p in cram.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_suppress_source_selects_the_formula_of_x_s() -> None:
+    x = torch.randn(2, 16, 3, 4)
+    cram_input = CRAM(16, 8, reduction=4).eval()
+    cram_enhanced = CRAM(16, 8, reduction=4, suppress_source="enhanced").eval()
+    cram_enhanced.load_state_dict(cram_input.state_dict())
+    assert cram_input.suppress_source == "input"  # the default
+    x_e_in, x_s_in = cram_input(x)
+    x_e_en, x_s_en = cram_enhanced(x)
+    importance = cram_input.last_importance[:, :, None, None]
+    mask = suppression_mask(cram_input.last_importance, 0.5, 0.9)[:, :, None, None]
+    torch.testing.assert_close(x_s_in, mask * x)  # X_s = S (x) X
+    torch.testing.assert_close(x_s_en, mask * (importance * x))  # X_s = S (x) (I (x) X)
+    torch.testing.assert_close(x_e_en, x_e_in)  # the head side does not change
+    assert "suppress_source='enhanced'" in repr(cram_enhanced)
+
+
+@pytest.mark.parametrize(("source", "mlp_learns"), [("input", False), ("enhanced", True)])
+def test_only_enhanced_suppression_trains_the_mlp_through_x_s(
+    source: str, mlp_learns: bool
+) -> None:
+    cram = CRAM(16, 8, reduction=4, suppress_source=source)
+    _, x_s = cram(torch.randn(2, 16, 4, 4, requires_grad=True))
+    x_s.square().sum().backward()  # a loss on x_s alone, as the later stages give
+    for p in cram.mlp.parameters():
+        if mlp_learns:
+            assert p.grad is not None and p.grad.abs().sum() > 0
+        else:
+            assert p.grad is None
+    assert all(p.grad is None for p in cram.conv_layer.parameters())
+
+
+def test_cram_rejects_an_unknown_suppress_source() -> None:
+    with pytest.raises(ValueError, match=r"suppress_source.*'input'.*'enhanced'"):
+        CRAM(16, 8, suppress_source="mask")  # type: ignore[arg-type]
 
 
 def test_cram_hyperparameters_reach_submodules() -> None:

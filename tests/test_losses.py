@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crasmra import CRASMRALoss, ModelOutput, diversity_loss
-from crasmra.losses import diversity_loss as reexported
+from crasmra import CRASMRALoss, ModelOutput
+from crasmra.losses import diversity_loss
 
 
 def _output(batch: int = 4, classes: int = 5) -> ModelOutput:
@@ -50,4 +50,10 @@ def test_defaults_and_validation() -> None:
     for kwargs in (dict(alpha=-1.0), dict(beta=-0.1), dict(gamma=-2.0)):
         with pytest.raises(ValueError, match="non-negative"):
             CRASMRALoss(**kwargs)
-    assert reexported is diversity_loss
+
+
+def test_diversity_loss_is_one_minus_the_mean_peak_coverage() -> None:
+    """L_div = 1 - (1/eps) sum_j max_s A[s, j]: two stages on two positions."""
+    attention = torch.tensor([[[0.5, 0.5], [1.0, 0.0]]]).view(1, 2, 1, 2)
+    # peaks 1.0 and 0.5 -> h = 1.5 / 2
+    torch.testing.assert_close(diversity_loss(attention), torch.tensor(0.25))

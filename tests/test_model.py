@@ -7,6 +7,7 @@ import json
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from crasmra import SMRAM, VARIANTS, CRASMRALoss, CRASMRANet, ModelOutput, create_model
@@ -47,8 +48,7 @@ def test_probs_is_mean_of_head_softmaxes() -> None:
 )
 def test_variants_choose_the_attention_module(variant: str, module: type) -> None:
     net = create_model("resnet10t", 3, variant=variant, **TINY)
-    assert tuple(VARIANTS) == ("baseline", "cbam", "cram", "cra-smra")
-    assert all(type(m) is module for m in net.attention)
+    assert len(net.attention) == 3 and all(type(m) is module for m in net.attention)
     assert net.uses_smram == (variant == "cra-smra")
     assert net.variant == variant
 
@@ -60,13 +60,20 @@ def test_smram_is_never_part_of_the_network() -> None:
     smram_shapes = {tuple(p.shape) for p in smram.parameters()}
     assert all("phi" not in k and "smram" not in k.lower() for k in net.state_dict())
     assert smram_shapes and smram.num_stages == 3 and smram.channels == 32
+    # Apart from batch-norm statistics, training and evaluation run the same network: the
+    # suppression stays in it at test time, and nothing of SMRAM is run.
     x = torch.randn(2, 3, 64, 64)
-    train_out = net.train()(x)
+    net.train()
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
     with torch.no_grad():
+        train_out = net(x)
         eval_out = net.eval()(x)
-    assert type(train_out) is type(eval_out)
-    assert [f.shape for f in train_out.features] == [f.shape for f in eval_out.features]
-    assert [lg.shape for lg in train_out.logits] == [lg.shape for lg in eval_out.logits]
+    trained = (*train_out.logits, *train_out.features)
+    evaluated = (*eval_out.logits, *eval_out.features)
+    for a, b in zip(trained, evaluated, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -104,10 +111,13 @@ def test_hyperparameters_reach_the_modules() -> None:
         head_hidden=12,
         conv_layer="pmg",
         stage_indices=[1, 2, 3],
+        suppress_source="enhanced",
     )
     assert net.stage_names == ("stage2", "stage3", "stage4")
+    assert net.config["suppress_source"] == "enhanced"
     for cram, c in zip(net.attention, net.backbone.stage_channels, strict=True):
         assert (cram.omega, cram.delta, cram.reduction) == (0.3, 0.8, 4)
+        assert cram.suppress_source == "enhanced"
         assert cram.mlp[0].out_channels == c // 4
         assert cram.conv_layer[1][0].kernel_size == (3, 3)
         assert cram.out_channels == 24
@@ -152,13 +162,38 @@ def test_reset_classifier_rebuilds_every_head() -> None:
         net.reset_classifier(0)
 
 
-def test_data_config_comes_from_timm() -> None:
-    net = create_model("resnet10t", 3, **TINY)
-    cfg = timm.data.resolve_model_data_config(timm.create_model("resnet10t"))
-    assert set(net.data_config) == {"mean", "std", "input_size", "crop_pct", "interpolation"}
-    assert net.data_config["mean"] == tuple(cfg["mean"])
-    assert net.data_config["input_size"] == tuple(cfg["input_size"])
-    json.dumps(net.data_config)
+@pytest.mark.parametrize(
+    ("backbone", "expected"),
+    [
+        (
+            "resnet10t",
+            {
+                "mean": (0.485, 0.456, 0.406),
+                "std": (0.229, 0.224, 0.225),
+                "input_size": (3, 176, 176),
+                "crop_pct": 0.875,
+                "interpolation": "bicubic",
+            },
+        ),
+        (
+            "inception_v3",
+            {
+                "mean": (0.5, 0.5, 0.5),
+                "std": (0.5, 0.5, 0.5),
+                "input_size": (3, 299, 299),
+                "crop_pct": 0.875,
+                "interpolation": "bicubic",
+            },
+        ),
+    ],
+)
+def test_data_config_is_the_backbones_own(backbone: str, expected: dict) -> None:
+    """Each backbone brings the preprocessing of its timm weights, not a shared default."""
+    net = create_model(backbone, 3, **TINY)
+    assert net.data_config == expected
+    assert json.loads(json.dumps(net.data_config)) == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in expected.items()
+    }
 
 
 @pytest.mark.parametrize(
@@ -172,6 +207,7 @@ def test_data_config_comes_from_timm() -> None:
         (("resnet18", 3), {"reduction": 0}, "reduction"),
         (("resnet18", 3), {"head_pool": "median"}, "head_pool"),
         (("resnet18", 3), {"conv_layer": "heavy"}, "conv_layer"),
+        (("resnet18", 3), {"suppress_source": "mask"}, "suppress_source.*'enhanced'"),
         (("resnet18", 3), {"omgea": 0.5}, "Unknown hyperparameter"),
         (("resnet18", 3), {"stage_indices": [4, 9]}, "out of range"),
     ],
@@ -188,6 +224,7 @@ def test_validate_hparams_fills_defaults() -> None:
     assert resolved["stage_indices"] == [2, 3, 4]
     assert resolved["head_channels"] == 512 and resolved["conv_layer"] == "light"
     assert (resolved["omega"], resolved["delta"], resolved["reduction"]) == (0.5, 0.9, 16)
+    assert resolved["suppress_source"] == "input"
 
 
 def test_pretrained_path_loads_backbone_weights(tmp_path) -> None:
@@ -212,3 +249,83 @@ def test_pretrained_true_offline_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr("timm.models._builder.load_pretrained", offline)
     with pytest.raises(PretrainedWeightsError, match="safetensors"):
         create_model("resnet10t", 3, pretrained=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plain reference variant: timm's own classifier, fine-tuned with cross-entropy
+# ---------------------------------------------------------------------------------------------
+def _timm_twin(net: CRASMRANet, name: str, num_classes: int) -> torch.nn.Module:
+    """timm's own model for ``num_classes`` with the plain network's weights."""
+    twin = timm.create_model(name, num_classes=num_classes)
+    state = {k.removeprefix("backbone.model."): v for k, v in net.state_dict().items()}
+    twin.load_state_dict(state)  # strict: the plain network is exactly timm's model
+    return twin
+
+
+# efficientnet_b0: timm's head includes conv_head/bn2, which the staged variants drop.
+@pytest.mark.parametrize("backbone", ["resnet10t", "efficientnet_b0"])
+def test_plain_logits_equal_timms_own_model(backbone: str) -> None:
+    torch.manual_seed(0)
+    net = create_model(backbone, 5, variant="plain").eval()
+    twin = _timm_twin(net, backbone, 5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = net(x)
+        expected = twin(x)
+    assert out.head_names == net.head_names == ("classifier",)
+    assert out.stage_logits == () and out.concat_logits is None and len(out.logits) == 1
+    torch.testing.assert_close(out.logits[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(out.probs, expected.softmax(dim=-1))
+    assert out.features[0].shape == (2, twin.num_features, 2, 2)
+    assert out.stage_names == net.stage_names == (f"stage{len(twin.feature_info)}",)
+
+
+def test_plain_has_no_attention_heads_or_smram() -> None:
+    net = create_model("resnet10t", 5, variant="plain", **TINY)
+    assert len(net.attention) == 0 and len(net.heads) == 0 and net.concat_head is None
+    assert not net.uses_smram and net.variant == "plain"
+    assert all(k.startswith("backbone.model.") for k in net.state_dict())
+    assert net.backbone.model.fc.out_features == 5
+    rebuilt = CRASMRANet(**json.loads(json.dumps(net.config)))
+    assert list(rebuilt.state_dict()) == list(net.state_dict())
+    net.reset_classifier(7)
+    assert net.backbone.model.fc.out_features == 7 and net.config["num_classes"] == 7
+    assert net(torch.randn(1, 3, 64, 64)).probs.shape == (1, 7)
+
+
+def test_plain_loss_is_cross_entropy_whatever_alpha_and_beta() -> None:
+    torch.manual_seed(0)
+    net = create_model("resnet10t", 5, variant="plain")
+    out = net(torch.randn(4, 3, 32, 32))
+    target = torch.tensor([0, 1, 2, 4])
+    expected = F.cross_entropy(out.logits[0], target)
+    for alpha, beta in [(2.0, 1.0), (5.0, 0.0)]:
+        total, parts = CRASMRALoss(alpha=alpha, beta=beta)(out, target)
+        torch.testing.assert_close(total, expected)
+        assert set(parts) == {"classifier_ce"}
+        torch.testing.assert_close(parts["classifier_ce"], expected.detach())
+
+
+def test_plain_parameter_groups() -> None:
+    net = create_model("resnet10t", 5, variant="plain")
+    groups = net.parameter_groups()
+    assert groups["attention"] == []
+    fc = net.backbone.model.fc
+    assert {id(p) for p in groups["heads"]} == {id(fc.weight), id(fc.bias)}
+    grouped = groups["backbone"] + groups["heads"]
+    assert len(grouped) == len({id(p) for p in grouped})
+    assert {id(p) for p in grouped} == {id(p) for p in net.parameters()}
+
+
+def test_plain_loads_local_weights_and_ignores_the_classifier(tmp_path) -> None:
+    source = timm.create_model("resnet10t", num_classes=1000)
+    path = tmp_path / "resnet10t.safetensors"
+    save_file(source.state_dict(), str(path))
+    net = create_model("resnet10t", 5, variant="plain", pretrained=str(path))
+    torch.testing.assert_close(net.backbone.model.layer4[0].conv1.weight,
+                               source.layer4[0].conv1.weight)
+    assert net.backbone.model.fc.weight.shape == (5, 512)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"foo.weight": torch.zeros(1)}, str(wrong))
+    with pytest.raises(PretrainedWeightsError, match="do not fit"):
+        create_model("resnet10t", 5, variant="plain", pretrained=wrong)

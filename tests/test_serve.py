@@ -182,6 +182,29 @@ def test_single_pass_gradcam_equals_viz_gradcam(model: Any) -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_plain_model_shows_the_last_stage(plain_checkpoint: Path) -> None:
+    pytest.importorskip("pytorch_grad_cam", reason="grad-cam is not installed")
+    from crasmra.viz import gradcam_maps
+
+    plain = load_model(plain_checkpoint)
+    predictor = serve.Predictor(plain)
+    assert predictor.info()["variant"] == "plain"
+    assert predictor.info()["stage_names"] == ["stage5"]
+    result = predictor.predict_bytes(png_bytes((80, 64), seed=3))
+    assert [s["name"] for s in result["stages"]] == ["stage5"]
+    assert decode_data_url(result["stages"][0]["gradcam"]).size == (64, 64)
+
+    x = plain.transform(Image.open(io.BytesIO(png_bytes((80, 64), seed=3)))).unsqueeze(0)
+    explanation = serve.explain_tensor(plain, x)
+    with torch.inference_mode():
+        probs = plain(x).probs[0]
+    assert torch.allclose(explanation.probs, probs, atol=1e-6)
+    (ours,) = explanation.gradcam
+    (reference,) = gradcam_maps(plain, x, explanation.class_index)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    assert all(p.grad is None for p in plain.parameters())
+
+
 def test_concurrent_users_get_their_own_results(app: Any) -> None:
     images = [png_bytes(size, seed) for seed, size in
               enumerate([(64, 64), (80, 64), (96, 72), (64, 90)])]

@@ -301,3 +301,163 @@ def test_mini_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     # Run again: the finished runs are skipped, only the broken ones are tried.
     assert run_cli([*args, "--grid", "ok"]) == 0
     assert "2 already finished, 0 to run" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired comparisons against reference variants
+# ---------------------------------------------------------------------------------------------
+def _variant_spec(variants: list[str], seeds: list[int], **grid: Any) -> sw.SweepSpec:
+    return sw.parse_sweep({
+        "base": {"model": {"backbone": "resnet10t"}},
+        "seeds": seeds,
+        "grids": {"variants": {"values": {"model.variant": variants}, **grid},
+                  "delta": {"values": {"model.delta": [0.5, 0.9]}}},
+    })
+
+
+def test_compare_to_defaults_validation_and_round_trip() -> None:
+    spec = _variant_spec(["plain", "baseline", "cram"], [0])
+    assert spec.grids[0].compare_to == ["plain", "baseline"]
+    assert spec.grids[1].compare_to == []  # the delta grid does not vary the variant
+    assert _variant_spec(["cbam", "baseline"], [0]).grids[0].compare_to == ["baseline"]
+    assert _variant_spec(["cbam", "cram"], [0]).grids[0].compare_to == []
+    explicit = _variant_spec(["plain", "cbam", "cram"], [0], compare_to=["cram"])
+    assert explicit.grids[0].compare_to == ["cram"]
+    assert _variant_spec(["plain", "cram"], [0], compare_to=[]).grids[0].compare_to == []
+    # The normalised sweep file keeps the choice, also an explicit "no comparison".
+    for spec in (explicit, _variant_spec(["plain", "cram"], [0], compare_to=[])):
+        again = sw.parse_sweep(yaml.safe_load(yaml.safe_dump(spec.to_dict(), sort_keys=False)))
+        assert again.grids[0].compare_to == spec.grids[0].compare_to
+        assert "compare_to" not in spec.to_dict()["grids"]["delta"]
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({"values": {"model.delta": [0.5]}, "compare_to": ["plain"]},
+         "needs a grid that varies model.variant"),
+        ({"values": {"model.variant": ["plain", "cram"]}, "compare_to": ["baseline"]},
+         "names ['baseline'], which the grid does not run"),
+        ({"values": {"model.variant": ["plain", "cram"]}, "compare_to": ["plain", "plain"]},
+         "lists a variant twice"),
+        ({"values": {"model.variant": ["plain", "cram"]}, "compare_to": {"plain": 1}},
+         "`compare_to` must be a list of variants"),
+    ],
+)
+def test_bad_compare_to_is_rejected_with_the_fix(grid: dict[str, Any], message: str) -> None:
+    with pytest.raises(sw.SweepError) as err:
+        _spec(grids={"g": grid})
+    assert message in str(err.value)
+
+
+def test_paired_difference_matches_a_paired_t_test() -> None:
+    from scipy import stats
+
+    variant = {0: 0.50, 1: 0.60, 2: 0.70, 3: 0.65}
+    reference = {0: 0.45, 1: 0.58, 2: 0.66, 7: 0.10}  # seeds 3 and 7 have no pair
+    result = sw.paired_difference(variant, reference)
+    assert result["seeds"] == [0, 1, 2] and result["n"] == 3
+    assert result["differences"] == pytest.approx([0.05, 0.02, 0.04])
+    # An independent computation: scipy's paired t-test and its confidence interval.
+    test = stats.ttest_rel([0.50, 0.60, 0.70], [0.45, 0.58, 0.66])
+    low, high = test.confidence_interval(0.95)
+    assert result["mean"] == pytest.approx(0.11 / 3)
+    assert (result["ci_low"], result["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    # By hand: differences 1, 2, 3 points, sd 1 point, t(0.975, 2) = 4.302653.
+    hand = sw.paired_difference({0: 0.51, 1: 0.52, 2: 0.53}, {0: 0.50, 1: 0.50, 2: 0.50})
+    assert hand["mean"] == pytest.approx(0.02) and hand["std"] == pytest.approx(0.01)
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)
+    assert hand["ci_low"] == pytest.approx(0.02 - half)
+    assert hand["ci_high"] == pytest.approx(0.02 + half)
+
+    one = sw.paired_difference({0: 0.7, 1: 0.8}, {1: 0.75})
+    assert one["n"] == 1 and one["mean"] == pytest.approx(0.05)
+    assert one["std"] is None and one["ci_low"] is None and one["ci_high"] is None
+    none = sw.paired_difference({0: 0.7}, {1: 0.75})
+    assert none["n"] == 0 and none["mean"] is None
+
+
+def _write_variant_metrics(run_dir: Path, variant: str, combined: float) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    heads = ["classifier"] if variant == "plain" else ["stage3", "stage4", "stage5", "concat"]
+    test = {f"test/{h}_top1": combined - 0.01 for h in heads}
+    test["test/combined_top1"] = combined
+    metrics = {"best_val": {"epoch": 1, "metrics": {"val/combined_top1": combined}},
+               "test": test}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_has_paired_tables_against_the_references(tmp_path: Path) -> None:
+    spec = _variant_spec(["plain", "baseline", "cram"], [0, 1, 2])
+    combined = {
+        "plain": {0: 0.60, 1: 0.62, 2: 0.58},
+        "baseline": {0: 0.61, 1: 0.65, 2: 0.60},
+        "cram": {0: 0.64, 1: 0.66},  # seed 2 did not finish: two pairs only
+    }
+    runs, _ = sw.plan_runs(spec)
+    for run in runs:
+        variant = dict(run.overrides).get("model.variant", "cra-smra")
+        if variant in combined and run.seed in combined[variant]:
+            _write_variant_metrics(tmp_path / run.folder, variant, combined[variant][run.seed])
+    results = sw.write_report(spec, tmp_path, tmp_path / "report", groups=["variants"])
+    (grid,) = results["grids"]
+    assert grid["compare_to"] == ["plain", "baseline"]
+    vs_plain, vs_baseline = grid["comparisons"]
+    assert vs_plain["reference"] == "plain" and vs_plain["metric"] == "test/combined_top1"
+    assert [r["setting"] for r in vs_plain["rows"]] == ["variant=baseline", "variant=cram"]
+    assert [r["setting"] for r in vs_baseline["rows"]] == ["variant=plain", "variant=cram"]
+
+    baseline = vs_plain["rows"][0]["metrics"]["test/combined_top1"]
+    assert baseline["differences"] == pytest.approx([0.01, 0.03, 0.02])
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)  # differences 1, 3, 2 points: sd 1 point
+    assert (baseline["mean"], baseline["ci_low"], baseline["ci_high"]) == (
+        pytest.approx(0.02), pytest.approx(0.02 - half), pytest.approx(0.02 + half))
+    cram = vs_baseline["rows"][1]["metrics"]["test/combined_top1"]
+    assert cram["seeds"] == [0, 1] and cram["differences"] == pytest.approx([0.03, 0.01])
+    half = 12.706204736174707 * math.sqrt(2) * 0.01 / math.sqrt(2)  # t(0.975, 1), sd sqrt(2)
+    assert (cram["ci_low"], cram["ci_high"]) == (pytest.approx(0.02 - half),
+                                                 pytest.approx(0.02 + half))
+    # Only the metrics both settings report are compared: plain has no stage heads.
+    assert "test/stage3_top1" not in vs_plain["rows"][0]["metrics"]
+    assert "test/stage3_top1" in vs_baseline["rows"][1]["metrics"]
+    assert "val/combined_top1" in vs_plain["rows"][0]["metrics"]
+
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert ("| variant | stage3 (test) | stage4 (test) | stage5 (test) | classifier (test) | "
+            "concat (test) | combined (test) | combined (val) | seeds |") in text
+    assert "vs backbone with its own classifier (`plain`)" in text
+    assert "vs backbone only (`baseline`)" in text
+    assert ("| backbone only (`baseline`) | +2.0 | [-0.5, +4.5] | 3 | "
+            "0: +1.0, 1: +3.0, 2: +2.0 |") in text
+    assert "| backbone + CRAM (`cram`) | +2.0 | [-10.7, +14.7] | 2 | 0: +3.0, 1: +1.0 |" in text
+    assert "Student t, n - 1 degrees of freedom" in text
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert saved["grids"][0]["comparisons"][0]["rows"][0]["metrics"]["test/combined_top1"][
+        "differences"] == pytest.approx([0.01, 0.03, 0.02])
+
+
+def test_one_seed_gives_no_interval_and_multi_key_grids_pair_within_a_value(
+        tmp_path: Path) -> None:
+    spec = sw.parse_sweep({
+        "base": {"model": {"backbone": "resnet10t"}},
+        "seeds": [0],
+        "grids": {"vd": {"values": {"model.variant": ["plain", "cram"],
+                                    "model.delta": [0.5, 0.9]}}},
+    })
+    runs, _ = sw.plan_runs(spec)
+    for run in runs:
+        overrides = dict(run.overrides)
+        value = 0.5 + (0.1 if overrides["model.variant"] == "cram" else 0.0) \
+            + (0.2 if overrides["model.delta"] == 0.9 else 0.0)
+        _write_variant_metrics(tmp_path / run.folder, overrides["model.variant"], value)
+    results = sw.build_results(spec, tmp_path)
+    (comparison,) = results["grids"][0]["comparisons"]
+    assert comparison["label"] == "`plain`"
+    rows = comparison["rows"]
+    assert [r["reference_setting"] for r in rows] == ["variant=plain_delta=0.5",
+                                                      "variant=plain_delta=0.9"]
+    for row in rows:
+        stats = row["metrics"]["test/combined_top1"]
+        assert stats["mean"] == pytest.approx(0.1) and stats["ci_low"] is None
+    text = sw.format_markdown(results)
+    assert "| variant=cram, delta=0.5 | +10.0 | n/a | 1 | 0: +10.0 |" in text

@@ -206,3 +206,43 @@ def test_expected_calibration_error_matches_torchmetrics() -> None:
     reference = MulticlassCalibrationError(num_classes=7, n_bins=15, norm="l1")(probs, targets)
     assert ours["ece"] == pytest.approx(float(reference), abs=1e-6)
     assert sum(b["count"] for b in ours["bins"]) == 500
+
+
+def test_plain_cam_explains_the_last_stage(plain_checkpoint: Path, images: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("pytorch_grad_cam", reason="grad-cam is not installed")
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    plain = load_model(plain_checkpoint)
+    image = sorted(images.rglob("*.png"))[0]
+    x = plain.transform(Image.open(image).convert("RGB"))[None]
+    (ours,) = gradcam_maps(plain, x, 1)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, net: CRASMRANet) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).logits[0]
+
+    # ResNet's forward_features ends with layer4, so pytorch-grad-cam on it is the reference.
+    with GradCAM(model=Logits(plain), target_layers=[plain.backbone.model.layer4]) as cam:
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)])[0]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    with torch.inference_mode():
+        plain(x)
+    assert channel_importance(plain) is None
+
+    out = tmp_path / "cam"
+    assert run_cli(["cam", str(plain_checkpoint), str(image), "--out", str(out),
+                    "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"{image.stem}_cam.png"]
+    width, height = _png_size(out / f"{image.stem}_cam.png")
+    assert height > 0.6 * width  # two columns (input + the last stage) by two rows
+    capsys.readouterr()
+    assert run_cli(["cam", str(plain_checkpoint), str(image), "--out", str(out),
+                    "--train-maps"]) == 2
+    err = capsys.readouterr().err
+    assert "no SMRAM weights" in err.strip().splitlines()[-1] and "Traceback" not in err

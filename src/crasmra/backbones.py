@@ -61,7 +61,11 @@ def _offline_hint(name: str) -> str:
 
 
 def check_backbone_name(name: str) -> None:
-    """Raise ValueError, with close timm names as suggestions, if ``name`` is not a timm model."""
+    """Raise ValueError, with suggestions, if ``name`` is not a timm model (with a valid tag).
+
+    ``name`` may carry a pretrained tag (``"resnet50.tv_in1k"``); ``timm.is_model`` checks
+    only the architecture, so the tag is checked against timm's registry here (no network).
+    """
     if not isinstance(name, str) or not timm.is_model(name):
         arch = str(name).split(".")[0]
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
@@ -70,6 +74,18 @@ def check_backbone_name(name: str) -> None:
             f"Unknown backbone {name!r}: not a timm model name.{hint} "
             "See timm.list_models() for the available names."
         )
+    arch, _, tag = name.partition(".")
+    if not tag:
+        return
+    try:
+        timm.models.get_pretrained_cfg(name)
+    except RuntimeError as err:  # timm's "Invalid pretrained tag"
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        known = f"timm's tags for it: {tags}" if tags else "timm has no pretrained tags for it"
+        raise ValueError(
+            f"Unknown pretrained tag {tag!r} in backbone {name!r}; {known}. Name one of them "
+            f"(e.g. {arch}.{tags[0] if tags else '<tag>'}) or give the bare name {arch!r}."
+        ) from err
 
 
 def _feature_info(model: nn.Module, name: str) -> list[dict[str, Any]]:
@@ -162,9 +178,16 @@ def _plan_segments(
 def _create_timm_model(name: str, pretrained: PretrainedArg) -> nn.Module:
     if pretrained is True:
         try:
-            return timm.create_model(name, pretrained=True)
+            model = timm.create_model(name, pretrained=True)
         except Exception as err:  # any download/cache failure surfaces as one clear error
             raise PretrainedWeightsError(_offline_hint(name)) from err
+        # A bare name takes timm's default tag, which differs between architectures (e.g.
+        # resnet50.a1_in1k, a timm training recipe, but densenet161.tv_in1k); name the weights.
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        logger.info(
+            "Backbone weights: timm's %s.%s", cfg.get("architecture", name), cfg.get("tag")
+        )
+        return model
     return timm.create_model(name, pretrained=False)
 
 
@@ -240,14 +263,19 @@ class StagedBackbone(nn.Module):
 
     Segment ``i`` runs the backbone from the previous selected stage (or the input) up to and
     including selected stage ``i``; modules after the last selected stage (global pool,
-    classifier, unused final stages) are dropped, so every parameter is used.
+    classifier, unused final stages) are dropped, so every parameter is used. With
+    ``num_classes`` the whole timm model is kept instead, its classifier reset to that many
+    classes, and it runs as timm runs it (:meth:`forward_head` after :meth:`forward_features`).
 
     Args:
-        name: timm model name (a pretrained tag such as ``"resnet50.a1_in1k"`` is allowed).
-        pretrained: False for random init; True for timm's ImageNet weights by name; a path to
+        name: timm model name, optionally with a pretrained tag (``"resnet50.tv_in1k"``).
+        pretrained: False for random init; True for timm's weights of ``name``'s tag (a bare
+            name takes timm's default tag, e.g. ``resnet50.a1_in1k``); a path to
             a local timm-format state dict of this model (``.safetensors``, or ``.pth``/``.bin``
             read with ``weights_only=True``). Classifier keys in the file are ignored.
         stage_indices: 0-based feature_info indices to expose; default the last three.
+        num_classes: None (default) to drop timm's head; an int to keep timm's own head
+            (``forward_head``) with its classifier reset to that many classes.
 
     Attributes:
         model: The (trimmed) timm model; its state dict keys are timm's.
@@ -264,6 +292,7 @@ class StagedBackbone(nn.Module):
         name: str,
         pretrained: PretrainedArg = False,
         stage_indices: Sequence[int] | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         check_backbone_name(name)
@@ -272,6 +301,14 @@ class StagedBackbone(nn.Module):
         indices = resolve_stage_indices(len(info), stage_indices, name)
         taps = [info[i]["module"] for i in indices]
         self._segments, tail = _plan_segments(model, taps, name)
+        self.keeps_head = num_classes is not None
+        # Module paths of timm's classifier: their keys in a weights file never have to fit.
+        self._classifier: tuple[str, ...] = ()
+        if num_classes is not None:
+            model.reset_classifier(num_classes)
+            tail = ()
+            classifier = model.get_classifier()
+            self._classifier = tuple(p for p, m in model.named_modules() if m is classifier and p)
         self._dropped = tail
         for path in tail:
             parent_path, _, child = path.rpartition(".")
@@ -304,9 +341,10 @@ class StagedBackbone(nn.Module):
             PretrainedWeightsError: unreadable file, or keys/shapes that do not match.
         """
         state = load_weights_file(path)
-        own = self.model.state_dict()
-        dropped = tuple(p + "." for p in self._dropped)
-        unexpected = [k for k in state if k not in own and not k.startswith(dropped)]
+        # A kept classifier has K outputs, the file's usually ImageNet's 1000: it stays as reset.
+        ignored = tuple(p + "." for p in (*self._dropped, *self._classifier))
+        own = {k: v for k, v in self.model.state_dict().items() if not k.startswith(ignored)}
+        unexpected = [k for k in state if k not in own and not k.startswith(ignored)]
         # Converted checkpoints often omit BN's step counter; it does not affect the weights.
         missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
         mismatched = [
@@ -336,6 +374,40 @@ class StagedBackbone(nn.Module):
     def num_stages(self) -> int:
         """Number of selected stages (segments)."""
         return len(self._segments)
+
+    def classifier_parameters(self) -> list[nn.Parameter]:
+        """Parameters of timm's kept classifier (empty when the head was dropped)."""
+        return [p for path in self._classifier for p in self.model.get_submodule(path).parameters()]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace timm's kept classifier with a fresh one for ``num_classes`` (same device)."""
+        self._require_head()
+        ref = next(self.model.parameters())
+        self.model.reset_classifier(num_classes)
+        classifier = self.model.get_classifier()
+        classifier.to(device=ref.device, dtype=ref.dtype)
+        self._classifier = tuple(p for p, m in self.model.named_modules() if m is classifier and p)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """timm's ``forward_features``: (B, 3, H, W) -> the last stage's (B, C, h, w) map.
+
+        Only with a kept head (``num_classes``); for EfficientNet-like models this includes
+        the final 1x1 conv (``conv_head``/``bn2``) that the staged forward drops.
+        """
+        self._require_head()
+        return self.model.forward_features(x)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """timm's ``forward_head``: global pooling and classifier, (B, C, h, w) -> (B, K)."""
+        self._require_head()
+        return self.model.forward_head(x)
+
+    def _require_head(self) -> None:
+        if not self.keeps_head:
+            raise RuntimeError(
+                f"This {self.name!r} backbone was built without timm's head; pass num_classes to "
+                "StagedBackbone to keep it."
+            )
 
     def forward_segment(self, index: int, x: Tensor) -> Tensor:
         """Run segment ``index``: from the previous selected stage's output to this one's."""

@@ -90,12 +90,71 @@ class RunInfoCallback(L.Callback):
             (root / "classes.txt").write_text("\n".join(classes) + "\n")
 
 
+#: ``metrics.json``'s ``selection`` entry: how ``best.ckpt`` (the checkpoint tested after
+#: ``fit``) was chosen.
+SELECTION_BEST_VALIDATION = "best_validation"
+SELECTION_FINAL_EPOCH = "final_epoch"
+
+
+def selection_of(trainer: L.Trainer) -> dict[str, Any]:
+    """How the trainer's checkpoint callback chooses ``best.ckpt``, as ``metrics.json`` records it.
+
+    Returns:
+        ``{"rule": "best_validation", "monitor": ..., "mode": ...}`` when it keeps the best
+        epoch by a monitored metric, else ``{"rule": "final_epoch", "reason": ...}``.
+    """
+    ckpt = trainer.checkpoint_callback
+    monitor = getattr(ckpt, "monitor", None)
+    if monitor is not None:
+        return {"rule": SELECTION_BEST_VALIDATION, "monitor": monitor, "mode": ckpt.mode}
+    return {
+        "rule": SELECTION_FINAL_EPOCH,
+        "reason": "no validation split: best.ckpt holds the final epoch's weights, which the "
+        "test after fit evaluates (nothing is selected on the test split)",
+    }
+
+
+def keep_final_epoch_without_validation(trainer: L.Trainer, has_validation: bool) -> bool:
+    """Without validation, make ``best.ckpt`` the final epoch rather than leave it unwritten.
+
+    A ``ModelCheckpoint`` that monitors a validation metric (``val/...``) would find no value
+    when there is no validation split (``--data.val_fraction 0``, the paper's protocol) or
+    ``limit_val_batches`` is 0: it would warn every epoch and never write ``best.ckpt``, and
+    the test after ``fit`` would silently fall back to the in-memory weights. Such callbacks
+    are switched to ``monitor=None``, under which Lightning keeps the latest epoch. Call it
+    before ``trainer.fit``: the monitor is part of the callback's key in a checkpoint.
+
+    Args:
+        trainer: The trainer about to fit.
+        has_validation: Whether the data has a validation split.
+
+    Returns:
+        True when the selection was switched to the final epoch.
+    """
+    if has_validation and trainer.limit_val_batches != 0:
+        return False
+    switched = False
+    for ckpt in trainer.checkpoint_callbacks:
+        monitor = getattr(ckpt, "monitor", None)
+        if isinstance(monitor, str) and monitor.startswith("val/"):
+            ckpt.monitor = None
+            switched = True
+    if switched:
+        log.info(
+            "No validation split: best.ckpt is the final epoch, and the test after fit "
+            "evaluates it (--data.val_fraction 0.1 holds out 10% of the training split to "
+            "choose the best epoch instead)."
+        )
+    return switched
+
+
 class MetricsFileCallback(L.Callback):
     """Keep ``metrics.json`` in the run folder up to date.
 
     It holds the validation metrics of the best epoch (chosen like ModelCheckpoint does: the
     highest ``monitor`` value on the validation split, the first epoch on ties), the last
-    validation metrics, and the test metrics once a test has run.
+    validation metrics, how ``best.ckpt`` was chosen (``selection``, see :func:`selection_of`;
+    without a validation split it is the final epoch), and the test metrics once a test has run.
     """
 
     def __init__(self, monitor: str = "val/combined_top1") -> None:
@@ -161,6 +220,7 @@ class MetricsFileCallback(L.Callback):
         ckpt = trainer.checkpoint_callback
         self._update(
             trainer,
+            selection=selection_of(trainer),
             best_checkpoint=getattr(ckpt, "best_model_path", None) or None,
             last_checkpoint=getattr(ckpt, "last_model_path", None) or None,
             epochs_completed=trainer.current_epoch,

@@ -101,8 +101,15 @@ def _make_cli_class() -> type:
     # Lightning is imported here, not at module import, so `crasmra --help` stays instant.
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-    from crasmra.callbacks import MetricsFileCallback, ResumableCheckpoint, RunInfoCallback
+    from crasmra.callbacks import (
+        MetricsFileCallback,
+        ResumableCheckpoint,
+        RunInfoCallback,
+        keep_final_epoch_without_validation,
+    )
     from crasmra.checkpoint import load_checkpoint_file
+    from crasmra.cpu import configure_cpu
+    from crasmra.cpu import log as cpu_log
     from crasmra.engine import MONITOR, RNGStateCallback
 
     class CRASMRACLI(LightningCLI):
@@ -124,7 +131,16 @@ def _make_cli_class() -> type:
                 "--test_after_fit",
                 type=bool,
                 default=True,
-                help="After `fit`, evaluate the best checkpoint (by validation) on the test split.",
+                help="After `fit`, evaluate best.ckpt on the test split: the best epoch by "
+                "validation, or the final epoch when there is no validation split.",
+            )
+            parser.add_argument(
+                "--threads",
+                type=int | None,
+                default=None,
+                help="Intra-op CPU threads when training or evaluating on the CPU (default: "
+                "chosen from the usable cores together with --data.num_workers so that they do "
+                "not oversubscribe them; see BENCHMARKS.md).",
             )
             parser.add_argument(
                 "--overwrite",
@@ -142,6 +158,7 @@ def _make_cli_class() -> type:
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
+            self._plan_cpu(config)
             root = Path(config.trainer.default_root_dir or "runs/crasmra")
             ckpt_path = config.get("ckpt_path")
             if self.subcommand == "fit":
@@ -170,6 +187,22 @@ def _make_cli_class() -> type:
                 # with weights_only=False.
                 load_checkpoint_file(pretrained)
 
+        def _plan_cpu(self, config: Any) -> None:
+            # Threads and loader workers are chosen together, before the data module starts
+            # any worker (see crasmra.cpu). The choice is logged once the input has passed
+            # every check (_announce_cpu), so that a bad input still gets a one-line error.
+            accelerator = config.trainer.get("accelerator") or "auto"
+            device = accelerator if accelerator in ("cpu", "auto") else "cuda"
+            self._cpu_plan = configure_cpu(
+                device, config.data.num_workers, config.get("threads"), announce=False
+            )
+            config.data.num_workers = self._cpu_plan.workers
+
+        def _announce_cpu(self) -> None:
+            plan = getattr(self, "_cpu_plan", None)
+            if plan is not None and (plan.source != "auto" or _computes_on_cpu(self.trainer)):
+                cpu_log.info(plan.describe())
+
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             trainer_config = self._get(self.config_init, "trainer", default={})
             root = trainer_config.get("default_root_dir") or "runs/crasmra"
@@ -194,12 +227,39 @@ def _make_cli_class() -> type:
             super()._parse_ckpt_path()
 
         def before_fit(self) -> None:
-            _check_free_space(Path(self.trainer.default_root_dir), self.model)
+            root = Path(self.trainer.default_root_dir)
+            _check_free_space(root, self.model)
+            self._announce_cpu()
+            if self.config.fit.get("overwrite") and not self.config.fit.get("ckpt_path"):
+                # Only now, once the configuration, the data and the network have been checked:
+                # bad input must never cost the earlier run.
+                _clear_earlier_run(root)
+            # Without a validation split (--data.val_fraction 0, the paper's protocol) best.ckpt
+            # is the final epoch: it is never chosen on anything but validation.
+            if keep_final_epoch_without_validation(
+                self.trainer, getattr(self.datamodule, "has_val", True)
+            ):
+                # Lightning's note on the empty validation loader says nothing new then.
+                warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
+
+        def before_validate(self) -> None:
+            if not getattr(self.datamodule, "has_val", True):
+                raise UsageError(
+                    "`validate` needs a validation split and this data has none (the paper "
+                    "recipes train on the whole training split). Add --data.val_fraction 0.1 "
+                    "(the value the run was trained with, so that the split is the same), or "
+                    "evaluate on the test split with `crasmra test`."
+                )
+            self._announce_cpu()
+
+        def before_test(self) -> None:
+            self._announce_cpu()
 
         def after_fit(self) -> None:
             if not self.config.fit.get("test_after_fit", True):
                 return
             ckpt = self.trainer.checkpoint_callback
+            # best.ckpt: the best epoch by validation, or the final epoch without validation.
             best = getattr(ckpt, "best_model_path", "") or None
             if self.trainer.interrupted:
                 return
@@ -213,6 +273,11 @@ def _make_cli_class() -> type:
     return CRASMRACLI
 
 
+def _computes_on_cpu(trainer: Any) -> bool:
+    """Whether ``trainer`` computes on the CPU (where crasmra chose the threads and workers)."""
+    return getattr(trainer.strategy.root_device, "type", "cpu") == "cpu"
+
+
 def _refuse_earlier_run(root: Path) -> None:
     """Fail when ``root`` holds another run's results, which a fresh ``fit`` would replace."""
     checkpoints = root / "checkpoints"
@@ -224,6 +289,22 @@ def _refuse_earlier_run(root: Path) -> None:
             "Resume it with --ckpt_path last, choose another --trainer.default_root_dir, or "
             "pass --overwrite true to replace it."
         )
+
+
+def _clear_earlier_run(root: Path) -> None:
+    """Delete what an earlier run left in ``root`` (``--overwrite true``), so none of it mixes
+    with the new run's files (Lightning would otherwise write ``best-v1.ckpt`` beside them)."""
+    import shutil
+
+    checkpoints = root / "checkpoints"
+    earlier = sorted(checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
+    earlier += [p for p in (root / "metrics.csv", root / "metrics.json") if p.is_file()]
+    for path in earlier:
+        path.unlink()
+    for folder in ("tensorboard", "test", "validate"):
+        shutil.rmtree(root / folder, ignore_errors=True)
+    if earlier:
+        log.info("--overwrite: replaced the earlier run in %s", root)
 
 
 def default_loggers(root: str | Path, append: bool = False) -> list[Any]:
@@ -383,15 +464,28 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
     out = Path(ns.out)
     _check_writable(out)
+    if not ns.overwrite:
+        try:
+            _refuse_earlier_run(out)
+        except UsageError:
+            raise UsageError(
+                f"{out} holds an earlier demo run. Run `crasmra demo --overwrite` to replace it, "
+                "or `crasmra demo --out DIR` to keep it and write elsewhere."
+            ) from None
     args = [
         "fit",
         f"--config={yaml.safe_dump(DEMO_CONFIG)}",
         f"--trainer.default_root_dir={out}",
+        f"--overwrite={str(ns.overwrite).lower()}",
     ]
+    if ns.seed is not None:
+        args.append(f"--seed_everything={ns.seed}")
     if ns.epochs is not None:
         if ns.epochs < 1:
             raise UsageError(f"--epochs must be >= 1, got {ns.epochs}.")
         args.append(f"--trainer.max_epochs={ns.epochs}")
+    if ns.threads is not None:
+        args.append(f"--threads={ns.threads}")
     if ns.quiet:
         args += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     start = time.perf_counter()
@@ -399,8 +493,9 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     print(format_results_table(out / "metrics.json", cli.datamodule.num_classes))
     print(f"\nWall time: {elapsed:.0f} s. Run folder: {out}")
-    best = cli.trainer.checkpoint_callback.best_model_path
-    print(f"Best checkpoint (by validation combined top-1): {best}")
+    ckpt = cli.trainer.checkpoint_callback
+    chosen_by = "by validation combined top-1" if ckpt.monitor else "the final epoch: no validation"
+    print(f"Best checkpoint ({chosen_by}): {ckpt.best_model_path}")
     return 0
 
 
@@ -409,6 +504,8 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; LightningCLI subcommands are listed and handed over unparsed."""
+    from crasmra.cpu import add_threads_option
+
     parser = argparse.ArgumentParser(
         prog="crasmra",
         description="CRA-SMRA fine-grained visual classification: train, evaluate and use models.",
@@ -428,7 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="crasmra-demo", help="output folder (default: ./crasmra-demo)"
     )
+    demo.add_argument(
+        "--seed", type=int, default=None, help="seed of the initialisation and the batch order "
+        "(default: the demo config's, 0); the synthetic images stay the same"
+    )
+    demo.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier demo run in the output folder"
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_option(demo)
     demo.set_defaults(func=_cmd_demo)
 
     for register in _extra_commands():

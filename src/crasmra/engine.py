@@ -59,18 +59,24 @@ class CRASMRAModule(L.LightningModule):
     Args:
         backbone: Any timm CNN with at least three feature stages (e.g. ``resnet50``).
         num_classes: Number of classes. Linked from the data module by the CLI.
-        variant: ``"baseline"``, ``"cbam"``, ``"cram"`` or ``"cra-smra"`` (paper's Table 3).
+        variant: ``"baseline"``, ``"cbam"``, ``"cram"`` or ``"cra-smra"`` (paper's Table 3), or
+            ``"plain"``: timm's own classifier fine-tuned with cross-entropy (the reference;
+            ``lr_backbone`` for the backbone, ``lr_heads`` for the classifier; the attention,
+            head and loss-weight arguments do not apply to it).
         pretrained: ``True`` for timm's ImageNet weights, a local weights file, or ``False``.
         omega: CRAM suppression factor applied to the most important channels (SPEC: 0.5).
         delta: CRAM threshold, relative to the most important channel, for suppression (SPEC: 0.9).
         alpha: Weight of the sum of the stage heads' cross-entropies (SPEC: 2).
         beta: Weight of the concatenated head's cross-entropy (SPEC: 1).
         gamma: Weight of SMRAM's diversity loss; only used by ``"cra-smra"`` (SPEC: 1).
-        reduction: CRAM MLP reduction ratio r.
+        reduction: CRAM MLP reduction ratio r (16: CBAM's usual value; not stated by the paper).
         head_channels: C_a, the channels every attended stage is projected to.
         head_hidden: Hidden width of each classifier head's MLP.
         head_pool: Global pooling before the heads, ``"max"`` or ``"avg"``.
         conv_layer: CRAM's Conv_layer, ``"light"`` (1x1 conv) or ``"pmg"`` (1x1 then 3x3).
+        suppress_source: What CRAM's mask S multiplies to give the next stage's input:
+            ``"input"`` (``x_s = S * X``, default) or ``"enhanced"`` (``x_s = S * (I * X)``,
+            which also trains CRAM's MLP through the later stages). The paper reads either way.
         stage_indices: Feature stages that get attention and a head (default: the last three).
         lr_backbone: Learning rate of the backbone (SPEC: 2e-4).
         lr_attention: Learning rate of CRAM/CBAM including Conv_layer (SPEC: 6e-3).
@@ -80,6 +86,11 @@ class CRASMRAModule(L.LightningModule):
         weight_decay: SGD weight decay.
         nesterov: Use Nesterov momentum.
         warmup_epochs: Linear warm-up length in epochs (may be fractional), then cosine decay.
+        freeze_backbone_epochs: Train only the attention modules and the heads, with the
+            backbone's weights and BatchNorm statistics left as loaded, for this many epochs
+            before fine-tuning everything (linear probing then fine-tuning, Kumar et al., ICLR
+            2022): new heads are fitted to the pretrained features before their gradients can
+            distort them. Not part of the paper's recipe (0, the default).
         min_lr_ratio: Final learning rate of the cosine decay, as a fraction of each group's rate.
         channels_last: Run the network in channels-last memory format (faster on GPUs with AMP).
         compile: Wrap the network with ``torch.compile``.
@@ -115,6 +126,7 @@ class CRASMRAModule(L.LightningModule):
         head_hidden: int = 512,
         head_pool: str = "max",
         conv_layer: str = "light",
+        suppress_source: Literal["input", "enhanced"] = "input",
         stage_indices: Sequence[int] | None = None,
         lr_backbone: float = 2e-4,
         lr_attention: float = 6e-3,
@@ -124,6 +136,7 @@ class CRASMRAModule(L.LightningModule):
         weight_decay: float = 1e-5,
         nesterov: bool = False,
         warmup_epochs: float = 0.0,
+        freeze_backbone_epochs: int = 0,
         min_lr_ratio: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
@@ -151,6 +164,13 @@ class CRASMRAModule(L.LightningModule):
             )
         _check_positive("weight_decay", weight_decay, allow_zero=True)
         _check_positive("warmup_epochs", warmup_epochs, allow_zero=True)
+        if isinstance(freeze_backbone_epochs, bool) or not (
+            isinstance(freeze_backbone_epochs, int) and freeze_backbone_epochs >= 0
+        ):
+            raise ValueError(
+                f"freeze_backbone_epochs must be an integer >= 0, got {freeze_backbone_epochs!r}; "
+                "change --model.freeze_backbone_epochs."
+            )
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(
                 f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}; "
@@ -191,6 +211,7 @@ class CRASMRAModule(L.LightningModule):
             reduction=reduction,
             omega=omega,
             delta=delta,
+            suppress_source=suppress_source,
         )
         # SMRAM is a training-time regulariser: it exists only for the variant that uses it and
         # is never part of `self.net`, so saved and exported inference networks do not carry it.
@@ -205,7 +226,7 @@ class CRASMRAModule(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.classes = list(classes) if classes is not None else None
         self.transform_config = dict(transform_config) if transform_config is not None else None
-        self.head_names: tuple[str, ...] = (*self.net.stage_names, "concat", COMBINED)
+        self.head_names: tuple[str, ...] = (*self.net.head_names, COMBINED)
         self.val_metrics = self._make_metrics("val/")
         self.test_metrics = self._make_metrics("test/")
         # Counted on the device so that the training step never synchronises with the host.
@@ -278,7 +299,10 @@ class CRASMRAModule(L.LightningModule):
         return self.net(images)
 
     def compute_loss(self, output: ModelOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The paper's objective: alpha * stage CEs + beta * concat CE + gamma * L_div."""
+        """The paper's objective: alpha * stage CEs + beta * concat CE + gamma * L_div.
+
+        For ``"plain"``: the cross-entropy of timm's classifier.
+        """
         div = None
         if self.smram is not None:
             div, _ = self.smram(list(output.features))
@@ -379,6 +403,42 @@ class CRASMRAModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._skipped_at_epoch_start = int(self.skipped_batches)
+        self._set_backbone_frozen(self.current_epoch < self.hparams.freeze_backbone_epochs)
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """Whether the backbone is held as loaded (``freeze_backbone_epochs``) right now."""
+        return getattr(self, "_backbone_frozen", False)
+
+    def _set_backbone_frozen(self, frozen: bool) -> None:
+        if frozen == self.backbone_frozen:
+            return
+        if frozen:
+            # The backbone learning-rate group: for "plain" it excludes timm's classifier,
+            # which sits inside the timm model.
+            self._frozen_params = list(self.net.parameter_groups()["backbone"])
+        # Parameters without a gradient are skipped by SGD (no update, no weight decay), and
+        # autograd then computes no weight gradients for them, which also saves their cost.
+        for param in getattr(self, "_frozen_params", []):
+            param.requires_grad_(not frozen)
+        self._backbone_frozen = frozen
+        self.train(self.training)
+        if frozen:
+            log.info(
+                "Epochs 0-%d: backbone frozen, training the attention modules and heads only.",
+                self.hparams.freeze_backbone_epochs - 1,
+            )
+        else:
+            log.info("Epoch %d: fine-tuning the whole network.", self.current_epoch)
+
+    def train(self, mode: bool = True) -> CRASMRAModule:
+        """Set train/eval mode; a frozen backbone keeps its BatchNorm statistics (eval mode)."""
+        super().train(mode)
+        if mode and self.backbone_frozen:
+            for module in self.net.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def on_train_epoch_end(self) -> None:
         self.check_nonfinite()

@@ -3,8 +3,9 @@
 The exported graph is the inference network only (no SMRAM), in eval mode, with a dynamic
 batch size. It takes a normalised image batch ``images`` (float32, ``(batch, 3, H, W)``,
 prepared with the checkpoint's eval transform) and returns ``probs``, the paper's combined
-prediction (the mean of the four heads' softmaxes); with ``head_logits=True`` it also returns
-``logits_<stage>`` for every stage head and ``logits_concat``.
+prediction (the mean of the four heads' softmaxes; for the plain variant its classifier's
+softmax); with ``head_logits=True`` it also returns ``logits_<head>`` for every head
+(``logits_<stage>`` per stage head and ``logits_concat``, or ``logits_classifier``).
 
 Every export is checked against the eager network on random inputs at two batch sizes
 (onnxruntime runs the ONNX file; the TorchScript file and the safetensors file are loaded
@@ -87,10 +88,10 @@ class ExportWrapper(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        """``["probs"]``, then ``logits_<stage>...`` and ``logits_concat`` with head logits."""
+        """``["probs"]``, then ``logits_<head>`` per head (``net.head_names``) with head logits."""
         names = ["probs"]
         if self.head_logits:
-            names += [f"logits_{s}" for s in self.net.stage_names] + ["logits_concat"]
+            names += [f"logits_{h}" for h in self.net.head_names]
         return names
 
     def forward(self, images: Tensor) -> Tensor | tuple[Tensor, ...]:

@@ -147,7 +147,9 @@ def _check_state(net: CRASMRANet, state: dict[str, Tensor], path: str | Path) ->
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
              if state[k].shape != v.shape]
     if wrong:
-        last = net.concat_head.mlp[-1].weight
+        # The final layer of one head: its first dimension is the number of classes.
+        last = (net.concat_head.mlp[-1].weight if net.concat_head is not None
+                else net.backbone.model.get_classifier().weight)
         head_key = next(name for name, p in net.named_parameters() if p is last)
         if head_key in state and state[head_key].shape[0] != net.num_classes:
             raise CheckpointError(
@@ -397,7 +399,7 @@ def predict(
     num_workers: int = 0,
     progress: ProgressFn | None = None,
 ) -> PredictionResult:
-    """Classify image files with the combined prediction (mean of the four heads' softmaxes).
+    """Classify image files with the combined prediction (mean of the heads' softmaxes).
 
     Unreadable files and inputs that match nothing are reported in ``failures`` (and
     logged) and skipped; they never stop the batch.
@@ -539,7 +541,8 @@ class EvalOutputs:
     """Per-head probabilities and the labels of an evaluated split.
 
     Attributes:
-        head_names: Stage heads, ``"concat"`` and :data:`COMBINED`, in that order.
+        head_names: The network's heads (stage heads and ``"concat"``, or plain's
+            ``"classifier"``), then :data:`COMBINED`.
         probs: ``{head: (N, K) float32 probabilities}``.
         targets: (N,) labels.
         skipped: ``"path: reason"`` of every image left out because it could not be read.
@@ -565,7 +568,7 @@ def evaluate(
     Unreadable images are left out and listed in ``skipped``.
     """
     device = next(model.parameters()).device
-    heads = (*model.stage_names, "concat", COMBINED)
+    heads = (*model.head_names, COMBINED)
     chunks: dict[str, list[Tensor]] = {h: [] for h in heads}
     targets: list[Tensor] = []
     skipped: list[str] = []
@@ -740,8 +743,9 @@ def write_report(
     lines += [f"- images evaluated: {report['num_images']} ({report['num_skipped']} unreadable, "
               "skipped)", f"- classes: {report['num_classes']}", ""]
     lines += ["## Accuracy by head", "",
-              "The combined prediction is the mean of the four heads' softmaxes (the paper's "
-              "test-time rule).", "", "| head | top-1 | top-5 |", "| --- | ---: | ---: |"]
+              "The combined prediction is the mean of the heads' softmaxes (the paper's "
+              "test-time rule; for the plain variant, its one classifier's softmax).", "",
+              "| head | top-1 | top-5 |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {_pct(v['top1'])} | {_pct(v['top5'])} |"
               for name, v in report["heads"].items()]
     cal = report["calibration"]

@@ -6,13 +6,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crasmra.layers import diversity_loss
-from crasmra.model import ModelOutput
+from crasmra.model import PLAIN_HEAD, ModelOutput
 
 __all__ = ["CRASMRALoss", "diversity_loss"]
 
 
 class CRASMRALoss(nn.Module):
     """``L = alpha * sum_i CE(y, p_i) + beta * CE(y, p_concat) + gamma * L_div`` (SPEC).
+
+    For the ``"plain"`` variant (an output with ``classifier_logits``) the loss is the plain
+    cross-entropy of its one classifier, unweighted: alpha and beta belong to the paper's heads.
 
     Args:
         alpha: Weight of the summed stage-head cross-entropies (paper: 2).
@@ -43,8 +46,15 @@ class CRASMRALoss(nn.Module):
         Returns:
             ``(total, parts)``. ``parts`` holds detached, unweighted terms for logging:
             ``"{stage_name}_ce"`` per stage head (e.g. ``"stage3_ce"``), ``"concat_ce"``, and
-            ``"diversity"`` when ``div_loss`` is given.
+            ``"diversity"`` when ``div_loss`` is given; ``"classifier_ce"`` for plain.
         """
+        if output.classifier_logits is not None:
+            ce = F.cross_entropy(output.classifier_logits, target)
+            parts = {f"{PLAIN_HEAD}_ce": ce.detach()}
+            if div_loss is not None:
+                parts["diversity"] = div_loss.detach()
+                return ce + self.gamma * div_loss, parts
+            return ce, parts
         names = output.stage_names or tuple(f"head{i}" for i in range(len(output.stage_logits)))
         stage_ce = [F.cross_entropy(logits, target) for logits in output.stage_logits]
         concat_ce = F.cross_entropy(output.concat_logits, target)

@@ -8,6 +8,15 @@ attended stage:
 - ``"cram"``: :class:`~crasmra.layers.CRAM`, trained without SMRAM.
 - ``"cra-smra"``: :class:`~crasmra.layers.CRAM`, trained with SMRAM's diversity loss.
 
+A fifth variant is the reference every fine-grained paper compares against:
+
+- ``"plain"``: the timm model with its own head, fine-tuned as timm fine-tunes it
+  (``forward_features`` then ``forward_head``: global pooling and the classifier on the last
+  stage, reset to K classes), trained with plain cross-entropy. No attention, no stage heads,
+  no SMRAM; its one head is named ``"classifier"`` (:data:`PLAIN_HEAD`), and the combined
+  prediction is that head's softmax. The attention and head hyperparameters are accepted and
+  ignored, so one sweep file can list it beside the paper's variants.
+
 SMRAM is not part of :class:`CRASMRANet`: it is a training-only device, so it lives with the
 loss in the training engine (see :func:`create_smram`), and a network saved or exported for
 inference carries no SMRAM weights.
@@ -34,6 +43,7 @@ from crasmra.layers import (
     CRAM,
     HEAD_POOLS,
     SMRAM,
+    SUPPRESS_SOURCES,
     CBAMAttention,
     ClassifierHead,
     IdentityAttention,
@@ -41,6 +51,9 @@ from crasmra.layers import (
 
 __all__ = [
     "DEFAULT_HPARAMS",
+    "PAPER_VARIANTS",
+    "PLAIN",
+    "PLAIN_HEAD",
     "VARIANTS",
     "CRASMRANet",
     "ModelOutput",
@@ -50,7 +63,14 @@ __all__ = [
     "validate_hparams",
 ]
 
-VARIANTS: tuple[str, ...] = ("baseline", "cbam", "cram", "cra-smra")
+#: The four variants of the paper's ablation (Table 3).
+PAPER_VARIANTS: tuple[str, ...] = ("baseline", "cbam", "cram", "cra-smra")
+#: The reference variant: timm's own classifier on the last stage, plain cross-entropy.
+PLAIN = "plain"
+#: Every variant :class:`CRASMRANet` builds.
+VARIANTS: tuple[str, ...] = (PLAIN, *PAPER_VARIANTS)
+#: Name of the plain variant's one head (metrics ``classifier_top1``, export ``logits_classifier``).
+PLAIN_HEAD = "classifier"
 
 # Keyword hyperparameters of CRASMRANet, with their documented defaults (see CRASMRANet).
 DEFAULT_HPARAMS: dict[str, Any] = {
@@ -62,6 +82,7 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     "reduction": 16,
     "omega": 0.5,
     "delta": 0.9,
+    "suppress_source": "input",
 }
 
 
@@ -69,26 +90,50 @@ DEFAULT_HPARAMS: dict[str, Any] = {
 class ModelOutput:
     """What :class:`CRASMRANet` returns, in train and eval mode alike.
 
+    The paper's variants fill ``stage_logits`` and ``concat_logits``; the ``"plain"`` variant
+    fills only ``classifier_logits`` (``stage_logits`` is empty, ``concat_logits`` None).
+    :attr:`logits`, :attr:`head_names` and :attr:`probs` read the same for both.
+
     Attributes:
         stage_logits: One (B, K) logit tensor per attended stage.
-        concat_logits: (B, K) logits of the head on the concatenated pooled features.
-        features: The (B, C_a, H_l, W_l) head-side maps x_e that SMRAM reads in training.
-        stage_names: Names of the attended stages, e.g. ``("stage3", "stage4", "stage5")``.
+        concat_logits: (B, K) logits of the head on the concatenated pooled features (None
+            for ``"plain"``).
+        features: The (B, C_a, H_l, W_l) head-side maps x_e that SMRAM reads in training; for
+            ``"plain"`` the one (B, C, h, w) map timm's head reads.
+        stage_names: Names of the attended stages, e.g. ``("stage3", "stage4", "stage5")``
+            (for ``"plain"`` the last stage's, naming ``features``).
+        classifier_logits: (B, K) logits of timm's own classifier (``"plain"`` only).
     """
 
     stage_logits: tuple[Tensor, ...]
-    concat_logits: Tensor
+    concat_logits: Tensor | None
     features: tuple[Tensor, ...]
     stage_names: tuple[str, ...] = ()
+    classifier_logits: Tensor | None = None
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """Names of :attr:`logits`: stage names and ``"concat"``, or ``("classifier",)``."""
+        if self.classifier_logits is not None:
+            return (PLAIN_HEAD,)
+        names = self.stage_names or tuple(f"head{i}" for i in range(len(self.stage_logits)))
+        return (*names, "concat")
 
     @property
     def logits(self) -> tuple[Tensor, ...]:
-        """All heads' logits: ``(*stage_logits, concat_logits)``."""
+        """All heads' logits: ``(*stage_logits, concat_logits)``, or ``(classifier_logits,)``."""
+        if self.classifier_logits is not None:
+            return (self.classifier_logits,)
+        if self.concat_logits is None:
+            raise ValueError("ModelOutput needs concat_logits or classifier_logits.")
         return (*self.stage_logits, self.concat_logits)
 
     @property
     def probs(self) -> Tensor:
-        """The paper's test-time prediction: the mean of every head's softmax, (B, K) float32."""
+        """The paper's test-time prediction: the mean of every head's softmax, (B, K) float32.
+
+        For ``"plain"`` this is the softmax of its one classifier.
+        """
         return torch.stack([lg.float().softmax(dim=-1) for lg in self.logits]).mean(dim=0)
 
 
@@ -116,6 +161,11 @@ def _check_scalars(num_classes: Any, variant: Any, hp: dict[str, Any]) -> None:
         raise ValueError(f"head_pool must be one of {HEAD_POOLS}, got {hp['head_pool']!r}.")
     if hp["conv_layer"] not in CONV_LAYERS:
         raise ValueError(f"conv_layer must be one of {CONV_LAYERS}, got {hp['conv_layer']!r}.")
+    if hp["suppress_source"] not in SUPPRESS_SOURCES:
+        raise ValueError(
+            f"suppress_source must be one of {SUPPRESS_SOURCES}, got {hp['suppress_source']!r}: "
+            "'input' gives CRAM's x_s = S * X (default), 'enhanced' gives x_s = S * (I * X)."
+        )
 
 
 def validate_hparams(
@@ -175,6 +225,7 @@ def _build_attention(
     reduction: int,
     omega: float,
     delta: float,
+    suppress_source: str = "input",
 ) -> nn.Module:
     if variant == "baseline":
         return IdentityAttention(in_channels, out_channels, conv_layer=conv_layer)
@@ -187,6 +238,7 @@ def _build_attention(
         omega=omega,
         delta=delta,
         conv_layer=conv_layer,
+        suppress_source=suppress_source,
     )
 
 
@@ -210,9 +262,14 @@ class CRASMRANet(nn.Module):
         head_pool: Global pooling before the heads, ``"max"`` (default, as PMG) or ``"avg"``.
         conv_layer: Conv_layer after the attention, ``"light"`` (default: 1x1 conv + BN + ReLU,
             the cheap choice) or ``"pmg"`` (PMG's 1x1 -> 3x3 block, about 4x the cost).
-        reduction: r of CRAM's / CBAM's channel MLP (paper: 16).
+        reduction: r of CRAM's / CBAM's channel MLP. Default 16, CBAM's usual value; not
+            stated by the paper.
         omega: CRAM's suppression factor (paper: 0.5).
         delta: CRAM's relative importance threshold (paper: 0.9).
+        suppress_source: What CRAM's mask S multiplies to give the next stage's input x_s
+            (SPEC open point): ``"input"`` (default), ``x_s = S * X``; ``"enhanced"``,
+            ``x_s = S * (I * X)``, which also trains CRAM's MLP through the later stages. See
+            :class:`~crasmra.layers.CRAM`.
 
     Attributes:
         config: JSON-serialisable constructor arguments (``pretrained`` forced to False), so
@@ -224,10 +281,16 @@ class CRASMRANet(nn.Module):
         stage_names: e.g. ``("stage3", "stage4", "stage5")``.
         data_config: timm's preprocessing config for the backbone (mean, std, input_size,
             crop_pct, interpolation). The paper trains at 448 px; input_size is timm's.
-        backbone: The :class:`~crasmra.backbones.StagedBackbone`.
-        attention: One CRAM / CBAM / identity module per attended stage.
-        heads: One :class:`~crasmra.layers.ClassifierHead` per attended stage.
-        concat_head: Head on the concatenated pooled stage features (n * C_a).
+        backbone: The :class:`~crasmra.backbones.StagedBackbone` (for ``"plain"`` the whole
+            timm model, head included).
+        attention: One CRAM / CBAM / identity module per attended stage (empty for ``"plain"``).
+        heads: One :class:`~crasmra.layers.ClassifierHead` per attended stage (empty for
+            ``"plain"``).
+        concat_head: Head on the concatenated pooled stage features (n * C_a); None for
+            ``"plain"``, whose classifier is timm's (``backbone.model.get_classifier()``).
+
+    The ``"plain"`` variant ignores ``stage_indices`` and the attention and head
+    hyperparameters (they are still validated and recorded in ``config``).
     """
 
     def __init__(
@@ -245,6 +308,7 @@ class CRASMRANet(nn.Module):
         reduction: int = 16,
         omega: float = 0.5,
         delta: float = 0.9,
+        suppress_source: str = "input",
     ) -> None:
         super().__init__()
         hp = {
@@ -256,17 +320,30 @@ class CRASMRANet(nn.Module):
             "reduction": reduction,
             "omega": omega,
             "delta": delta,
+            "suppress_source": suppress_source,
         }
         _check_scalars(num_classes, variant, hp)
-        self.backbone = StagedBackbone(backbone, pretrained=pretrained, stage_indices=stage_indices)
+        plain = variant == PLAIN
+        self.backbone = StagedBackbone(
+            backbone,
+            pretrained=pretrained,
+            stage_indices=stage_indices,
+            # "plain" keeps timm's own head, its classifier reset to K classes.
+            num_classes=num_classes if plain else None,
+        )
         self.variant = variant
         self.num_classes = num_classes
         self.head_channels = head_channels
-        self.stage_names: tuple[str, ...] = self.backbone.stage_names
+        self.stage_names: tuple[str, ...] = (
+            (f"stage{self.backbone.num_feature_stages}",) if plain else self.backbone.stage_names
+        )
         self.data_config: dict[str, Any] = dict(self.backbone.data_config)
+        attended = () if plain else self.backbone.stage_channels
         self.attention = nn.ModuleList(
-            _build_attention(variant, c, head_channels, conv_layer, reduction, omega, delta)
-            for c in self.backbone.stage_channels
+            _build_attention(
+                variant, c, head_channels, conv_layer, reduction, omega, delta, suppress_source
+            )
+            for c in attended
         )
         self._head_kwargs = {"hidden": head_hidden, "pool": head_pool}
         self.heads, self.concat_head = self._build_heads(num_classes)
@@ -286,7 +363,19 @@ class CRASMRANet(nn.Module):
         """Whether training adds SMRAM's diversity loss (only the ``"cra-smra"`` variant)."""
         return self.variant == "cra-smra"
 
-    def _build_heads(self, num_classes: int) -> tuple[nn.ModuleList, ClassifierHead]:
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """Names of the heads, in the order of ``ModelOutput.logits``.
+
+        ``(*stage_names, "concat")`` for the paper's variants, ``("classifier",)`` for plain.
+        """
+        if self.variant == PLAIN:
+            return (PLAIN_HEAD,)
+        return (*self.stage_names, "concat")
+
+    def _build_heads(self, num_classes: int) -> tuple[nn.ModuleList, ClassifierHead | None]:
+        if self.variant == PLAIN:
+            return nn.ModuleList(), None
         n, c_a = len(self.stage_names), self.head_channels
         heads = nn.ModuleList(
             ClassifierHead(c_a, num_classes, **self._head_kwargs) for _ in range(n)
@@ -294,9 +383,14 @@ class CRASMRANet(nn.Module):
         return heads, ClassifierHead(n * c_a, num_classes, **self._head_kwargs)
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace every head (stage and concat) with a freshly initialised one for K classes."""
+        """Replace every head (stage and concat, or plain's classifier) with a fresh one for K."""
         if not _is_int(num_classes) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}.")
+        if self.variant == PLAIN:
+            self.backbone.reset_classifier(num_classes)
+            self.num_classes = num_classes
+            self.config["num_classes"] = num_classes
+            return
         ref = next(self.concat_head.parameters())
         heads, concat_head = self._build_heads(num_classes)
         self.heads = heads.to(device=ref.device, dtype=ref.dtype)
@@ -310,11 +404,21 @@ class CRASMRANet(nn.Module):
         Returns:
             ``{"backbone": ..., "attention": ... (CRAM/CBAM incl. Conv_layer), "heads": ...
             (stage heads + concat head)}``; every trainable parameter is in exactly one group.
+            For ``"plain"``: ``"heads"`` is timm's classifier, ``"backbone"`` everything else,
+            ``"attention"`` is empty.
         """
 
         def trainable(*modules: nn.Module) -> list[nn.Parameter]:
             return [p for m in modules for p in m.parameters() if p.requires_grad]
 
+        if self.variant == PLAIN:
+            classifier = {id(p) for p in self.backbone.classifier_parameters()}
+            backbone = trainable(self.backbone)
+            return {
+                "backbone": [p for p in backbone if id(p) not in classifier],
+                "attention": [],
+                "heads": [p for p in backbone if id(p) in classifier],
+            }
         return {
             "backbone": trainable(self.backbone),
             "attention": trainable(self.attention),
@@ -322,7 +426,12 @@ class CRASMRANet(nn.Module):
         }
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, ...]:
-        """Run backbone and attention; return the head-side maps x_e, one per stage."""
+        """Run backbone and attention; return the head-side maps x_e, one per stage.
+
+        For ``"plain"``: the one map timm's ``forward_features`` returns.
+        """
+        if self.variant == PLAIN:
+            return (self.backbone.forward_features(x),)
         features = []
         for i, attention in enumerate(self.attention):
             x = self.backbone.forward_segment(i, x)
@@ -332,7 +441,19 @@ class CRASMRANet(nn.Module):
 
     def forward(self, x: Tensor) -> ModelOutput:
         """Classify (B, 3, H, W) images; the same computation in train and eval mode."""
-        features = self.forward_features(x)
+        return self.forward_heads(self.forward_features(x))
+
+    def forward_heads(self, features: Sequence[Tensor]) -> ModelOutput:
+        """Classify the maps :meth:`forward_features` returned (e.g. detached, for Grad-CAM)."""
+        features = tuple(features)
+        if self.variant == PLAIN:
+            return ModelOutput(
+                stage_logits=(),
+                concat_logits=None,
+                features=features,
+                stage_names=self.stage_names,
+                classifier_logits=self.backbone.forward_head(features[0]),
+            )
         pooled = [head.pool_features(f) for head, f in zip(self.heads, features, strict=True)]
         stage_logits = tuple(head.classify(p) for head, p in zip(self.heads, pooled, strict=True))
         concat_logits = self.concat_head.classify(torch.cat(pooled, dim=1))  # (B, n*C_a)

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from crasmra.data import ImageLoadError, create_dataset, load_image
 from crasmra.inference import load_model, run_dataset_config
-from crasmra.model import CRASMRANet, ModelOutput
+from crasmra.model import CRASMRANet
 from crasmra.viz import OVERLAY_ALPHA, activation_maps
 
 SERVE_HINT = 'crasmra serve needs the serve extra: pip install "crasmra[serve]"'
@@ -165,6 +165,9 @@ def explain_tensor(model: CRASMRANet, x: Tensor) -> Explanation:
     pass of the sum of the stage logits through the heads yields each stage's own gradient,
     where pytorch-grad-cam would run a forward and a full backward pass per stage.
 
+    The plain variant has one map, the last stage's output that timm's head reads; its
+    Grad-CAM is that of timm's classifier logit.
+
     Args:
         model: The network, in eval mode (not thread-safe: callers serialise access).
         x: One normalised image, (1, 3, H, W).
@@ -177,17 +180,12 @@ def explain_tensor(model: CRASMRANet, x: Tensor) -> Explanation:
         features = model.forward_features(x)
     with torch.enable_grad():
         leaves = [f.detach().requires_grad_(True) for f in features]
-        pooled = [h.pool_features(f) for h, f in zip(model.heads, leaves, strict=True)]
-        stage_logits = tuple(h.classify(p) for h, p in zip(model.heads, pooled, strict=True))
-        output = ModelOutput(
-            stage_logits=stage_logits,
-            concat_logits=model.concat_head.classify(torch.cat(pooled, dim=1)),
-            features=tuple(leaves),
-            stage_names=model.stage_names,
-        )
+        output = model.forward_heads(leaves)
         probs = output.probs[0].detach()
         class_index = int(probs.argmax())
-        target = torch.stack([lg[0, class_index] for lg in stage_logits]).sum()
+        # Each map is explained by its own stage head; plain's one map by timm's classifier.
+        explaining = output.stage_logits or output.logits
+        target = torch.stack([lg[0, class_index] for lg in explaining]).sum()
         # autograd.grad, not backward(): nothing accumulates in the shared model's .grad.
         grads = torch.autograd.grad(target, leaves)
     gradcam = [

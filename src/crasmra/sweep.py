@@ -6,6 +6,10 @@ A sweep file names a base fit config, the seeds, values every run gets, and one 
 product. Runs are identified by their complete overrides: a setting that several grids share
 (e.g. the default CRA-SMRA run in the variant, delta and gamma grids) is trained once.
 
+A grid that varies ``model.variant`` is also reported as paired differences against reference
+variants (its ``compare_to``, default ``plain`` and ``baseline`` where the grid has them):
+per seed, each variant minus the reference, with the mean and a 95% Student-t interval.
+
 Layout of the output folder ``OUT``::
 
     OUT/sweep.yaml                      the sweep file as run (normalised)
@@ -49,8 +53,11 @@ __all__ = [
     "SweepSpec",
     "aggregate",
     "collect",
+    "format_comparison",
     "format_markdown",
     "load_sweep",
+    "paired_comparisons",
+    "paired_difference",
     "parse_sweep",
     "plan_runs",
     "run_sweep",
@@ -64,7 +71,13 @@ SWEEP_KEYS = frozenset({
     "keep_checkpoints", "resume",
 })
 #: Keys of one grid.
-GRID_KEYS = frozenset({"title", "values", "labels"})
+GRID_KEYS = frozenset({"title", "values", "labels", "compare_to"})
+#: The config key whose grids get paired comparisons against reference variants.
+VARIANT_KEY = "model.variant"
+#: Reference variants of a variant grid that names no ``compare_to``, when it has them.
+DEFAULT_REFERENCES = ("plain", "baseline")
+#: The metric the paired-difference tables show (results.json has every shared metric).
+COMPARE_METRIC = "test/combined_top1"
 LAUNCHERS = ("in-process", "subprocess")
 #: Override keys must be config keys of `crasmra fit` under one of these sections.
 _KEY_RE = re.compile(r"^(model|data|trainer|checkpoint)(\.[A-Za-z_]\w*)+$")
@@ -74,6 +87,7 @@ _RESERVED_KEYS = frozenset({
 })
 #: Row labels of the variant grid in the wording of the paper's Table 3.
 VARIANT_LABELS = {
+    "plain": "backbone with its own classifier",
     "baseline": "backbone only",
     "cbam": "backbone + CBAM",
     "cram": "backbone + CRAM",
@@ -98,12 +112,16 @@ class Grid:
         title: Heading of its table.
         values: Config key -> the values it takes, in the order the table lists them.
         labels: Optional row labels, keyed by the value's text (e.g. ``cbam: "+ CBAM"``).
+        compare_to: Reference variants (values of ``model.variant`` in this grid) that every
+            other variant is compared with, seed by seed; empty for grids that do not vary
+            the variant. Default: those of :data:`DEFAULT_REFERENCES` the grid has.
     """
 
     name: str
     title: str
     values: dict[str, list[Any]]
     labels: dict[str, str] = field(default_factory=dict)
+    compare_to: list[str] = field(default_factory=list)
 
     def points(self) -> list[dict[str, Any]]:
         """Every combination of the grid's values, the first key varying slowest."""
@@ -138,8 +156,8 @@ class SweepSpec:
         description: Text placed under the heading of the report.
         launcher: ``"in-process"`` (fast; one device) or ``"subprocess"`` (each run in a fresh
             ``python -m crasmra.cli fit``; needed for multi-device DDP runs).
-        threads: ``torch.set_num_threads`` (in-process) or ``OMP_NUM_THREADS`` (subprocess);
-            ``None`` leaves the library default.
+        threads: Intra-op CPU threads of every run (``crasmra fit --threads``); ``None``
+            lets each run choose them from the usable cores (see :mod:`crasmra.cpu`).
         keep_checkpoints: Keep each finished run's checkpoints (``False`` deletes them once its
             test result is written, which is all the report needs).
         resume: Resume unfinished runs from their ``last.ckpt`` instead of restarting them.
@@ -167,7 +185,11 @@ class SweepSpec:
             "seeds": list(self.seeds),
             "defaults": dict(self.defaults),
             "grids": {g.name: {"title": g.title, "values": g.values,
-                               **({"labels": g.labels} if g.labels else {})} for g in self.grids},
+                               **({"labels": g.labels} if g.labels else {}),
+                               # Written even when empty: an absent key means the default.
+                               **({"compare_to": list(g.compare_to)}
+                                  if VARIANT_KEY in g.values else {})}
+                      for g in self.grids},
             "launcher": self.launcher,
             "threads": self.threads,
             "keep_checkpoints": self.keep_checkpoints,
@@ -321,7 +343,8 @@ def _parse_grid(name: Any, data: Any, where: str) -> Grid:
         raise SweepError(f"{where}: grid name {name!r} must be a word (letters, digits, - and _).")
     where = f"{where}: grids.{name}"
     if not isinstance(data, dict):
-        raise SweepError(f"{where} must be a mapping with `values` (and optional title, labels).")
+        raise SweepError(f"{where} must be a mapping with `values` (and optional title, labels, "
+                         "compare_to).")
     _check_keys(data, GRID_KEYS, where, "a grid")
     values = data.get("values")
     if not isinstance(values, dict) or not values:
@@ -343,7 +366,33 @@ def _parse_grid(name: Any, data: Any, where: str) -> Grid:
     if not isinstance(title, str):
         raise SweepError(f"{where}: `title` must be text.")
     return Grid(name=name, title=title, values={k: list(v) for k, v in values.items()},
-                labels={format_value(k): v for k, v in labels.items()})
+                labels={format_value(k): v for k, v in labels.items()},
+                compare_to=_parse_compare_to(data, values, where))
+
+
+def _parse_compare_to(data: dict, values: dict[str, list[Any]], where: str) -> list[str]:
+    """The grid's reference variants: checked when given, else the defaults it has."""
+    variants = values.get(VARIANT_KEY)
+    if "compare_to" not in data:
+        return [v for v in DEFAULT_REFERENCES if variants and v in variants]
+    refs = data["compare_to"]
+    if variants is None:
+        raise SweepError(f"{where}: `compare_to` needs a grid that varies {VARIANT_KEY}; add "
+                         f"{VARIANT_KEY} to its values or remove `compare_to`.")
+    if refs is None:
+        refs = []
+    if isinstance(refs, str):
+        refs = [refs]
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise SweepError(f"{where}: `compare_to` must be a list of variants, e.g. "
+                         f"[plain, baseline], got {data['compare_to']!r}.")
+    if len(set(refs)) != len(refs):
+        raise SweepError(f"{where}: `compare_to` lists a variant twice: {refs}.")
+    missing = [r for r in refs if r not in variants]
+    if missing:
+        raise SweepError(f"{where}: `compare_to` names {missing}, which the grid does not run; "
+                         f"choose from its {VARIANT_KEY} values {variants}.")
+    return list(refs)
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -552,12 +601,10 @@ def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[
 # ---------------------------------------------------------------------------------------------
 def _run_in_process(args: list[str], threads: int | None) -> None:
     """Run one fit in this process; a Ctrl-C that Lightning absorbed is raised again."""
-    import torch
-
     from crasmra.cli import run_lightning
 
     if threads is not None:
-        torch.set_num_threads(threads)
+        args = [*args, f"--threads={threads}"]
     # The folder already holds the sweep's own sweep_run.json; nothing of Lightning's is lost.
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* is not empty")
     handler = signal.getsignal(signal.SIGINT)
@@ -580,7 +627,7 @@ def _run_subprocess(args: list[str], threads: int | None, log_path: Path) -> Non
 
     env = dict(os.environ)
     if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
+        args = [*args, f"--threads={threads}"]
     with log_path.open("a") as log_file:
         proc = subprocess.run([sys.executable, "-m", "crasmra.cli", *args], stdout=log_file,
                               stderr=subprocess.STDOUT, env=env, check=False)
@@ -751,11 +798,86 @@ def head_names(metric_names: Iterable[str]) -> list[str]:
     """Heads with a top-1 test metric, in the paper's column order: stages, concat, combined."""
     heads = {k[len("test/"):-len("_top1")] for k in metric_names
              if k.startswith("test/") and k.endswith("_top1")}
-    return sorted(heads, key=lambda h: (h == "combined", h == "concat", h))
+    # The plain variant's one head ("classifier") sits after the stage heads, before concat.
+    return sorted(heads, key=lambda h: (h == "combined", h == "concat", h == "classifier", h))
+
+
+def paired_difference(values: dict[int, float], reference: dict[int, float],
+                      level: float = 0.95) -> dict[str, Any]:
+    """Mean paired difference ``values[s] - reference[s]`` over the seeds both have, with a CI.
+
+    The interval is Student's t over the per-seed differences: ``mean ± t(1 - (1 - level) / 2,
+    n - 1) * sd / sqrt(n)``, ``sd`` the sample standard deviation of the differences.
+
+    Args:
+        values: Seed -> metric of the compared setting.
+        reference: Seed -> metric of the reference setting.
+        level: Confidence level of the interval.
+
+    Returns:
+        ``{"n", "seeds", "differences", "mean", "std", "ci_low", "ci_high", "level"}``; ``mean``
+        is None without a shared seed, ``std`` and the interval are None with fewer than two.
+    """
+    seeds = sorted(set(values) & set(reference))
+    diffs = [values[s] - reference[s] for s in seeds]
+    n = len(diffs)
+    result: dict[str, Any] = {"n": n, "seeds": seeds, "differences": diffs, "mean": None,
+                              "std": None, "ci_low": None, "ci_high": None, "level": level}
+    if n == 0:
+        return result
+    mean, std = mean_std(diffs)
+    result["mean"] = mean
+    if n >= 2:
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+        result.update(std=std, ci_low=mean - half, ci_high=mean + half)
+    return result
+
+
+def paired_comparisons(grid: Grid, rows: Sequence[tuple[dict[str, Any], str]],
+                       collected: dict[str, dict[int, dict[str, float]]]) -> list[dict[str, Any]]:
+    """Each setting of a variant grid against each reference variant, paired by seed.
+
+    A row's reference is the grid point that differs from it only in ``model.variant``, so in
+    a grid of variants x another key every value of that key is compared separately.
+
+    Returns:
+        One entry per reference: ``{"reference", "label", "metric", "rows"}``; each row holds
+        ``label``, ``point``, ``setting``, ``reference_setting`` and, per metric both settings
+        report, the :func:`paired_difference` (fractions, not percent).
+    """
+    names = {setting_key(point): name for point, name in rows}
+    comparisons = []
+    for ref in grid.compare_to:
+        table = []
+        for point, name in rows:
+            if point.get(VARIANT_KEY) == ref:
+                continue
+            ref_name = names[setting_key({**point, VARIANT_KEY: ref})]
+            mine, theirs = collected.get(name, {}), collected.get(ref_name, {})
+            shared = sorted({k for m in mine.values() for k in m}
+                            & {k for m in theirs.values() for k in m})
+            metrics = {
+                metric: paired_difference(
+                    {s: m[metric] for s, m in mine.items() if metric in m},
+                    {s: m[metric] for s, m in theirs.items() if metric in m})
+                for metric in shared
+            }
+            table.append({"label": grid.label(point), "point": point, "setting": name,
+                          "reference_setting": ref_name, "metrics": metrics})
+        label = grid.label({VARIANT_KEY: ref}) if len(grid.values) == 1 else f"`{ref}`"
+        comparisons.append({"reference": ref, "label": label, "metric": COMPARE_METRIC,
+                            "rows": table})
+    return comparisons
 
 
 def build_results(spec: SweepSpec, out: str | Path) -> dict[str, Any]:
-    """Per grid, its rows (label, setting, aggregated metrics) from the finished runs in ``out``."""
+    """Per grid, its rows (label, setting, aggregated metrics) from the finished runs in ``out``.
+
+    Grids that vary ``model.variant`` also get ``comparisons``: every variant's paired
+    differences against each of the grid's ``compare_to`` variants (:func:`paired_comparisons`).
+    """
     runs, rows = plan_runs(spec)
     collected = collect(spec, out)
     grids = []
@@ -766,7 +888,8 @@ def build_results(spec: SweepSpec, out: str | Path) -> dict[str, Any]:
             table.append({"label": grid.label(point), "point": point, "setting": name,
                           "metrics": aggregate(per_seed)})
         grids.append({"name": grid.name, "title": grid.title, "keys": list(grid.values),
-                      "rows": table})
+                      "rows": table, "compare_to": list(grid.compare_to),
+                      "comparisons": paired_comparisons(grid, rows[grid.name], collected)})
     return {"title": spec.title, "description": spec.description, "seeds": spec.seeds,
             "runs_planned": len(runs),
             "runs_finished": sum(len(v) for v in collected.values()), "grids": grids}
@@ -789,13 +912,19 @@ def _cell(stats: dict[str, Any] | None, n_seeds: int, bold: bool = False) -> str
 
 
 def format_table(grid: dict[str, Any], n_seeds: int, monitor: str = "test/combined_top1") -> str:
-    """One grid as a markdown table: a row per setting, test top-1 per head, val combined."""
+    """One grid as a markdown table: a row per setting, test top-1 per head, val combined.
+
+    The val column is left out when no run has validation metrics (runs trained on the whole
+    training split and tested at their final epoch).
+    """
     names = {k for row in grid["rows"] for k in row["metrics"]}
     heads = head_names(names) or ["combined"]
+    has_val = "val/combined_top1" in names
     best = max((row["metrics"][monitor]["mean"] for row in grid["rows"]
                 if monitor in row["metrics"]), default=None)
     key = short_key(grid["keys"][0]) if len(grid["keys"]) == 1 else "setting"
-    header = [key, *[f"{h} (test)" for h in heads], "combined (val)", "seeds"]
+    header = [key, *[f"{h} (test)" for h in heads], *(["combined (val)"] if has_val else []),
+              "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in grid["rows"]:
         m = row["metrics"]
@@ -804,7 +933,8 @@ def format_table(grid: dict[str, Any], n_seeds: int, monitor: str = "test/combin
             name = f"test/{head}_top1"
             is_best = name == monitor and best is not None and name in m and m[name]["mean"] == best
             cells.append(_cell(m.get(name), n_seeds, bold=is_best))
-        cells.append(_cell(m.get("val/combined_top1"), n_seeds))
+        if has_val:
+            cells.append(_cell(m.get("val/combined_top1"), n_seeds))
         cells.append(str(max((s["n"] for s in m.values()), default=0)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -817,19 +947,62 @@ def format_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
     parts = [f"# {results['title']}", ""]
     if results["description"]:
         parts += [results["description"], ""]
+    has_val = any("val/combined_top1" in row["metrics"]
+                  for grid in results["grids"] for row in grid["rows"])
+    checkpoint = (
+        "of the checkpoint with the best validation combined top-1; the val column is that "
+        "epoch's validation combined top-1." if has_val else
+        "of each run's final epoch (trained on the whole training split, no validation split)."
+    )
     parts += [
         f"Top-1 accuracy in %, mean ± sample standard deviation over {n_seeds} seeds "
         f"({seeds}); {results['runs_finished']} of {results['runs_planned']} runs finished. "
         "Test columns: each head and the combined prediction (mean of the heads' softmaxes) "
-        "of the checkpoint with the best validation combined top-1; the val column is that "
-        "epoch's validation combined top-1. Bold: the best test combined mean of the table.",
+        f"{checkpoint} Bold: the best test combined mean of the table.",
         "",
     ]
     for grid in results["grids"]:
         parts += [f"## {grid['title']}", "", format_table(grid, n_seeds), ""]
         if plots and grid["name"] in plots:
             parts += [f"![{grid['title']}]({plots[grid['name']]})", ""]
+        for i, comparison in enumerate(grid.get("comparisons", [])):
+            parts += [f"### {grid['title']}: vs {comparison['label']}", ""]
+            if i == 0:
+                parts += [
+                    "Paired by seed (the same seed gives the same data order and, where the "
+                    "shapes allow, the same initial weights): for every seed finished by both "
+                    "settings, the setting's test combined top-1 minus the reference's, in "
+                    "percentage points. Mean and 95% confidence interval over those differences "
+                    "(Student t, n - 1 degrees of freedom); n/a with a single pair.",
+                    "",
+                ]
+            key = "variant" if len(grid["keys"]) == 1 else "setting"
+            parts += [format_comparison(comparison, key), ""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def format_comparison(comparison: dict[str, Any], key: str = "variant") -> str:
+    """One reference's paired differences as a markdown table (percentage points).
+
+    Args:
+        comparison: An entry of a grid's ``comparisons`` (see :func:`paired_comparisons`).
+        key: Heading of the first column.
+    """
+    metric = comparison["metric"]
+    header = [key, "Δ test combined top-1", "95% CI", "pairs", "per seed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in comparison["rows"]:
+        stats = row["metrics"].get(metric)
+        if not stats or not stats["n"]:
+            cells = ["", "", "0", ""]
+        else:
+            ci = ("n/a" if stats["ci_low"] is None
+                  else f"[{100 * stats['ci_low']:+.1f}, {100 * stats['ci_high']:+.1f}]")
+            per_seed = ", ".join(f"{s}: {100 * d:+.1f}"
+                                 for s, d in zip(stats["seeds"], stats["differences"], strict=True))
+            cells = [f"{100 * stats['mean']:+.1f}", ci, str(stats["n"]), per_seed]
+        lines.append("| " + " | ".join([row["label"], *cells]) + " |")
+    return "\n".join(lines)
 
 
 def write_plots(results: dict[str, Any], folder: str | Path) -> dict[str, str]:

@@ -5,6 +5,7 @@ For one image, :func:`explain_image` draws a grid with one column per attended s
 - **Grad-CAM** (pytorch-grad-cam) of the predicted class. For each stage the target is that
   stage's own head logit for the class the combined prediction picked, and the target layer
   is the stage's Conv_layer (its output is the head-side map x_e), as in the paper's Figure 5.
+  The plain variant has one column: timm's classifier logit on the last stage's output.
 - **Activation map**: the mean over channels of x_e, the paper's Figure 4.
 - **SMRAM attention** (optional, ``smram=``): the spatial distribution SMRAM computes from x_e
   in training, with the checkpoint's SMRAM weights.
@@ -137,7 +138,8 @@ def gradcam_maps(model: CRASMRANet, image: Tensor, class_index: int) -> list[np.
     """Grad-CAM of ``class_index`` for every attended stage, each scaled to [0, 1].
 
     Stage ``i``'s map is the Grad-CAM of its own head's logit with the stage's Conv_layer
-    (whose output is x_e) as the target layer.
+    (whose output is x_e) as the target layer. The plain variant has one map: the Grad-CAM of
+    timm's classifier logit on the last stage's output, which its head reads.
 
     Args:
         model: The network, in eval mode.
@@ -158,6 +160,8 @@ def gradcam_maps(model: CRASMRANet, image: Tensor, class_index: int) -> list[np.
     was_training = model.training
     model.eval()
     try:
+        if not model.attention:  # plain: timm's head on the last stage's map
+            maps.append(_classifier_gradcam(model, x, int(class_index)))
         for i, attention in enumerate(model.attention):
             # The Conv_layer's output is x_e itself; the attention module returns a tuple,
             # which grad-cam's hooks cannot read.
@@ -170,6 +174,24 @@ def gradcam_maps(model: CRASMRANet, image: Tensor, class_index: int) -> list[np.
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return maps
+
+
+def _classifier_gradcam(model: CRASMRANet, x: Tensor, class_index: int) -> np.ndarray:
+    """Grad-CAM of the plain variant's classifier logit on the map its head reads, in [0, 1].
+
+    The rule of pytorch-grad-cam's GradCAM, computed directly because the map is the output of
+    timm's ``forward_features`` rather than of one module: the spatial mean of the gradient
+    weights the map's channels; ReLU, upsample to the input, min-max scale.
+    """
+    with torch.no_grad():
+        (feature,) = model.forward_features(x)  # (1, C, h, w)
+    with torch.enable_grad():
+        leaf = feature.detach().requires_grad_(True)
+        logit = model.forward_heads([leaf]).logits[0][0, class_index]
+        (grad,) = torch.autograd.grad(logit, leaf)
+    weights = grad[0].mean(dim=(1, 2))  # (C,)
+    heat = torch.relu((weights[:, None, None] * leaf[0].detach()).sum(dim=0))  # (h, w)
+    return _to_unit(_upsample(heat[None], (x.shape[-2], x.shape[-1])))[0].cpu().numpy()
 
 
 def smram_maps(smram: SMRAM, features: Sequence[Tensor], size: tuple[int, int]) -> list[np.ndarray]:
@@ -189,9 +211,11 @@ def channel_importance(model: CRASMRANet) -> list[np.ndarray] | None:
     """CRAM's channel importance I of the last forward pass's first image, one (C,) per stage.
 
     Returns:
-        None when the network's attention modules are not CRAM (baseline / cbam variants).
+        None when the network's attention modules are not CRAM (plain / baseline / cbam).
     """
-    if not all(isinstance(m, CRAM) and m.last_importance is not None for m in model.attention):
+    if not model.attention or not all(
+        isinstance(m, CRAM) and m.last_importance is not None for m in model.attention
+    ):
         return None
     return [m.last_importance[0].float().cpu().numpy() for m in model.attention]  # type: ignore[index]
 
@@ -421,7 +445,7 @@ def explain_image(
 
     Returns:
         The files written and the prediction. The importance plot is None for networks without
-        CRAM (baseline, cbam).
+        CRAM (plain, baseline, cbam).
 
     Raises:
         crasmra.data.ImageLoadError: The image file cannot be read.

@@ -9,6 +9,8 @@ import json
 import sys
 from typing import Any
 
+from crasmra.cpu import add_threads_option
+
 FORMATS = ("table", "json", "csv")
 
 
@@ -18,7 +20,8 @@ def register(subparsers: Any) -> None:
         "predict",
         help="classify images with a trained checkpoint (top-k classes)",
         description="Classify images, folders (searched recursively) or glob patterns with the "
-        "combined prediction (mean of the four heads' softmaxes). Unreadable files are reported "
+        "combined prediction (mean of the heads' softmaxes; a plain checkpoint's one "
+        "classifier). Unreadable files are reported "
         "on stderr and skipped.",
     )
     p.add_argument("checkpoint", help="checkpoint (.ckpt) or .safetensors export")
@@ -32,6 +35,7 @@ def register(subparsers: Any) -> None:
                    help="image decoding processes (default: 0, in the main process)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -85,13 +89,15 @@ def _json(result: Any) -> str:
 
 def run(ns: argparse.Namespace) -> int:
     """Handler of ``crasmra predict``."""
+    from crasmra.cpu import configure_cpu
     from crasmra.inference import load_model, predict
 
     model = load_model(ns.checkpoint, device=ns.device)
+    workers = configure_cpu(ns.device, ns.num_workers, ns.threads).workers
     update, close = _progress(ns.quiet, ns.batch_size)
     try:
         result = predict(model, ns.paths, top_k=ns.top_k, batch_size=ns.batch_size,
-                         num_workers=ns.num_workers, progress=update)
+                         num_workers=workers, progress=update)
     finally:
         close()
     for failure in result.failures:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from crasmra.cli import UsageError
+from crasmra.cpu import add_threads_option
 
 
 def register(subparsers: Any) -> None:
@@ -37,6 +38,7 @@ def register(subparsers: Any) -> None:
                    help="confidence bins of the calibration error (default: 15)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -73,6 +75,7 @@ def _data_config(ns: argparse.Namespace) -> dict[str, Any]:
 
 def run(ns: argparse.Namespace) -> int:
     """Handler of ``crasmra report``."""
+    from crasmra.cpu import configure_cpu
     from crasmra.data import DatasetRootError, dataset_classes
     from crasmra.inference import (
         build_eval_dataset,
@@ -96,6 +99,7 @@ def run(ns: argparse.Namespace) -> int:
             ) from err
         raise
     model = load_model(ns.checkpoint, device=ns.device, num_classes=len(classes))
+    workers = configure_cpu(ns.device, ns.num_workers, ns.threads).workers
     if list(classes) != list(model.classes):
         print(f"crasmra: warning: the dataset's class names differ from the checkpoint's; labels "
               f"are matched by index (dataset: {classes[:3]}..., checkpoint: "
@@ -109,7 +113,7 @@ def run(ns: argparse.Namespace) -> int:
         bar = tqdm(total=len(dataset), unit="img", desc=f"report {ns.split}", file=sys.stderr,
                    disable=None)
     try:
-        outputs = evaluate(model, dataset, batch_size=ns.batch_size, num_workers=ns.num_workers,
+        outputs = evaluate(model, dataset, batch_size=ns.batch_size, num_workers=workers,
                            progress=(lambda done, _: bar.update(done - bar.n)) if bar else None)
     finally:
         if bar is not None:

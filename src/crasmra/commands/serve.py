@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from crasmra.cpu import add_threads_option
+
 #: Defaults, repeated from crasmra.serve so that `crasmra --help` does not import FastAPI.
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -36,6 +38,7 @@ def register(subparsers: Any) -> None:
                         f"(default: {DEFAULT_MAX_PIXELS:_})")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N or auto (default: cpu)")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -61,6 +64,7 @@ def run(ns: argparse.Namespace) -> int:
         from crasmra import serve
     except ImportError as err:
         raise UsageError(str(err)) from err
+    from crasmra.cpu import configure_cpu
     from crasmra.inference import load_model
 
     loopback = serve.is_loopback(ns.host)
@@ -71,6 +75,7 @@ def run(ns: argparse.Namespace) -> int:
                          "another server using the port? Choose one with --port.") from err
     try:
         model = load_model(ns.checkpoint, device=ns.device)
+        configure_cpu(ns.device, 0, ns.threads)
         # Behind loopback only loopback names are answered (no DNS rebinding); a server
         # exposed on purpose is reached under whatever name the network gives it.
         app = serve.create_app(

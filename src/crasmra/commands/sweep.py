@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from crasmra.cli import UsageError
+from crasmra.cpu import add_threads_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "not part of a run's identity, so finished runs are still skipped")
     parser.add_argument("--launcher", choices=("in-process", "subprocess"),
                         help="override the sweep file's launcher")
+    add_threads_option(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the sweep and list the runs still to do; run nothing")
     parser.add_argument("--report-only", action="store_true",
@@ -67,6 +69,8 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
         spec = load_sweep(ns.config)
         if ns.launcher:
             spec = replace(spec, launcher=ns.launcher)
+        if ns.threads is not None:
+            spec = replace(spec, threads=ns.threads)
         out = Path(ns.out)
         summary = None
         if not ns.report_only:

@@ -71,7 +71,8 @@ class FGVCDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         image_size: Crop size, int or ``(h, w)`` (the paper: 448).
         resize_size: Resize before cropping; default ``round(image_size * 550 / 448)``.
-        random_crop: Random (True) or centre crop in training.
+        random_crop: Random crop in training; False (default, the paper's recipe) takes the
+            centre crop, the same window as evaluation.
         hflip: Random horizontal flip in training.
         val_fraction: Share of the official training set held out for validation; 0
             disables validation.
@@ -104,7 +105,7 @@ class FGVCDataModule(L.LightningDataModule):
         num_workers: int = 4,
         image_size: int | tuple[int, int] = 448,
         resize_size: int | tuple[int, int] | None = None,
-        random_crop: bool = True,
+        random_crop: bool = False,
         hflip: bool = True,
         val_fraction: float = 0.1,
         split_seed: int = 0,

@@ -144,7 +144,7 @@ def create_dataset(
     resize_size: int | Sequence[int] | None = None,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    random_crop: bool = True,
+    random_crop: bool = False,
     hflip: bool = True,
     val_fraction: float = 0.1,
     split_seed: int = 0,

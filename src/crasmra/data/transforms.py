@@ -120,22 +120,25 @@ def build_transforms(
     resize_size: Size | None = DEFAULT_RESIZE_SIZE,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    random_crop: bool = True,
+    random_crop: bool = False,
     hflip: bool = True,
     backend: str = "pil",
     normalize: bool = True,
 ) -> Callable:
     """Build the paper's transform (SPEC, "Training recipe").
 
-    Train: resize to ``resize_size`` (both sides, aspect not kept) -> ``RandomCrop(image_size)``
-    (``CenterCrop`` when ``random_crop`` is False) -> random horizontal flip (if ``hflip``)
+    Train: resize to ``resize_size`` (both sides, aspect not kept) -> ``CenterCrop(image_size)``
+    (``RandomCrop`` when ``random_crop`` is True) -> random horizontal flip (if ``hflip``)
     -> tensor -> normalise. Eval: resize -> ``CenterCrop(image_size)`` -> tensor -> normalise.
+    The paper (section 4.1) centre-crops for training and testing alike.
 
     ``backend="pil"`` (the default, and what checkpoints rebuild for inference) runs these
     steps on PIL images. ``backend="tensor"`` runs them with ``torchvision.transforms.v2`` on
     ``uint8`` tensors ``(3, H, W)`` (PIL images are converted first): eval is the same resize
-    and centre crop (torchvision's antialiased ``uint8`` bilinear resize reproduces PIL's), and
-    training resizes only the crop window (:class:`CropThenResize`), about twice as fast.
+    and centre crop (torchvision's antialiased ``uint8`` bilinear resize reproduces PIL's to
+    within one grey level), and training resizes only the crop window (:class:`CropThenResize`,
+    centre or random), about twice as fast: the same window, up to interpolation at its edges
+    and a sub-pixel rounding of its position.
 
     Args:
         train: Training (augmenting) or evaluation transform.
@@ -144,7 +147,8 @@ def build_transforms(
             ``image_size``. Must be at least ``image_size`` on both sides.
         mean: Per-channel normalisation mean (0..1 scale).
         std: Per-channel normalisation std.
-        random_crop: Random crop in training (the paper's text says centre crop).
+        random_crop: Random crop in training; False (default) takes the centre crop, as the
+            paper does for training and testing.
         hflip: Random horizontal flip in training.
         backend: "pil" or "tensor".
         normalize: Convert to float and normalise; ``False`` (only with "tensor") returns

@@ -3,6 +3,7 @@
 from crasmra.layers.cram import (
     CONV_LAYERS,
     CRAM,
+    SUPPRESS_SOURCES,
     CBAMAttention,
     IdentityAttention,
     build_conv_layer,
@@ -17,6 +18,7 @@ __all__ = [
     "DIVERSITY_FORMS",
     "HEAD_POOLS",
     "SMRAM",
+    "SUPPRESS_SOURCES",
     "CBAMAttention",
     "ClassifierHead",
     "IdentityAttention",

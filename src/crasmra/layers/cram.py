@@ -23,6 +23,7 @@ from torch import Tensor, nn
 __all__ = [
     "CONV_LAYERS",
     "CRAM",
+    "SUPPRESS_SOURCES",
     "CBAMAttention",
     "IdentityAttention",
     "build_conv_layer",
@@ -31,6 +32,9 @@ __all__ = [
 
 ConvLayerKind = Literal["light", "pmg"]
 CONV_LAYERS: tuple[str, ...] = ("light", "pmg")
+SuppressSource = Literal["input", "enhanced"]
+#: What CRAM's suppression mask S multiplies to give x_s (see :class:`CRAM`).
+SUPPRESS_SOURCES: tuple[str, ...] = ("input", "enhanced")
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -110,15 +114,23 @@ class CRAM(nn.Module):
 
     ``I = sigmoid(MLP(avgpool(X)) + MLP(maxpool(X)))`` with a shared MLP of 1x1 convs
     (C -> C/r -> C, bias-free as in timm's CBAM channel attention). Then
-    ``x_e = Conv_layer(I * X)`` and ``x_s = S * X`` with ``S = suppression_mask(I)``.
+    ``x_e = Conv_layer(I * X)`` and ``x_s = S * X`` with ``S = suppression_mask(I)``, or
+    ``x_s = S * (I * X)`` with ``suppress_source="enhanced"``.
 
     Args:
         in_channels: C, channels of the stage output.
         out_channels: C_a, channels of ``x_e`` (the head width).
-        reduction: r of the shared MLP; the hidden width is ``max(1, C // r)``.
+        reduction: r of the shared MLP; the hidden width is ``max(1, C // r)``. Default 16,
+            CBAM's usual value; not stated by the paper.
         omega: Suppression factor of the mask, in [0, 1] (paper: 0.5).
         delta: Relative importance threshold, in (0, 1] (paper: 0.9).
         conv_layer: ``"light"`` (default) or ``"pmg"``; see :func:`build_conv_layer`.
+        suppress_source: What the mask S multiplies to give ``x_s``; the paper's "use S to
+            obtain X_s" reads either way (SPEC open point). ``"input"`` (default):
+            ``x_s = S * X``, so the next stage sees the raw map with the important channels
+            damped, and CRAM's MLP learns only through ``x_e``. ``"enhanced"``:
+            ``x_s = S * (I * X)``, so the next stage reads the re-weighted map and its loss
+            also trains CRAM's MLP through I (S itself stays a constant).
 
     Attributes:
         last_importance: (B, C) detached importance I of the last forward call (None before
@@ -133,16 +145,23 @@ class CRAM(nn.Module):
         omega: float = 0.5,
         delta: float = 0.9,
         conv_layer: ConvLayerKind = "light",
+        suppress_source: SuppressSource = "input",
     ) -> None:
         super().__init__()
         if reduction < 1:
             raise ValueError(f"reduction must be >= 1, got {reduction}")
         _check_unit_interval(omega, delta)
+        if suppress_source not in SUPPRESS_SOURCES:
+            raise ValueError(
+                f"suppress_source must be one of {SUPPRESS_SOURCES}, got {suppress_source!r}: "
+                "'input' gives x_s = S * X (default), 'enhanced' gives x_s = S * (I * X)."
+            )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.reduction = reduction
         self.omega = float(omega)
         self.delta = float(delta)
+        self.suppress_source: SuppressSource = suppress_source
         hidden = max(1, in_channels // reduction)
         self.mlp = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 1, bias=False),
@@ -162,13 +181,18 @@ class CRAM(nn.Module):
         """Return ``(x_e, x_s)`` for a stage output ``x`` of shape (B, C, H, W)."""
         importance = self.channel_importance(x)  # (B, C, 1, 1)
         self.last_importance = importance.detach().flatten(1)
-        x_e = self.conv_layer(importance * x)
+        enhanced = importance * x
+        x_e = self.conv_layer(enhanced)
         mask = suppression_mask(importance.flatten(1), self.omega, self.delta)  # (B, C)
-        x_s = x * mask[:, :, None, None]
+        source = x if self.suppress_source == "input" else enhanced
+        x_s = source * mask[:, :, None, None]
         return x_e, x_s
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction}, omega={self.omega}, delta={self.delta}"
+        return (
+            f"reduction={self.reduction}, omega={self.omega}, delta={self.delta}, "
+            f"suppress_source={self.suppress_source!r}"
+        )
 
 
 class IdentityAttention(nn.Module):
