@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from crasmra.backbones import load_weights_file
 from crasmra.cpu import configure_cpu
-from crasmra.data import create_dataset, normalization_for_backbone
+from crasmra.data import build_transforms, create_dataset, normalization_for_backbone
 
 
 def _features(
@@ -80,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resize-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="classify this held-out share of the training split instead of the "
+        "test split (as --data.val_fraction)",
+    )
+    parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
 
@@ -88,36 +96,33 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(load_weights_file(args.pretrained))
     model.eval()
     mean, std = normalization_for_backbone(args.backbone)
-    splits = {}
-    for split in ("train", "test"):
-        # The evaluation transform for both: the class means are a property of the backbone.
-        ds = create_dataset(
-            args.dataset,
-            args.root,
-            split if split == "test" else "train",
-            image_size=args.image_size,
-            resize_size=args.resize_size,
-            mean=mean,
-            std=std,
-            random_crop=False,
-            hflip=False,
-            val_fraction=0.0,
+    # The evaluation transform for every split: the class means are a property of the backbone.
+    transform = build_transforms(
+        False, image_size=args.image_size, resize_size=args.resize_size, mean=mean, std=std
+    )
+    # With --val-fraction the class means come from the rest of the training split and the
+    # held-out part is classified (the split the recipes tune on); otherwise the test split.
+    held_out = "val" if args.val_fraction > 0 else "test"
+    splits = {
+        split: _features(
+            model,
+            DataLoader(
+                create_dataset(
+                    args.dataset,
+                    args.root,
+                    split,
+                    transform=transform,
+                    val_fraction=args.val_fraction,
+                    split_seed=args.split_seed,
+                ),
+                batch_size=args.batch_size,
+            ),
         )
-        if split == "train":
-            ds.transform = create_dataset(
-                args.dataset,
-                args.root,
-                "test",
-                image_size=args.image_size,
-                resize_size=args.resize_size,
-                mean=mean,
-                std=std,
-                val_fraction=0.0,
-            ).transform
-        splits[split] = _features(model, DataLoader(ds, batch_size=args.batch_size))
-    (train, train_y), (test, test_y) = splits["train"], splits["test"]
+        for split in ("train", held_out)
+    }
+    (train, train_y), (test, test_y) = splits["train"], splits[held_out]
     result = {key: ncm_accuracy(train[key], train_y, test[key], test_y) for key in train}
-    result["train_images"], result["test_images"] = len(train_y), len(test_y)
+    result["train_images"], result[f"{held_out}_images"] = len(train_y), len(test_y)
     if args.json:
         print(json.dumps(result))
     else:

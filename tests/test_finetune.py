@@ -96,3 +96,16 @@ def test_without_freezing_the_backbone_trains_from_the_start(tmp_path: Path) -> 
 def test_freeze_backbone_epochs_is_validated(bad: object) -> None:
     with pytest.raises(ValueError, match="freeze_backbone_epochs"):
         CRASMRAModule(backbone="resnet10t", num_classes=3, freeze_backbone_epochs=bad)
+
+
+def test_frozen_batchnorm_statistics_with_a_training_backbone(tmp_path: Path) -> None:
+    initial, trained = _fit(tmp_path, epochs=1, freeze_backbone_bn=True)
+    backbone = _changed(initial.net.backbone, trained.net.backbone)
+    stats = {k: v for k, v in backbone.items() if k.endswith(("running_mean", "running_var"))}
+    assert stats and not any(stats.values())
+    # Their scale and shift, and every convolution, still train.
+    assert all(v for k, v in backbone.items() if k.endswith("conv1.weight"))
+    assert any(v for k, v in backbone.items() if k.endswith("bn1.weight"))
+    # The heads' own BatchNorm layers are not the backbone's: they keep training mode.
+    heads = _changed(initial.net.heads, trained.net.heads)
+    assert any(v for k, v in heads.items() if k.endswith("running_mean"))

@@ -57,3 +57,10 @@ def test_diversity_loss_is_one_minus_the_mean_peak_coverage() -> None:
     attention = torch.tensor([[[0.5, 0.5], [1.0, 0.0]]]).view(1, 2, 1, 2)
     # peaks 1.0 and 0.5 -> h = 1.5 / 2
     torch.testing.assert_close(diversity_loss(attention), torch.tensor(0.25))
+
+
+def test_parts_are_named_by_position_without_stage_names() -> None:
+    out = _output()
+    out.stage_names = ()
+    _, parts = CRASMRALoss()(out, torch.tensor([0, 1, 2, 3]))
+    assert list(parts) == ["head0_ce", "head1_ce", "head2_ce", "concat_ce"]

@@ -14,8 +14,17 @@ import torch
 from torch import Tensor, nn
 
 from crasmra.engine import CRASMRAModule
-from crasmra.layers import CRAM, SMRAM, diversity_loss, suppression_mask
-from crasmra.model import CRASMRANet, ModelOutput, create_model
+from crasmra.layers import (
+    CRAM,
+    SMRAM,
+    CBAMAttention,
+    ClassifierHead,
+    IdentityAttention,
+    diversity_loss,
+    suppression_mask,
+)
+from crasmra.losses import CRASMRALoss
+from crasmra.model import CRASMRANet, ModelOutput, create_model, create_smram, validate_hparams
 
 TINY_NET = dict(head_channels=16, head_hidden=8)
 TINY_MODULE = dict(backbone="resnet10t", num_classes=4, pretrained=False, **TINY_NET)
@@ -172,6 +181,98 @@ def test_mask_keeps_the_dtype_and_ignores_gradients() -> None:
     torch.testing.assert_close(mask, ref_mask(importance.detach(), 0.5, 0.9).double())
 
 
+def test_pmg_conv_layer_is_1x1_then_3x3_and_keeps_the_map_size() -> None:
+    """PMG's Conv_layer: 1x1 conv to C_a/2, BN, ReLU, then 3x3 conv (padding 1), BN, ReLU."""
+    cram = CRAM(16, 8, reduction=4, conv_layer="pmg")
+    _randomise_batchnorms(cram)
+    cram.eval()
+    x = torch.randn(2, 16, 5, 6)
+    with torch.no_grad():
+        x_e, _ = cram(x)
+        enhanced = ref_importance(cram, x)[:, :, None, None] * x
+        first, second = cram.conv_layer
+        y = ref_conv_bn_relu(first, enhanced)
+        conv, bn = second[0], second[1]
+        assert conv.bias is None and conv.weight.shape == (8, 4, 3, 3)
+        y = torch.nn.functional.conv2d(y, conv.weight, padding=1)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        y = (y - bn.running_mean[:, None, None]) * scale[:, None, None] + bn.bias[:, None, None]
+    torch.testing.assert_close(x_e, torch.relu(y))
+
+
+def test_defaults_are_the_papers() -> None:
+    """omega = 0.5, delta = 0.9, r = 16, light Conv_layer, PMG's max-pooled 512-wide heads,
+    three SMRAM stages with L_div = 1 - h, alpha, beta, gamma = 2, 1, 1."""
+    importance = torch.rand(3, 40)
+    torch.testing.assert_close(suppression_mask(importance), ref_mask(importance, 0.5, 0.9))
+    cram = CRAM(64, 8)
+    assert (cram.in_channels, cram.out_channels) == (64, 8)
+    assert (cram.omega, cram.delta, cram.reduction, cram.mlp[0].out_channels) == (0.5, 0.9, 16, 4)
+    assert cram.last_importance is None
+    assert [type(m) for m in cram.conv_layer] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    cbam = CBAMAttention(64, 8)
+    assert (cbam.in_channels, cbam.out_channels, cbam.reduction) == (64, 8, 16)
+    assert cbam.cbam.channel.fc1.out_channels == 4
+    identity = IdentityAttention(64, 8)
+    assert (identity.in_channels, identity.out_channels) == (64, 8)
+    head = ClassifierHead(8, 3)
+    assert (head.hidden, head.pool_type, head.mlp[1].out_features) == (512, "max", 512)
+    smram = SMRAM(8)
+    assert (smram.num_stages, smram.loss_form) == (3, "1-h")
+    loss = CRASMRALoss()
+    assert (loss.alpha, loss.beta, loss.gamma) == (2.0, 1.0, 1.0)
+    net = CRASMRANet("resnet10t", 3)
+    expected = {"omega": 0.5, "delta": 0.9, "reduction": 16, "head_channels": 512}
+    assert {k: net.config[k] for k in expected} == expected
+    assert (net.config["head_pool"], net.config["conv_layer"], net.variant) == (
+        "max",
+        "light",
+        "cra-smra",
+    )
+    assert net.stage_names == ("stage3", "stage4", "stage5") and net.num_classes == 3
+    assert net.heads[0].hidden == 512
+
+
+def test_module_defaults_are_the_papers() -> None:
+    module = CRASMRAModule(backbone="resnet10t", num_classes=4)
+    criterion = module.criterion
+    assert (criterion.alpha, criterion.beta, criterion.gamma) == (2.0, 1.0, 1.0)
+    net = module.net
+    assert net.variant == "cra-smra" and net.stage_names == ("stage3", "stage4", "stage5")
+    for cram in net.attention:
+        assert (cram.omega, cram.delta, cram.reduction, cram.out_channels) == (0.5, 0.9, 16, 512)
+        assert len(cram.conv_layer) == 3  # the light Conv_layer
+    assert (net.heads[0].pool_type, net.heads[0].hidden) == ("max", 512)
+    assert module.smram is not None and module.smram.channels == 512
+
+
+def test_the_documented_ranges_are_accepted_at_their_edges() -> None:
+    """omega in [0, 1], delta in (0, 1], r >= 1, at least one class and one SMRAM stage."""
+    for omega, delta in [(0.0, 1.0), (1.0, 1e-6)]:
+        CRAM(8, 4, reduction=1, omega=omega, delta=delta)
+        validate_hparams("resnet18", 1, omega=omega, delta=delta, reduction=1)
+    CBAMAttention(8, 4, reduction=1)
+    assert CRAM(8, 4, reduction=8).mlp[0].out_channels == 1
+    assert CBAMAttention(8, 4, reduction=8).cbam.channel.fc1.out_channels == 1
+    resolved = validate_hparams("resnet18", 3, head_channels=1, head_hidden=1)
+    assert resolved["pretrained"] is False
+    SMRAM(4, num_stages=1)
+    CRASMRALoss(alpha=0.0, beta=0.0, gamma=0.0)
+    for bad in (dict(omega=-0.01), dict(omega=1.01), dict(delta=0.0), dict(delta=1.01)):
+        with pytest.raises(ValueError):
+            CRAM(8, 4, **bad)
+        with pytest.raises(ValueError):
+            validate_hparams("resnet18", 3, **bad)
+    for bad in (dict(reduction=0), dict(head_channels=0), dict(head_hidden=0)):
+        with pytest.raises(ValueError):
+            validate_hparams("resnet18", 3, **bad)
+    for bad_classes in (0, 2.0, True):
+        with pytest.raises(ValueError):
+            validate_hparams("resnet18", bad_classes)
+    with pytest.raises(ValueError):
+        SMRAM(4, num_stages=0)
+
+
 # ---- the network: which map feeds what ----------------------------------------------------------
 
 
@@ -226,6 +327,27 @@ def test_each_stage_reads_the_suppressed_map_and_heads_read_the_enhanced_map(
         torch.testing.assert_close(out.concat_logits, net.concat_head.mlp(torch.cat(pooled, 1)))
 
 
+@pytest.mark.parametrize(
+    ("variant", "module"), [("baseline", IdentityAttention), ("cbam", CBAMAttention)]
+)
+def test_ablation_variants_get_the_same_conv_layer_and_reduction(
+    variant: str, module: type
+) -> None:
+    """Table 3's rows differ only in the attention: Conv_layer and r reach every variant."""
+    net = create_model("resnet10t", 3, variant=variant, conv_layer="pmg", reduction=4, **TINY_NET)
+    for attention, channels in zip(net.attention, net.backbone.stage_channels, strict=True):
+        assert type(attention) is module
+        assert len(attention.conv_layer) == 2  # PMG's two blocks
+        if variant == "cbam":
+            assert attention.cbam.channel.fc1.out_channels == channels // 4
+
+
+def test_create_smram_matches_the_network() -> None:
+    net = create_model("resnet10t", 3, stage_indices=[1, 2, 3, 4], **TINY_NET)
+    smram = create_smram(net, loss_form="-h")
+    assert (smram.channels, smram.num_stages, smram.loss_form) == (16, 4, "-h")
+
+
 def test_prediction_is_the_mean_of_the_four_softmaxes() -> None:
     net = create_model("resnet10t", 5, **TINY_NET).eval()
     with torch.no_grad():
@@ -249,12 +371,37 @@ def test_smram_matches_the_equations() -> None:
     assert 0.0 < loss.item() < 1 - 1 / 3
 
 
+def test_smram_learns_only_phi() -> None:
+    """BN is non-affine and phi has no bias: a softmax over space ignores any shift."""
+    smram = SMRAM(5, num_stages=3)
+    names = {name: tuple(p.shape) for name, p in smram.named_parameters()}
+    assert names == {f"phi.{i}.weight": (1, 5, 1, 1) for i in range(3)}
+
+
+def test_smram_loss_form() -> None:
+    """ "-h" differs from the default "1-h" by the constant 1."""
+    features = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)]
+    default, minus_h = SMRAM(3, num_stages=2), SMRAM(3, num_stages=2, loss_form="-h")
+    minus_h.load_state_dict(default.state_dict())
+    loss, attention = default(features)
+    other, _ = minus_h(features)
+    torch.testing.assert_close(other, loss - 1)
+    torch.testing.assert_close(loss, diversity_loss(attention, "1-h"))
+    with pytest.raises(ValueError, match="loss_form"):
+        SMRAM(3, loss_form="h")  # type: ignore[arg-type]
+
+
 def test_smram_pools_by_average_not_max() -> None:
-    """Maps that agree in mean but not in max give identical attention for every stage."""
+    """A map and its 2x upsampled copy plus zero-mean detail of random amplitude in every 2x2
+    block agree in block means but not in block maxima: they get identical attention."""
     smram = SMRAM(2, num_stages=2).train()
     base = torch.randn(3, 2, 2, 2)
-    spread = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(2, 2)  # zero mean per 2x2 block
-    big = base.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) + 3 * spread
+
+    def upsample(t: Tensor) -> Tensor:
+        return t.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+    checker = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(2, 2)  # zero mean per 2x2 block
+    big = upsample(base) + upsample(3 * torch.rand(3, 2, 2, 2)) * checker
     with torch.no_grad():
         smram.phi[1].weight.copy_(smram.phi[0].weight)
     _, attention = smram([big, base])
@@ -506,6 +653,44 @@ def test_optimiser_follows_the_paper_recipe_by_default() -> None:
     every = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert len(every) == len(set(every)) == len(list(module.parameters()))
     assert config["lr_scheduler"]["interval"] == "step"
+    # no warm-up; cosine decay to zero over the run, per step
+    scheduler = config["lr_scheduler"]["scheduler"]
+    for step in range(101):
+        factor = 0.5 * (1 + math.cos(math.pi * step / 100))
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(rates[group["name"]] * factor, abs=1e-12)
+        optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"lr_backbone": 0.0},
+        {"lr_attention": -1e-3},
+        {"lr_heads": math.inf},
+        {"lr_smram": 0.0},
+        {"lr_smram": math.nan},
+        {"momentum": 1.0},
+        {"momentum": -0.1},
+        {"weight_decay": -1e-5},
+        {"weight_decay": math.inf},
+        {"warmup_epochs": -1.0},
+        {"min_lr_ratio": 1.5},
+        {"min_lr_ratio": -0.1},
+    ],
+)
+def test_optimiser_settings_outside_their_range_are_refused(bad: dict) -> None:
+    (name,) = bad
+    with pytest.raises(ValueError, match=rf"^{name} must .*change --model\.{name}\.$"):
+        _module(**bad)
+
+
+def test_optimiser_settings_at_the_edge_of_their_range_are_accepted() -> None:
+    """Momentum 0 (plain SGD), no weight decay, no warm-up, a constant rate at the end."""
+    module = _module(momentum=0.0, weight_decay=0.0, warmup_epochs=0.0, min_lr_ratio=1.0)
+    optimizer = _configure(module)["optimizer"]
+    assert all(g["momentum"] == 0.0 and g["weight_decay"] == 0.0 for g in optimizer.param_groups)
 
 
 def test_optimiser_settings_reach_every_group() -> None:

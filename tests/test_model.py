@@ -160,6 +160,10 @@ def test_reset_classifier_rebuilds_every_head() -> None:
     assert new[-1].shape == (9,) and old[-1].shape == (3,)
     with pytest.raises(ValueError):
         net.reset_classifier(0)
+    net.double()
+    net.reset_classifier(1)
+    assert net.num_classes == 1
+    assert {p.dtype for p in net.parameters()} == {torch.float64}
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,17 @@ from typing import Any
 #: learning rates raised from the paper's fine-tuning rates because nothing is pretrained, and
 #: an easier setting of the synthetic set (6 classes, no clutter shapes, no rotation beyond
 #: mirroring) so that a few CPU-minutes of training from scratch separate the classes.
+#:
+#: 24 epochs: trained from scratch, the network finds the markings after 7-14 epochs (the
+#: validation accuracy climbs from chance to above 90% then, later for some seeds than for
+#: others); a 10-epoch schedule ended while that was still happening, and its result swung
+#: between 37% and 85% with the seed and the number of threads, and 20 epochs still left one
+#: seed in five 6 points behind. 100 test images per class keep the test accuracy's sampling
+#: error near one point.
 DEMO_CONFIG: dict[str, Any] = {
     "seed_everything": 0,
     "trainer": {
-        "max_epochs": 10,
+        "max_epochs": 24,
         "accelerator": "cpu",
         "devices": 1,
         "precision": "32-true",
@@ -49,7 +56,7 @@ DEMO_CONFIG: dict[str, Any] = {
         "options": {
             "num_classes": 6,
             "samples_per_class": 130,
-            "test_samples_per_class": 40,
+            "test_samples_per_class": 100,
             "native_size": 64,
             "clutter": 0,
             "max_rotation": 0,

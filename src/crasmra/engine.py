@@ -90,7 +90,14 @@ class CRASMRAModule(L.LightningModule):
             backbone's weights and BatchNorm statistics left as loaded, for this many epochs
             before fine-tuning everything (linear probing then fine-tuning, Kumar et al., ICLR
             2022): new heads are fitted to the pretrained features before their gradients can
-            distort them. Not part of the paper's recipe (0, the default).
+            distort them. Not part of the paper's recipe (0, the default). Under DDP it needs
+            ``--trainer.strategy ddp_find_unused_parameters_true`` (frozen parameters get no
+            gradient).
+        freeze_backbone_bn: Keep the backbone's BatchNorm layers in eval mode for the whole run:
+            their running statistics stay as loaded and normalise every batch, while their
+            scale and shift still train. Fine-tuning with small batches on a small dataset
+            otherwise replaces the pretrained statistics with noisy per-batch ones. Not part of
+            the paper's recipe (False, the default).
         min_lr_ratio: Final learning rate of the cosine decay, as a fraction of each group's rate.
         channels_last: Run the network in channels-last memory format (faster on GPUs with AMP).
         compile: Wrap the network with ``torch.compile``.
@@ -137,6 +144,7 @@ class CRASMRAModule(L.LightningModule):
         nesterov: bool = False,
         warmup_epochs: float = 0.0,
         freeze_backbone_epochs: int = 0,
+        freeze_backbone_bn: bool = False,
         min_lr_ratio: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
@@ -404,6 +412,9 @@ class CRASMRAModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._skipped_at_epoch_start = int(self.skipped_batches)
         self._set_backbone_frozen(self.current_epoch < self.hparams.freeze_backbone_epochs)
+        # Lightning never calls train() itself (it saves and restores each submodule's mode
+        # around validation), so the BatchNorm policy of train() is applied here.
+        self.train()
 
     @property
     def backbone_frozen(self) -> bool:
@@ -422,7 +433,6 @@ class CRASMRAModule(L.LightningModule):
         for param in getattr(self, "_frozen_params", []):
             param.requires_grad_(not frozen)
         self._backbone_frozen = frozen
-        self.train(self.training)
         if frozen:
             log.info(
                 "Epochs 0-%d: backbone frozen, training the attention modules and heads only.",
@@ -432,9 +442,10 @@ class CRASMRAModule(L.LightningModule):
             log.info("Epoch %d: fine-tuning the whole network.", self.current_epoch)
 
     def train(self, mode: bool = True) -> CRASMRAModule:
-        """Set train/eval mode; a frozen backbone keeps its BatchNorm statistics (eval mode)."""
+        """Set train/eval mode; the backbone's BatchNorm layers stay in eval mode while the
+        backbone is frozen or with ``freeze_backbone_bn``."""
         super().train(mode)
-        if mode and self.backbone_frozen:
+        if mode and (self.backbone_frozen or self.hparams.get("freeze_backbone_bn", False)):
             for module in self.net.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
