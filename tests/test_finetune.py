@@ -11,16 +11,10 @@ import torch
 
 from crasmra.data import FGVCDataModule
 from crasmra.engine import CRASMRAModule
+from test_engine import TINY_DATA as ENGINE_TINY_DATA
 
-TINY_DATA = dict(
-    dataset="synthetic",
-    batch_size=8,
-    num_workers=0,
-    image_size=64,
-    resize_size=72,
-    val_fraction=0.0,
-    options={"num_classes": 4, "samples_per_class": 8, "native_size": 64},
-)
+# The engine tests' tiny synthetic set, trained on whole (no validation split).
+TINY_DATA = {**ENGINE_TINY_DATA, "val_fraction": 0.0}
 
 
 def _fit(tmp_path: Path, epochs: int, **model_kwargs) -> tuple[CRASMRAModule, CRASMRAModule]:

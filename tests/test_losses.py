@@ -48,7 +48,8 @@ def test_defaults_and_validation() -> None:
     loss = CRASMRALoss()
     assert (loss.alpha, loss.beta, loss.gamma) == (2.0, 1.0, 1.0)
     for kwargs in (dict(alpha=-1.0), dict(beta=-0.1), dict(gamma=-2.0)):
-        with pytest.raises(ValueError, match="non-negative"):
+        (name,) = kwargs
+        with pytest.raises(ValueError, match=f"^{name} must be non-negative"):
             CRASMRALoss(**kwargs)
 
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from crasmra.engine import CRASMRAModule
+from crasmra.engine import CRASMRAModule, WarmupCosine, build_scheduler
 from crasmra.layers import (
     CRAM,
     SMRAM,
     CBAMAttention,
     ClassifierHead,
     IdentityAttention,
+    build_conv_layer,
     diversity_loss,
     suppression_mask,
 )
@@ -266,6 +267,10 @@ def test_the_documented_ranges_are_accepted_at_their_edges() -> None:
     for bad in (dict(reduction=0), dict(head_channels=0), dict(head_hidden=0)):
         with pytest.raises(ValueError):
             validate_hparams("resnet18", 3, **bad)
+    for flag in ("omega", "delta"):
+        with pytest.raises(ValueError, match=flag):
+            validate_hparams("resnet18", 3, **{flag: True})
+    assert build_conv_layer("pmg", 8, 3)[0][0].out_channels == 1
     for bad_classes in (0, 2.0, True):
         with pytest.raises(ValueError):
             validate_hparams("resnet18", bad_classes)
@@ -543,11 +548,12 @@ def test_eval_scores_every_head_and_their_mean(
     the logged loss is the training objective."""
     module = _module(num_classes=6).eval()
     output, target = _crafted_output(module)
-    monkeypatch.setattr(module, "forward", lambda images: output)
+    images = torch.zeros(4, 3, 8, 8)
+    monkeypatch.setattr(module, "forward", lambda x: output if x is images else None)
     logged: dict[str, tuple] = {}
     monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.update({name: (value, kw)}))
     monkeypatch.setattr(module, "log_dict", lambda values, **kw: logged.update(dict=(values, kw)))
-    getattr(module, step)((torch.zeros(4, 3, 8, 8), target), 0)
+    getattr(module, step)((images, target), 0)
     collection = getattr(module, metrics)
     scores = {k: float(v) for k, v in collection.compute().items()}
 
@@ -568,6 +574,55 @@ def test_eval_scores_every_head_and_their_mean(
         torch.testing.assert_close(loss, module.compute_loss(output, target)[0])
     assert kwargs == {"batch_size": 4, "sync_dist": True}
     assert logged["dict"][0] is collection
+
+
+def test_accuracy_is_over_samples_not_averaged_over_classes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Top-k accuracy is the fraction of images: 3 of 4 right is 0.75 even when the one
+    miss is the only image of its class (the class average would be 0.5)."""
+    module = _module(num_classes=6).eval()
+    target = torch.tensor([0, 0, 0, 1])
+    logits = torch.zeros(4, 6)
+    logits[:, 0] = 2.0
+    logits[3, 1] = -5.0  # the class-1 image: its class is last, outside the top 5
+    output = ModelOutput(
+        stage_logits=(logits,) * 3,
+        concat_logits=logits,
+        features=tuple(torch.randn(4, 16, s, s) for s in (8, 4, 2)),
+        stage_names=module.net.stage_names,
+    )
+    monkeypatch.setattr(module, "forward", lambda x: output)
+    monkeypatch.setattr(module, "log", lambda *a, **kw: None)
+    monkeypatch.setattr(module, "log_dict", lambda *a, **kw: None)
+    module.validation_step((torch.zeros(4, 3, 8, 8), target), 0)
+    scores = module.val_metrics.compute()
+    assert len(scores) == 10
+    assert all(float(v) == pytest.approx(0.75) for v in scores.values())
+
+
+def test_channels_last_computes_the_same_prediction() -> None:
+    torch.manual_seed(0)
+    plain = _module().eval()
+    torch.manual_seed(0)
+    fast = _module(channels_last=True).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images).probs, plain(images).probs)
+
+
+def test_pretrained_weights_reach_the_backbone(tmp_path) -> None:
+    """--model.pretrained PATH initialises the backbone from that file."""
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet10t")
+    path = tmp_path / "resnet10t.safetensors"
+    save_file(source.state_dict(), str(path))
+    module = _module(pretrained=str(path))
+    torch.testing.assert_close(
+        module.net.backbone.model.layer1[0].conv1.weight, source.layer1[0].conv1.weight
+    )
 
 
 def test_fewer_than_five_classes_have_no_top5() -> None:
@@ -617,7 +672,7 @@ def test_module_hyperparameters_reach_the_network() -> None:
 # ---- the optimiser and the schedule ------------------------------------------------------------
 
 
-def _configure(module: CRASMRAModule, steps: int = 100, epochs: int = 10) -> dict:
+def _configure(module: CRASMRAModule, steps: int = 100, epochs: int | None = 10) -> dict:
     """configure_optimizers for a trainer that will run ``steps`` steps over ``epochs`` epochs."""
     module.trainer = SimpleNamespace(estimated_stepping_batches=steps, max_epochs=epochs)
     return module.configure_optimizers()
@@ -722,13 +777,21 @@ def ref_multiplier(step: int, total: int, warmup: int, floor: float) -> float:
 
 
 @pytest.mark.parametrize(
-    ("warmup_epochs", "min_lr_ratio", "warmup_steps"),
-    [(0.0, 0.0, 0), (2.0, 0.1, 20), (1.5, 0.0, 15)],
+    ("warmup_epochs", "min_lr_ratio", "epochs", "warmup_steps"),
+    [
+        (0.0, 0.0, 10, 0),
+        (2.0, 0.1, 10, 20),
+        (1.5, 0.0, 10, 15),
+        (20.0, 0.0, 10, 99),  # warm-up never takes the whole run: the last step is cosine's
+        (0.5, 0.2, 1, 50),
+        (0.25, 0.0, None, 25),  # no epoch limit: the run counts as one epoch
+    ],
 )
 def test_schedule_warms_up_then_decays_each_group_from_its_own_rate(
-    warmup_epochs: float, min_lr_ratio: float, warmup_steps: int
+    warmup_epochs: float, min_lr_ratio: float, epochs: int | None, warmup_steps: int
 ) -> None:
-    """Per optimiser step: lr_g(t) = base_g * multiplier(t), for 100 steps over 10 epochs."""
+    """Per optimiser step: lr_g(t) = base_g * multiplier(t) over a 100-step run, and the
+    floor after it."""
     module = _module(
         lr_backbone=1e-3,
         lr_attention=5e-3,
@@ -737,12 +800,23 @@ def test_schedule_warms_up_then_decays_each_group_from_its_own_rate(
         warmup_epochs=warmup_epochs,
         min_lr_ratio=min_lr_ratio,
     )
-    config = _configure(module, steps=100, epochs=10)
+    config = _configure(module, steps=100, epochs=epochs)
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     base = {"backbone": 1e-3, "attention": 5e-3, "heads": 2e-2, "smram": 4e-4}
-    for step in range(101):
+    for step in range(131):
         factor = ref_multiplier(step, 100, warmup_steps, min_lr_ratio)
         for group in optimizer.param_groups:
             assert group["lr"] == pytest.approx(base[group["name"]] * factor), (step, group["name"])
         optimizer.step()
         scheduler.step()
+
+
+def test_schedule_defaults_are_plain_cosine_to_zero() -> None:
+    multiplier = WarmupCosine(100)
+    assert [multiplier(t) for t in (0, 50, 100, 130)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler(optimizer, 100)
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)

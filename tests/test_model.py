@@ -160,10 +160,10 @@ def test_reset_classifier_rebuilds_every_head() -> None:
     assert new[-1].shape == (9,) and old[-1].shape == (3,)
     with pytest.raises(ValueError):
         net.reset_classifier(0)
-    net.double()
-    net.reset_classifier(1)
+    net.to(device="meta", dtype=torch.float64)
+    net.reset_classifier(1)  # new heads follow the network's device and dtype
     assert net.num_classes == 1
-    assert {p.dtype for p in net.parameters()} == {torch.float64}
+    assert {(p.device.type, p.dtype) for p in net.parameters()} == {("meta", torch.float64)}
 
 
 @pytest.mark.parametrize(

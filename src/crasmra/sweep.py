@@ -648,6 +648,7 @@ def run_sweep(
     *,
     extra_args: Sequence[str] = (),
     groups: Iterable[str] | None = None,
+    seeds: Iterable[int] | None = None,
     dry_run: bool = False,
     validate: bool = True,
     echo: Callable[[str], None] = print,
@@ -660,6 +661,9 @@ def run_sweep(
         extra_args: ``crasmra fit`` flags added to every run that do not change its result
             (``--data.root``, ``--trainer.devices``...); they are not part of a run's identity.
         groups: Only run these grids (default: all).
+        seeds: Only run these of the sweep's seeds (default: all). Processes or machines that
+            share ``out`` can each take some seeds: their runs are disjoint, and run folders
+            are named as in the whole sweep.
         dry_run: List what would run, run nothing.
         validate: Parse every setting with the fit parser before running anything.
         echo: Where progress lines go.
@@ -670,13 +674,19 @@ def run_sweep(
     out = Path(out)
     spec = _select(spec, groups)
     runs, _ = plan_runs(spec)
+    if seeds is not None:
+        wanted = list(seeds)
+        unknown = sorted(set(wanted) - set(spec.seeds))
+        if unknown:
+            raise SweepError(f"seed(s) {unknown} are not in the sweep's seeds {spec.seeds}.")
+        runs = [run for run in runs if run.seed in wanted]
     if validate:
         validate_settings(spec, runs, extra_args)
     check_same_base(spec, out, runs)
     todo = [r for r in runs if not is_finished(out / r.folder)]
-    echo(f"{spec.title}: {len(runs)} runs ({len(runs) // len(spec.seeds)} settings x "
-         f"{len(spec.seeds)} seeds), {len(runs) - len(todo)} already finished, "
-         f"{len(todo)} to run.")
+    n_settings, n_seeds = len({r.setting_name for r in runs}), len({r.seed for r in runs})
+    echo(f"{spec.title}: {len(runs)} runs ({n_settings} settings x {n_seeds} seeds), "
+         f"{len(runs) - len(todo)} already finished, {len(todo)} to run.")
     summary: dict[str, Any] = {"runs": len(runs), "finished": len(runs) - len(todo), "ran": 0,
                                "failed": [], "wall_s": 0.0}
     if dry_run:

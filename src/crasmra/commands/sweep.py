@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="where results.md, results.json and plots/ go (default: --out)")
     parser.add_argument("--grid", action="append", metavar="NAME",
                         help="only this grid of the sweep file (repeatable)")
+    parser.add_argument("--seed", action="append", type=int, metavar="N", dest="seeds",
+                        help="only this seed of the sweep file (repeatable): processes or "
+                             "machines sharing --out can each run some seeds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a fit flag for every run that does not change results, e.g. "
                              "data.root=/data/CUB_200_2011 or trainer.devices=4 (repeatable); "
@@ -77,7 +80,8 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
             if not ns.dry_run:
                 _check_writable(out)
             start = time.perf_counter()
-            summary = run_sweep(spec, out, extra_args=extra, groups=ns.grid, dry_run=ns.dry_run)
+            summary = run_sweep(spec, out, extra_args=extra, groups=ns.grid, seeds=ns.seeds,
+                                dry_run=ns.dry_run)
             if ns.dry_run:
                 return 0
             print(f"Ran {summary['ran']} runs in {time.perf_counter() - start:.0f} s "
