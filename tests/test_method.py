@@ -276,6 +276,10 @@ def test_the_documented_ranges_are_accepted_at_their_edges() -> None:
             validate_hparams("resnet18", bad_classes)
     with pytest.raises(ValueError):
         SMRAM(4, num_stages=0)
+    with pytest.raises(ValueError, match=r"\(B, C\), got shape \(2, 3, 4\)"):
+        suppression_mask(torch.rand(2, 3, 4))
+    with pytest.raises(ValueError, match=r"\(B, S, H, W\), got shape \(2, 3\)"):
+        diversity_loss(torch.rand(2, 3))
 
 
 # ---- the network: which map feeds what ----------------------------------------------------------
@@ -469,6 +473,23 @@ def test_total_loss_is_the_weighted_sum(weights: dict, expected: tuple) -> None:
     torch.testing.assert_close(total, reference)
     torch.testing.assert_close(parts["diversity"], div.detach())
     torch.testing.assert_close(parts["stage5_ce"], stage_ce[2].detach())
+
+
+def test_training_step_optimises_the_objective(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss returned for backward is L of the batch, and it is logged with its parts."""
+    module = _module(alpha=1.5, beta=0.5, gamma=2.0).train()
+    images, target = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    logged: dict[str, object] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.update({name: value}))
+    monkeypatch.setattr(module, "log_dict", lambda values, **kw: logged.update(values))
+    total = module.training_step((images, target), 0)
+    expected, parts = module.compute_loss(module(images), target)
+    torch.testing.assert_close(total, expected)
+    assert total.requires_grad
+    torch.testing.assert_close(logged.pop("train/loss"), expected.detach())
+    assert set(logged) == {f"train/{k}" for k in parts}
+    for k, v in parts.items():
+        torch.testing.assert_close(logged[f"train/{k}"], v)
 
 
 def test_smram_reads_the_enhanced_maps_and_its_gradient_reaches_the_network() -> None:

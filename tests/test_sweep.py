@@ -222,6 +222,22 @@ def test_dry_run_lists_and_runs_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     assert not (tmp_path / "out").exists()
 
 
+def test_seed_shards_are_disjoint_and_named_as_the_whole_sweep(tmp_path: Path) -> None:
+    spec = _spec(launcher="in-process")
+    whole, _ = sw.plan_runs(spec)
+    shards = []
+    for seeds in ([0, 1], [2]):
+        lines: list[str] = []
+        sw.run_sweep(spec, tmp_path, seeds=seeds, validate=False, dry_run=True,
+                     echo=lines.append)
+        assert f"(11 settings x {len(seeds)} seeds)" in lines[0]
+        shards.append({line.split("would run ")[1] for line in lines if "would run" in line})
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == {str(run.folder) for run in whole}
+    with pytest.raises(sw.SweepError, match=r"seed\(s\) \[7\]"):
+        sw.run_sweep(spec, tmp_path, seeds=[7], validate=False, dry_run=True, echo=print)
+
+
 # ---------------------------------------------------------------------------------------------
 # Aggregation and report
 # ---------------------------------------------------------------------------------------------
