@@ -294,6 +294,7 @@ def test_plain_has_no_attention_heads_or_smram() -> None:
     assert list(rebuilt.state_dict()) == list(net.state_dict())
     net.reset_classifier(7)
     assert net.backbone.model.fc.out_features == 7 and net.config["num_classes"] == 7
+    assert net.num_classes == 7
     assert net(torch.randn(1, 3, 64, 64)).probs.shape == (1, 7)
 
 
