@@ -63,13 +63,18 @@ def run_cli(args: Sequence[str]) -> int:
     return main(list(args))
 
 
+def _trained_run(factory: pytest.TempPathFactory, name: str, *extra: str) -> Path:
+    """A run folder of a tiny fit through the command line, with its checkpoints."""
+    root = factory.mktemp(name)
+    assert run_cli(tiny_fit_args(root, *extra)) == 0
+    assert (root / "checkpoints" / "best.ckpt").is_file()
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder with best/last checkpoints of a two-epoch tiny fit, trained once per session."""
-    root = tmp_path_factory.mktemp("tiny-run")
-    assert run_cli(tiny_fit_args(root, "--trainer.max_epochs=2")) == 0
-    assert (root / "checkpoints" / "best.ckpt").is_file()
-    return root
+    return _trained_run(tmp_path_factory, "tiny-run", "--trainer.max_epochs=2")
 
 
 @pytest.fixture(scope="session")
@@ -81,10 +86,7 @@ def tiny_checkpoint(tiny_run: Path) -> Path:
 @pytest.fixture(scope="session")
 def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder of a one-epoch tiny fit of the ``plain`` variant (timm's own classifier)."""
-    root = tmp_path_factory.mktemp("plain-run")
-    assert run_cli(tiny_fit_args(root, "--model.variant=plain")) == 0
-    assert (root / "checkpoints" / "best.ckpt").is_file()
-    return root
+    return _trained_run(tmp_path_factory, "plain-run", "--model.variant=plain")
 
 
 @pytest.fixture(scope="session")
