@@ -108,7 +108,7 @@ def _make_cli_class() -> type:
         keep_final_epoch_without_validation,
     )
     from crasmra.checkpoint import load_checkpoint_file
-    from crasmra.cpu import configure_cpu
+    from crasmra.cpu import configure_cpu, runs_on_cpu
     from crasmra.cpu import log as cpu_log
     from crasmra.engine import MONITOR, RNGStateCallback
 
@@ -193,14 +193,17 @@ def _make_cli_class() -> type:
             # every check (_announce_cpu), so that a bad input still gets a one-line error.
             accelerator = config.trainer.get("accelerator") or "auto"
             device = accelerator if accelerator in ("cpu", "auto") else "cuda"
-            self._cpu_plan = configure_cpu(
+            plan = configure_cpu(
                 device, config.data.num_workers, config.get("threads"), announce=False
             )
-            config.data.num_workers = self._cpu_plan.workers
+            config.data.num_workers = plan.workers
+            # Announced where crasmra chose or was told the threads, not on an accelerator.
+            chosen = runs_on_cpu(device) or plan.source != "auto"
+            self._cpu_plan = plan if chosen else None
 
         def _announce_cpu(self) -> None:
             plan = getattr(self, "_cpu_plan", None)
-            if plan is not None and (plan.source != "auto" or _computes_on_cpu(self.trainer)):
+            if plan is not None:
                 cpu_log.info(plan.describe())
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
@@ -273,16 +276,16 @@ def _make_cli_class() -> type:
     return CRASMRACLI
 
 
-def _computes_on_cpu(trainer: Any) -> bool:
-    """Whether ``trainer`` computes on the CPU (where crasmra chose the threads and workers)."""
-    return getattr(trainer.strategy.root_device, "type", "cpu") == "cpu"
+def _earlier_run_files(root: Path) -> list[Path]:
+    """The checkpoints and metrics files an earlier ``fit`` left in ``root``."""
+    checkpoints = root / "checkpoints"
+    earlier = sorted(checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
+    return earlier + [p for p in (root / "metrics.csv", root / "metrics.json") if p.is_file()]
 
 
 def _refuse_earlier_run(root: Path) -> None:
     """Fail when ``root`` holds another run's results, which a fresh ``fit`` would replace."""
-    checkpoints = root / "checkpoints"
-    earlier = sorted(checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
-    earlier += [p for p in (root / "metrics.csv", root / "metrics.json") if p.is_file()]
+    earlier = _earlier_run_files(root)
     if earlier:
         raise UsageError(
             f"{root} already holds an earlier run ({', '.join(p.name for p in earlier[:3])}). "
@@ -296,9 +299,7 @@ def _clear_earlier_run(root: Path) -> None:
     with the new run's files (Lightning would otherwise write ``best-v1.ckpt`` beside them)."""
     import shutil
 
-    checkpoints = root / "checkpoints"
-    earlier = sorted(checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
-    earlier += [p for p in (root / "metrics.csv", root / "metrics.json") if p.is_file()]
+    earlier = _earlier_run_files(root)
     for path in earlier:
         path.unlink()
     for folder in ("tensorboard", "test", "validate"):

@@ -218,28 +218,18 @@ def configure_cpu(
     Returns:
         The plan in force; use its ``workers`` for the data loaders.
     """
+    import torch
+
     cpus = usable_cpus()
     if runs_on_cpu(device):
         plan = plan_cpu(cpus, workers, threads)
+    elif threads is None:
+        return CPUPlan(cpus, torch.get_num_threads(), workers)
     else:
-        if threads is not None:
-            plan_cpu(cpus, 0, threads)  # validates the value
-        plan = CPUPlan(
-            cpus,
-            threads if threads is not None else _current_threads(),
-            workers,
-            "auto" if threads is None else "--threads",
-        )
-        if threads is None:
-            return plan
+        # plan_cpu validates the threads; the workers stay as asked.
+        plan = CPUPlan(cpus, plan_cpu(cpus, 0, threads).threads, workers, "--threads")
     apply_cpu_plan(plan, announce)
     return plan
-
-
-def _current_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def add_threads_option(parser: Any) -> None:

@@ -49,6 +49,13 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
         )
 
 
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not (isinstance(value, int) and value >= minimum):
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}, got {value!r}; change --model.{name}."
+        )
+
+
 class CRASMRAModule(L.LightningModule):
     """CRA-SMRA training wrapper: network + SMRAM + loss + optimiser + metrics.
 
@@ -172,13 +179,7 @@ class CRASMRAModule(L.LightningModule):
             )
         _check_positive("weight_decay", weight_decay, allow_zero=True)
         _check_positive("warmup_epochs", warmup_epochs, allow_zero=True)
-        if isinstance(freeze_backbone_epochs, bool) or not (
-            isinstance(freeze_backbone_epochs, int) and freeze_backbone_epochs >= 0
-        ):
-            raise ValueError(
-                f"freeze_backbone_epochs must be an integer >= 0, got {freeze_backbone_epochs!r}; "
-                "change --model.freeze_backbone_epochs."
-            )
+        _check_int("freeze_backbone_epochs", freeze_backbone_epochs, minimum=0)
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(
                 f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}; "
@@ -189,13 +190,7 @@ class CRASMRAModule(L.LightningModule):
                 f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}; "
                 "change --model.nonfinite_loss."
             )
-        if isinstance(nonfinite_check_interval, bool) or not (
-            isinstance(nonfinite_check_interval, int) and nonfinite_check_interval >= 1
-        ):
-            raise ValueError(
-                "nonfinite_check_interval must be an integer >= 1, got "
-                f"{nonfinite_check_interval!r}; change --model.nonfinite_check_interval."
-            )
+        _check_int("nonfinite_check_interval", nonfinite_check_interval, minimum=1)
         if classes is not None and len(classes) != num_classes:
             raise ValueError(
                 f"{len(classes)} class names were given for num_classes={num_classes}; "
@@ -248,6 +243,9 @@ class CRASMRAModule(L.LightningModule):
         self._nonfinite_names: tuple[str, ...] = ()
         self._batches_since_check = 0
         self._skipped_at_epoch_start = 0
+        # freeze_backbone_epochs: whether the backbone is frozen now, and which parameters.
+        self._backbone_frozen = False
+        self._frozen_params: list[nn.Parameter] = []
 
     # ------------------------------------------------------------------ construction helpers
     def _make_metrics(self, prefix: str) -> MetricCollection:
@@ -419,7 +417,7 @@ class CRASMRAModule(L.LightningModule):
     @property
     def backbone_frozen(self) -> bool:
         """Whether the backbone is held as loaded (``freeze_backbone_epochs``) right now."""
-        return getattr(self, "_backbone_frozen", False)
+        return self._backbone_frozen
 
     def _set_backbone_frozen(self, frozen: bool) -> None:
         if frozen == self.backbone_frozen:
@@ -430,7 +428,7 @@ class CRASMRAModule(L.LightningModule):
             self._frozen_params = list(self.net.parameter_groups()["backbone"])
         # Parameters without a gradient are skipped by SGD (no update, no weight decay), and
         # autograd then computes no weight gradients for them, which also saves their cost.
-        for param in getattr(self, "_frozen_params", []):
+        for param in self._frozen_params:
             param.requires_grad_(not frozen)
         self._backbone_frozen = frozen
         if frozen:
@@ -445,7 +443,7 @@ class CRASMRAModule(L.LightningModule):
         """Set train/eval mode; the backbone's BatchNorm layers stay in eval mode while the
         backbone is frozen or with ``freeze_backbone_bn``."""
         super().train(mode)
-        if mode and (self.backbone_frozen or self.hparams.get("freeze_backbone_bn", False)):
+        if mode and (self.backbone_frozen or self.hparams.freeze_backbone_bn):
             for module in self.net.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
