@@ -172,7 +172,7 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(
     _write_metrics(tmp_path / runs[2].folder, 0.5, test=False)     # failed before a checkpoint
     calls: list[list[str]] = []
 
-    def fake_fit(args: list[str], threads: int | None) -> None:
+    def fake_fit(args: list[str]) -> None:
         calls.append(args)
         root = Path(next(a for a in args if a.startswith("--trainer.default_root_dir="))
                     .split("=", 1)[1])

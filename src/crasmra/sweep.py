@@ -599,12 +599,10 @@ def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[
 # ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
-def _run_in_process(args: list[str], threads: int | None) -> None:
+def _run_in_process(args: list[str]) -> None:
     """Run one fit in this process; a Ctrl-C that Lightning absorbed is raised again."""
     from crasmra.cli import run_lightning
 
-    if threads is not None:
-        args = [*args, f"--threads={threads}"]
     # The folder already holds the sweep's own sweep_run.json; nothing of Lightning's is lost.
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* is not empty")
     handler = signal.getsignal(signal.SIGINT)
@@ -621,16 +619,11 @@ def _run_in_process(args: list[str], threads: int | None) -> None:
         raise KeyboardInterrupt
 
 
-def _run_subprocess(args: list[str], threads: int | None, log_path: Path) -> None:
+def _run_subprocess(args: list[str], log_path: Path) -> None:
     """Run one fit as ``python -m crasmra.cli``, its output in ``log_path``."""
-    import os
-
-    env = dict(os.environ)
-    if threads is not None:
-        args = [*args, f"--threads={threads}"]
     with log_path.open("a") as log_file:
         proc = subprocess.run([sys.executable, "-m", "crasmra.cli", *args], stdout=log_file,
-                              stderr=subprocess.STDOUT, env=env, check=False)
+                              stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"`crasmra fit` exited with status {proc.returncode}; see {log_path}")
 
@@ -697,13 +690,16 @@ def run_sweep(
     (out / "sweep.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     fingerprint = base_fingerprint(spec.base)
     start = time.perf_counter()
+    # The sweep's thread count reaches every run, whichever launcher starts it.
+    threads = [f"--threads={spec.threads}"] if spec.threads is not None else []
+    run_flags = [*extra_args, *threads]
     for i, run in enumerate(todo, 1):
         run_dir = (out / run.folder).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         resume = spec.resume and (run_dir / "checkpoints" / "last.ckpt").is_file()
         if not resume:
             _clean_for_fresh_start(run_dir)
-        args = run.fit_args(spec.base, run_dir, extra_args, resume=resume)
+        args = run.fit_args(spec.base, run_dir, run_flags, resume=resume)
         record = {"setting": dict(run.overrides), "seed": run.seed, "args": args,
                   "base_fingerprint": fingerprint, "launcher": spec.launcher,
                   "resumed": resume, "status": "running"}
@@ -712,9 +708,9 @@ def run_sweep(
         t0 = time.perf_counter()
         try:
             if spec.launcher == "in-process":
-                _run_in_process(args, spec.threads)
+                _run_in_process(args)
             else:
-                _run_subprocess(args, spec.threads, run_dir / "sweep.log")
+                _run_subprocess(args, run_dir / "sweep.log")
             if not is_finished(run_dir):
                 raise RuntimeError("the run ended without test results in metrics.json")
         except KeyboardInterrupt:
