@@ -12,8 +12,7 @@ The public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from crasmra._version import __version__
 from crasmra.layers import CRAM, SMRAM, diversity_loss, suppression_mask
 from crasmra.losses import CRASMRALoss
 from crasmra.model import VARIANTS, CRASMRANet, ModelOutput, create_model

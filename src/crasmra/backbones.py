@@ -27,6 +27,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from crasmra.errors import CrasmraError
+
 __all__ = [
     "PretrainedWeightsError",
     "StagedBackbone",
@@ -44,7 +46,7 @@ PretrainedArg = bool | str | os.PathLike
 _TORCH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(CrasmraError, RuntimeError):
     """Pretrained weights could not be obtained or do not fit the backbone."""
 
 

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from crasmra import __version__
+from crasmra._version import __version__
 from crasmra.checkpoint import save_atomic, write_atomic
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,8 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from crasmra.errors import CrasmraError
+
 log = logging.getLogger(__name__)
 
 #: Layout version of the ``"crasmra"`` entry in checkpoints. Bumped on incompatible changes.
@@ -32,7 +34,7 @@ SMRAM_PREFIX = "smram."
 SAFETENSORS_META_KEY = "crasmra"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CrasmraError, ValueError):
     """A checkpoint or weights file that cannot be used, with the reason and the remedy."""
 
 
@@ -342,6 +344,6 @@ def build_metadata(
 
 
 def _package_version() -> str:
-    from crasmra import __version__
+    from crasmra._version import __version__
 
     return __version__

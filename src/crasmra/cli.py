@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from crasmra import __version__
+from crasmra._version import __version__
+from crasmra.errors import CrasmraError, UsageError
 
 log = logging.getLogger("crasmra")
 
@@ -31,10 +32,6 @@ LIGHTNING_COMMANDS = {
     "validate": "evaluate a checkpoint on the validation split",
     "test": "evaluate a checkpoint on the test split",
 }
-
-
-class UsageError(Exception):
-    """A problem with the user's input; printed as one message without a traceback."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,33 +600,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0 if not argv else 2
         return int(ns.func(ns) or 0)
-    except UsageError as err:
-        print(f"crasmra: error: {err}", file=sys.stderr)
-        return 2
+    except CrasmraError as err:
+        if os.environ.get("CRASMRA_DEBUG") and not isinstance(err, UsageError):
+            raise
+        print(f"crasmra: error: {err.one_line()}", file=sys.stderr)
+        return err.exit_code
     except (ValueError, FileNotFoundError) as err:
         # Input validation across the package raises these with a message that says what to
         # change; a traceback would only bury it.
         if os.environ.get("CRASMRA_DEBUG"):
             raise
         print(f"crasmra: error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:
-        # A non-finite training loss (crasmra.engine.NonFiniteLossError): the run failed rather
-        # than the input, hence exit code 1; the message names the step, the loss terms and
-        # the remedies, and the checkpoints written before it are intact.
-        if os.environ.get("CRASMRA_DEBUG"):
-            raise
-        print(f"crasmra: error: training stopped: {err}", file=sys.stderr)
-        return 1
-    except RuntimeError as err:
-        backbones = sys.modules.get("crasmra.backbones")
-        weights_error = getattr(backbones, "PretrainedWeightsError", None)
-        if weights_error is None or not isinstance(err, weights_error):
-            raise
-        if os.environ.get("CRASMRA_DEBUG"):
-            raise
-        # An unreadable --model.pretrained file is bad input like any other.
-        print(f"crasmra: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from crasmra import __version__
+from crasmra._version import __version__
 from crasmra.checkpoint import FORMAT_VERSION, read_network_state
+from crasmra.errors import CrasmraError
 from crasmra.layers import SMRAM
 from crasmra.losses import CRASMRALoss
 from crasmra.model import CRASMRANet, ModelOutput, create_model
@@ -36,8 +37,16 @@ MONITOR = f"val/{COMBINED}_top1"
 NonFinitePolicy = Literal["stop", "skip"]
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Raised when the training loss becomes NaN or infinite and the policy is ``"stop"``."""
+class NonFiniteLossError(CrasmraError, FloatingPointError):
+    """Raised when the training loss becomes NaN or infinite and the policy is ``"stop"``.
+
+    The run failed rather than its input, hence exit status 1.
+    """
+
+    exit_code = 1
+
+    def one_line(self) -> str:
+        return f"training stopped: {super().one_line()}"
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:

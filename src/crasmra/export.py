@@ -43,6 +43,7 @@ from crasmra.checkpoint import (
     network_state_dict,
     save_safetensors,
 )
+from crasmra.errors import CrasmraError
 from crasmra.model import CRASMRANet
 
 __all__ = [
@@ -69,8 +70,10 @@ EXPORT_HINT = 'ONNX export needs onnx and onnxruntime: pip install "crasmra[expo
 TORCHSCRIPT_META = "crasmra.json"
 
 
-class ExportParityError(RuntimeError):
+class ExportParityError(CrasmraError, RuntimeError):
     """The exported model's outputs differ from the eager network's by more than allowed."""
+
+    exit_code = 1
 
 
 class ExportWrapper(nn.Module):

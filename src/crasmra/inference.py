@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from crasmra import __version__
+from crasmra._version import __version__
 from crasmra.checkpoint import (
     CheckpointError,
     build_metadata,

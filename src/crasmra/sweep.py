@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from crasmra.callbacks import write_json_atomic
+from crasmra.errors import CrasmraError
 
 __all__ = [
     "Grid",
@@ -96,7 +97,7 @@ VARIANT_LABELS = {
 RUN_FILE = "sweep_run.json"
 
 
-class SweepError(ValueError):
+class SweepError(CrasmraError, ValueError):
     """A problem with a sweep file or its output folder, with a message that says what to change."""
 
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from crasmra.cli import UsageError
 from crasmra.cpu import add_threads_option
+from crasmra.errors import UsageError
 
 
 def register(subparsers: Any) -> None:

@@ -52,7 +52,7 @@ def _warn_exposed(host: str) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     """Handler of ``crasmra serve``."""
-    from crasmra.cli import UsageError
+    from crasmra.errors import UsageError
 
     if not 0 <= ns.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {ns.port}.")

@@ -7,8 +7,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from crasmra.cli import UsageError
 from crasmra.cpu import add_threads_option
+from crasmra.errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from crasmra.errors import CrasmraError
+
 __all__ = ["DatasetRootError", "ImageLoadError"]
 
 
-class DatasetRootError(FileNotFoundError):
+class DatasetRootError(CrasmraError, FileNotFoundError):
     """A dataset root is missing, has the wrong layout, or lacks listed files.
 
     The message names the expected layout, what is missing and where the data comes from,
@@ -13,7 +15,7 @@ class DatasetRootError(FileNotFoundError):
     """
 
 
-class ImageLoadError(OSError):
+class ImageLoadError(CrasmraError, OSError):
     """An image file could not be decoded (truncated, corrupt, empty, not an image, too large).
 
     Attributes:

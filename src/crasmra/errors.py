@@ -1,0 +1,29 @@
+"""The errors crasmra reports to a user, with one base class.
+
+Every error here carries a message that says what to change. The command line prints it as one
+line, without a traceback, and exits with the error's ``exit_code``: 2 for bad input (the
+convention of argparse), 1 for a run that failed on good input. This module imports nothing
+from the package, so every layer may raise these errors.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CrasmraError", "UsageError"]
+
+
+class CrasmraError(Exception):
+    """Base class of the errors that reach a user as one line.
+
+    Attributes:
+        exit_code: The command line's exit status for this error.
+    """
+
+    exit_code: int = 2
+
+    def one_line(self) -> str:
+        """The message with its whitespace folded, as the command line prints it."""
+        return " ".join(str(self).split())
+
+
+class UsageError(CrasmraError):
+    """A problem with the user's input: a flag, a path or a combination of options."""
