@@ -163,7 +163,9 @@ def test_validate_and_test_on_a_checkpoint(tiny_run: Path, tiny_checkpoint: Path
         assert code == 0
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     best_val = metrics["best_val"]["metrics"]["val/combined_top1"]
-    assert metrics["validate"]["val/combined_top1"] == pytest.approx(best_val)
+    validated = json.loads((tiny_run / "validate" / "metrics.json").read_text())
+    assert validated["validate"]["val/combined_top1"] == pytest.approx(best_val)
+    assert "validate" not in metrics and (tiny_run / "test" / "metrics.json").is_file()
 
 
 @pytest.mark.slow
@@ -201,7 +203,9 @@ def test_two_process_ddp_on_cpu_agrees_on_metrics(tmp_path: Path) -> None:
         )
         == 0
     )
-    single = json.loads((root / "metrics.json").read_text())["validate"]["val/combined_top1"]
+    single = json.loads((root / "validate" / "metrics.json").read_text())["validate"][
+        "val/combined_top1"
+    ]
     assert single == pytest.approx(ddp_top1)
 
 

@@ -12,10 +12,16 @@ The public API::
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from crasmra._version import __version__
-from crasmra.layers import CRAM, SMRAM, diversity_loss, suppression_mask
-from crasmra.losses import CRASMRALoss
-from crasmra.model import VARIANTS, CRASMRANet, ModelOutput, create_model
+
+if TYPE_CHECKING:
+    from crasmra.inference import load_model
+    from crasmra.layers import CRAM, SMRAM, diversity_loss, suppression_mask
+    from crasmra.losses import CRASMRALoss
+    from crasmra.model import VARIANTS, CRASMRANet, ModelOutput, create_model
 
 __all__ = [
     "CRAM",
@@ -31,12 +37,30 @@ __all__ = [
     "suppression_mask",
 ]
 
+# Where each public name lives. They are imported on first use (PEP 562), so that
+# `crasmra --version` and `crasmra --help` answer without importing torch.
+_PUBLIC = {
+    "CRAM": "crasmra.layers",
+    "SMRAM": "crasmra.layers",
+    "diversity_loss": "crasmra.layers",
+    "suppression_mask": "crasmra.layers",
+    "CRASMRALoss": "crasmra.losses",
+    "VARIANTS": "crasmra.model",
+    "CRASMRANet": "crasmra.model",
+    "ModelOutput": "crasmra.model",
+    "create_model": "crasmra.model",
+    "load_model": "crasmra.inference",
+}
+
 
 def __getattr__(name: str):
-    # load_model pulls in the inference stack (safetensors, Lightning checkpoints); import it
-    # on first use so that `import crasmra` stays light.
-    if name == "load_model":
-        from crasmra.inference import load_model
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'crasmra' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return load_model
-    raise AttributeError(f"module 'crasmra' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

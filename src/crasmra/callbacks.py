@@ -151,6 +151,9 @@ def keep_final_epoch_without_validation(trainer: L.Trainer, has_validation: bool
 class MetricsFileCallback(L.Callback):
     """Keep ``metrics.json`` in the run folder up to date.
 
+    A stand-alone ``validate`` or ``test`` writes into ``folder`` (its own subfolder) instead, so
+    that evaluating never changes a training run's record nor blocks a later ``fit``.
+
     It holds the validation metrics of the best epoch (chosen like ModelCheckpoint does: the
     highest ``monitor`` value on the validation split, the first epoch on ties), the last
     validation metrics, how ``best.ckpt`` was chosen (``selection``, see :func:`selection_of`;
@@ -160,6 +163,7 @@ class MetricsFileCallback(L.Callback):
     def __init__(self, monitor: str = "val/combined_top1") -> None:
         self.monitor = monitor
         self.best: dict[str, Any] | None = None
+        self.folder: Path | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}
@@ -174,7 +178,7 @@ class MetricsFileCallback(L.Callback):
         }
 
     def _path(self, trainer: L.Trainer) -> Path:
-        return Path(trainer.default_root_dir) / "metrics.json"
+        return Path(self.folder or trainer.default_root_dir) / "metrics.json"
 
     def _update(self, trainer: L.Trainer, **entries: Any) -> None:
         path = self._path(trainer)

@@ -24,6 +24,7 @@ from typing import Any
 
 from crasmra._version import __version__
 from crasmra.errors import CrasmraError, UsageError
+from crasmra.flags import CrasmraArgumentParser, lightning_parser_class
 
 log = logging.getLogger("crasmra")
 
@@ -111,6 +112,11 @@ def _make_cli_class() -> type:
 
     class CRASMRACLI(LightningCLI):
         """LightningCLI with crasmra's run-folder layout, links and input checks."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # No flag abbreviations, and one-line errors (see crasmra.flags).
+            kwargs.setdefault("parser_class", lightning_parser_class())
+            super().__init__(*args, **kwargs)
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             # A ModelCheckpoint whose last.ckpt follows every epoch (see ResumableCheckpoint).
@@ -211,7 +217,11 @@ def _make_cli_class() -> type:
                 # training run's metrics.csv, config.yaml or TensorBoard events.
                 log_root = Path(root) if self.subcommand == "fit" else Path(root) / self.subcommand
                 resuming = self.subcommand == "fit" and self.config.fit.get("ckpt_path")
-                kwargs["logger"] = default_loggers(log_root, append=bool(resuming))
+                # An evaluation appends its rows: a later (even a failing) one never deletes
+                # what an earlier one wrote.
+                kwargs["logger"] = default_loggers(
+                    log_root, append=bool(resuming) or self.subcommand != "fit"
+                )
             kwargs["default_root_dir"] = root
             kwargs["plugins"] = _with_atomic_checkpoint_io(trainer_config.get("plugins"))
             return super().instantiate_trainer(**kwargs)
@@ -223,13 +233,38 @@ def _make_cli_class() -> type:
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
             if ckpt_path and Path(ckpt_path).is_file():
-                load_checkpoint_file(ckpt_path)
+                checkpoint = load_checkpoint_file(ckpt_path)
+                if subcommand in ("validate", "test"):
+                    self._data_from_checkpoint(subcommand, checkpoint)
             super()._parse_ckpt_path()
+
+        def _data_from_checkpoint(self, subcommand: str, checkpoint: dict[str, Any]) -> None:
+            # Evaluating a checkpoint without any data option means "on the data it was trained
+            # on": the checkpoint stores those settings, the parser's defaults are another set.
+            stored = checkpoint.get("datamodule_hyper_parameters")
+            if not isinstance(stored, dict):
+                return
+            given = self.config[subcommand].data.as_dict()
+            defaults = self._subcommand_parsers[subcommand].get_defaults().data.as_dict()
+            # data.backbone follows model.backbone (a link), whatever the user gave.
+            given.pop("backbone", None)
+            defaults.pop("backbone", None)
+            if given != defaults:
+                return
+            stored = {k: v for k, v in stored.items() if not k.startswith("_")}
+            self.config = self.parser.parse_object({subcommand: {"data": stored}}, self.config)
+            log.info(
+                "No --data options or --config: evaluating on the data the checkpoint was "
+                "trained with (dataset %s%s).",
+                stored.get("dataset"),
+                f" at {stored['root']}" if stored.get("root") else "",
+            )
 
         def before_fit(self) -> None:
             root = Path(self.trainer.default_root_dir)
             _check_free_space(root, self.model)
             self._announce_cpu()
+            log.info("Model: %s", describe_model(self.model))
             if self.config.fit.get("overwrite") and not self.config.fit.get("ckpt_path"):
                 # Only now, once the configuration, the data and the network have been checked:
                 # bad input must never cost the earlier run.
@@ -242,7 +277,19 @@ def _make_cli_class() -> type:
                 # Lightning's note on the empty validation loader says nothing new then.
                 warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
 
+        def _evaluation_folder(self) -> None:
+            # Lightning notes that a checkpoint from another folder does not restore the
+            # checkpoint callback's bookkeeping; an evaluation needs none of it.
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+            # A stand-alone evaluation keeps its metrics.json beside its metrics.csv, in
+            # ROOT/validate or ROOT/test, out of the training run's record.
+            folder = Path(self.trainer.default_root_dir) / self.subcommand
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, MetricsFileCallback):
+                    callback.folder = folder
+
         def before_validate(self) -> None:
+            self._evaluation_folder()
             if not getattr(self.datamodule, "has_val", True):
                 raise UsageError(
                     "`validate` needs a validation split and this data has none (the paper "
@@ -253,6 +300,7 @@ def _make_cli_class() -> type:
             self._announce_cpu()
 
         def before_test(self) -> None:
+            self._evaluation_folder()
             self._announce_cpu()
 
         def after_fit(self) -> None:
@@ -263,14 +311,30 @@ def _make_cli_class() -> type:
             best = getattr(ckpt, "best_model_path", "") or None
             if self.trainer.interrupted:
                 return
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+            self.trainer.test(
+                self.model, datamodule=self.datamodule, ckpt_path=best, verbose=self.verbose_test
+            )
 
+    #: Whether the test after `fit` prints Lightning's table (the demo prints its own).
+    CRASMRACLI.verbose_test = True  # type: ignore[attr-defined]
     CRASMRACLI.persistent_callbacks = lambda: [  # type: ignore[attr-defined]
         RNGStateCallback(),
         RunInfoCallback(),
         MetricsFileCallback(MONITOR),
     ]
     return CRASMRACLI
+
+
+def describe_model(module: Any) -> str:
+    """One line for the log: the backbone, the variant and the parameter counts.
+
+    It replaces Lightning's model summary table, whose FLOPs column reads 0 for this module.
+    """
+    config = getattr(getattr(module, "net", None), "config", {}) or {}
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    name = f"{config.get('backbone', type(module).__name__)} {config.get('variant', '')}".strip()
+    return f"{name}, {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable)"
 
 
 def _earlier_run_files(root: Path) -> list[Path]:
@@ -429,12 +493,18 @@ def expand_config_args(args: Sequence[str]) -> list[str]:
     return out
 
 
-def run_lightning(args: Sequence[str] | dict[str, Any]) -> Any:
-    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``) and return the CLI object."""
+def run_lightning(args: Sequence[str] | dict[str, Any], verbose_test: bool = True) -> Any:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``) and return the CLI object.
+
+    Args:
+        args: The command line after ``crasmra``, or a parsed config.
+        verbose_test: Whether the test after ``fit`` prints Lightning's metrics table.
+    """
     from crasmra.data import FGVCDataModule
     from crasmra.engine import CRASMRAModule
 
     cli_class = _make_cli_class()
+    cli_class.verbose_test = verbose_test
     # `args` is how every crasmra entry point (main, demo, sweep) hands LightningCLI its
     # arguments; LightningCLI's warning about sys.argv also being set does not apply.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -444,6 +514,8 @@ def run_lightning(args: Sequence[str] | dict[str, Any]) -> Any:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "default_root_dir": "runs/crasmra",
+            # One line from before_fit instead (describe_model).
+            "enable_model_summary": False,
             "callbacks": cli_class.persistent_callbacks(),
         },
         seed_everything_default=0,
@@ -485,9 +557,9 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     if ns.threads is not None:
         args.append(f"--threads={ns.threads}")
     if ns.quiet:
-        args += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+        args.append("--trainer.enable_progress_bar=false")
     start = time.perf_counter()
-    cli = run_lightning(args)
+    cli = run_lightning(args, verbose_test=False)
     elapsed = time.perf_counter() - start
     print(format_results_table(out / "metrics.json", cli.datamodule.num_classes))
     print(f"\nWall time: {elapsed:.0f} s. Run folder: {out}")
@@ -504,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; LightningCLI subcommands are listed and handed over unparsed."""
     from crasmra.cpu import add_threads_option
 
-    parser = argparse.ArgumentParser(
+    parser = CrasmraArgumentParser(
         prog="crasmra",
         description="CRA-SMRA fine-grained visual classification: train, evaluate and use models.",
         epilog="Run `crasmra COMMAND --help` for a command's options.",
@@ -579,9 +651,13 @@ def _configure_logging() -> None:
     log.setLevel(os.environ.get("CRASMRA_LOG_LEVEL", "INFO").upper())
     log.propagate = False
     # Lightning advertises a hosted logger on every run; that is noise in a research tool's output.
+    # Nor does it help to hear that the training loader is loaded to count the steps.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not str(record.msg).startswith("💡")
+        lambda record: not str(record.msg).startswith(("💡", "Loading `train_dataloader`"))
     )
+    # crasmra refuses a run folder that holds an earlier run (or clears it with --overwrite)
+    # before Lightning looks; its warning about a non-empty folder would only repeat that.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     # Raised inside Lightning's own utilities on current torch; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 

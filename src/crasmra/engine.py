@@ -554,6 +554,15 @@ class CRASMRAModule(L.LightningModule):
         if meta is None:
             raise ValueError("This checkpoint was not written by crasmra (no 'crasmra' entry).")
         saved = meta["net_config"]
+        trainer = self._trainer
+        evaluating = trainer is not None and trainer.state.fn in ("validate", "test")
+        if saved.get("num_classes") != self.hparams.num_classes and evaluating:
+            raise ValueError(
+                f"The checkpoint was trained for {saved.get('num_classes')} classes but the data "
+                f"has {self.hparams.num_classes}. Evaluate it on the data it was trained on: "
+                "pass that run's --config, or no --config and no --data options to use the data "
+                "settings stored in the checkpoint."
+            )
         if saved.get("num_classes") != self.hparams.num_classes:
             raise ValueError(
                 f"The checkpoint was trained for {saved.get('num_classes')} classes but the data "

@@ -8,7 +8,7 @@ from the package, so every layer may raise these errors.
 
 from __future__ import annotations
 
-__all__ = ["CrasmraError", "UsageError"]
+__all__ = ["CrasmraError", "MissingExtraError", "UsageError"]
 
 
 class CrasmraError(Exception):
@@ -27,3 +27,21 @@ class CrasmraError(Exception):
 
 class UsageError(CrasmraError):
     """A problem with the user's input: a flag, a path or a combination of options."""
+
+
+class MissingExtraError(CrasmraError, ImportError):
+    """An optional dependency group is not installed; the message gives the install command.
+
+    Args:
+        what: What needs the extra, e.g. ``"Grad-CAM"``.
+        extra: The name of the extra in ``pyproject.toml``.
+        packages: The packages the extra brings, for the message.
+    """
+
+    def __init__(self, what: str, extra: str, packages: str) -> None:
+        self.extra = extra
+        super().__init__(
+            f"{what} needs {packages}, from crasmra's optional '{extra}' extra: "
+            f'pip install "crasmra[{extra}]" (in a clone of the repository: '
+            f'pip install -e ".[{extra}]")'
+        )

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from crasmra.errors import MissingExtraError
 from crasmra.data import load_image
 from crasmra.layers import CRAM, SMRAM
 from crasmra.model import CRASMRANet
@@ -56,7 +57,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-VIZ_HINT = 'Grad-CAM needs the grad-cam package: pip install "crasmra[viz]"'
 #: Opacity of a heat map drawn over the image.
 OVERLAY_ALPHA = 0.5
 #: Width (inches) of one panel of a CAM grid.
@@ -130,7 +130,7 @@ def _gradcam_classes() -> tuple[Any, Any]:
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError as err:
-        raise ImportError(VIZ_HINT) from err
+        raise MissingExtraError("Grad-CAM", "viz", "the grad-cam package") from err
     return GradCAM, ClassifierOutputTarget
 
 
@@ -230,7 +230,8 @@ def _denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> 
 
 
 def _wrap(text: str, width: int = 60) -> str:
-    return "\n".join(textwrap.wrap(text, width)) or text
+    # Not at hyphens: "wing-striped" split over two lines reads as two words.
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text
 
 
 def plot_cam_grid(
@@ -334,17 +335,18 @@ def plot_reliability(calibration: dict[str, Any], out_path: str | Path, *, title
     fig = _new_figure(4.5, 5.2)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.bar(lower[filled], acc[filled], width=width[filled], align="edge", color="tab:blue",
-            edgecolor="black", linewidth=0.5, label="accuracy")
-    top.bar(lower[filled], conf[filled] - acc[filled], bottom=acc[filled], width=width[filled],
-            align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", linewidth=0.5,
-            label="gap to confidence")
+            edgecolor="white", linewidth=0.5, label="accuracy in the bin")
+    # The bin's mean confidence as a line over its bar, not a translucent bar: a gap drawn
+    # over the accuracy bar (under-confidence) would show as an unexplained dark overlay.
+    top.hlines(conf[filled], lower[filled], lower[filled] + width[filled], color="tab:red",
+               linewidth=2, label="mean confidence in the bin")
     top.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfect")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     top.legend(loc="upper left", fontsize=8)
     top.set_title(f"{title + ': ' if title else ''}ECE = {100 * calibration['ece']:.2f}%",
                   fontsize=10)
-    bottom.bar(lower, count, width=width, align="edge", color="gray", edgecolor="black",
+    bottom.bar(lower, count, width=width, align="edge", color="gray", edgecolor="white",
                linewidth=0.5)
     bottom.set_xlim(0, 1)
     bottom.set_xlabel("confidence (top-1 probability)")
@@ -369,13 +371,16 @@ def plot_confusion_matrix(
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     k = len(classes)
-    side = min(4.0 + 0.28 * k, 22.0)
+    # Long names are wrapped rather than cut: fine-grained classes often differ only at the
+    # end of the name ("... tail-plain" vs "... tail-striped").
+    labels = [_wrap(c, 24) if len(c) <= 96 else _wrap(c[:95] + "…", 24) for c in classes]
+    label_lines = max((label.count("\n") + 1 for label in labels), default=1)
+    side = min(4.0 + 0.28 * k * label_lines, 22.0)
     fig = _new_figure(side + 1.0, side)
     ax = fig.subplots()
     image = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     if k <= max_labels:
-        labels = [c if len(c) <= 30 else c[:29] + "…" for c in classes]
         ax.set_xticks(range(k), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(k), labels, fontsize=7)
         if k <= 12:
