@@ -98,6 +98,10 @@ def test_demo_config_file_matches_the_demo_command() -> None:
         ("--model.alpha=-1", "alpha"),
         ("--model.lr_heads=0", "lr_heads"),
         ("--data.batch_size=0", "batch_size"),
+        ("--model.lr_backbone=1e300", "lr_backbone must be at most"),
+        ("--model.backbone=vit_tiny_patch16_224", "needs a timm CNN"),
+        ("--trainer.max_epochs=-5", "max_epochs"),
+        ("--data.image_size=100000", "at most 4096 pixels"),
     ],
 )
 def test_bad_hyperparameters_fail_before_training(
@@ -234,3 +238,28 @@ def test_demo_reruns_with_overwrite(
     assert main(["demo", "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert (out / "checkpoints" / "last.ckpt").stat().st_mtime_ns != first
     assert "seed_everything: 0" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--trainer.callbacks+=this.Nothing",
+        "--config={trainer: {callbacks: [{class_path: this.Nothing}]}}",
+        "--trainer.logger={class_path: this.Nothing}",
+    ],
+)
+def test_a_class_path_outside_the_allowed_packages_is_never_imported(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `this` prints the Zen of Python when imported: the side effect a config must not cause.
+    sys.modules.pop("this", None)
+    code = run_cli(tiny_fit_args(tmp_path, flag))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "this" not in sys.modules and "Zen of Python" not in captured.out
+    assert "CRASMRA_CLASS_PACKAGES" in captured.err
+
+
+def test_a_class_path_of_an_allowed_package_still_works(tmp_path: Path) -> None:
+    flag = "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"
+    assert run_cli(tiny_fit_args(tmp_path, flag, "--test_after_fit=false")) == 0

@@ -155,6 +155,33 @@ def test_last_checkpoint_follows_every_epoch(tiny_run: Path) -> None:
     assert _assert_loadable(tiny_run / "checkpoints" / "last.ckpt") == 1
 
 
+def test_resuming_an_epoch_logged_before_its_checkpoint_logs_it_once(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """A kill after epoch 1 was logged but before its checkpoint was written: the run resumes
+    from epoch 0's checkpoint and replays epoch 1, whose rows must then not appear twice."""
+    import csv
+    import shutil
+    from collections import Counter
+
+    from crasmra.cli import main
+
+    root = tmp_path / "run"
+    shutil.copytree(tiny_run, root)
+    # The state a kill during epoch 1's save leaves: last.ckpt still holds epoch 0.
+    shutil.copy(root / "checkpoints" / "best.ckpt", root / "checkpoints" / "last.ckpt")
+    assert _assert_loadable(root / "checkpoints" / "last.ckpt") == 0
+
+    def rows(path: Path) -> Counter[tuple[str, str]]:
+        with path.open(newline="") as f:
+            return Counter((r["epoch"], r["step"]) for r in csv.DictReader(f))
+
+    before = rows(tiny_run / "metrics.csv")
+    args = tiny_fit_args(root, "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert main(args) == 0
+    assert rows(root / "metrics.csv") == before
+
+
 def test_cli_writes_checkpoints_with_the_atomic_writer(tiny_run: Path) -> None:
     from crasmra.callbacks import AtomicCheckpointIO
     from crasmra.cli import _with_atomic_checkpoint_io

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -477,3 +479,22 @@ def test_one_seed_gives_no_interval_and_multi_key_grids_pair_within_a_value(
         assert stats["mean"] == pytest.approx(0.1) and stats["ci_low"] is None
     text = sw.format_markdown(results)
     assert "| variant=cram, delta=0.5 | +10.0 | n/a | 1 | 0: +10.0 |" in text
+
+
+def test_subprocess_runs_do_not_import_code_from_the_working_folder(tmp_path: Path) -> None:
+    from crasmra.sweep import CHILD_COMMAND
+
+    # A module in the working folder that shadows one the command line imports.
+    (tmp_path / "argparse.py").write_text(
+        "import pathlib\npathlib.Path('imported-from-cwd').write_text('ran')\n"
+        "raise SystemExit(7)\n"
+    )
+    plain = subprocess.run([sys.executable, "-m", "crasmra.cli", "--version"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 7  # the hazard: `python -m` runs the folder's argparse.py
+    (tmp_path / "imported-from-cwd").unlink()
+    child = subprocess.run([*CHILD_COMMAND, "--version"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.startswith("crasmra ")
+    assert not (tmp_path / "imported-from-cwd").exists()

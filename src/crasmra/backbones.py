@@ -91,6 +91,17 @@ def check_backbone_name(name: str) -> None:
 
 
 def _feature_info(model: nn.Module, name: str) -> list[dict[str, Any]]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("fixed_input_size"):
+        # Vision transformers (ViT, DeiT, Swin, ...): timm pins their input size, and their
+        # blocks output token sequences rather than the (N, C, H, W) maps CRAM and SMRAM need.
+        size = "x".join(str(s) for s in cfg.get("input_size", ())[1:]) or "one"
+        raise ValueError(
+            f"Backbone {name!r} ({type(model).__name__}) takes only {size} px inputs and has no "
+            "convolutional feature stages; crasmra needs a timm CNN whose stages output "
+            "(N, C, H, W) feature maps at any input size, e.g. resnet50, efficientnet_b0, "
+            "convnext_tiny or densenet161."
+        )
     info = getattr(model, "feature_info", None)
     if info is None:
         raise ValueError(

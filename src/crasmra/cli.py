@@ -24,7 +24,7 @@ from typing import Any
 
 from crasmra._version import __version__
 from crasmra.errors import CrasmraError, UsageError
-from crasmra.flags import CrasmraArgumentParser, lightning_parser_class
+from crasmra.flags import CrasmraArgumentParser, check_class_paths, lightning_parser_class
 
 log = logging.getLogger("crasmra")
 
@@ -220,11 +220,22 @@ def _make_cli_class() -> type:
                 # An evaluation appends its rows: a later (even a failing) one never deletes
                 # what an earlier one wrote.
                 kwargs["logger"] = default_loggers(
-                    log_root, append=bool(resuming) or self.subcommand != "fit"
+                    log_root,
+                    append=bool(resuming) or self.subcommand != "fit",
+                    resume_step=self._resume_step(Path(root)) if resuming else None,
                 )
             kwargs["default_root_dir"] = root
             kwargs["plugins"] = _with_atomic_checkpoint_io(trainer_config.get("plugins"))
             return super().instantiate_trainer(**kwargs)
+
+        def _resume_step(self, root: Path) -> int | None:
+            ckpt_path = self.config.fit.get("ckpt_path")
+            if ckpt_path == "last":
+                ckpt_path = root / "checkpoints" / "last.ckpt"
+            if ckpt_path in ("best", "hpc") or not Path(ckpt_path).is_file():
+                return None
+            step = load_checkpoint_file(ckpt_path).get("global_step")
+            return step if isinstance(step, int) else None
 
         def _parse_ckpt_path(self) -> None:
             # LightningCLI reads --ckpt_path with a bare torch.load to recover hyperparameters,
@@ -369,18 +380,24 @@ def _clear_earlier_run(root: Path) -> None:
         log.info("--overwrite: replaced the earlier run in %s", root)
 
 
-def default_loggers(root: str | Path, append: bool = False) -> list[Any]:
+def default_loggers(
+    root: str | Path, append: bool = False, resume_step: int | None = None
+) -> list[Any]:
     """CSV metrics in ``root/metrics.csv`` plus TensorBoard in ``root/tensorboard`` if installed.
 
     Args:
         root: The folder to log into.
         append: Keep the rows of an existing ``metrics.csv`` (a resumed run) instead of
             starting the file afresh.
+        resume_step: The global step of the checkpoint a run resumes from: rows logged at
+            this step or later are dropped, because the resumed run logs them again.
     """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     csv_logger = CSVLogger(save_dir=str(root), name="", version="")
     if append:
+        if resume_step is not None:
+            _drop_rows_from_step(Path(root) / "metrics.csv", resume_step)
         _keep_existing_csv(csv_logger)
     loggers: list[Any] = [csv_logger]
     try:
@@ -394,6 +411,37 @@ def default_loggers(root: str | Path, append: bool = False) -> list[Any]:
             )
         )
     return loggers
+
+
+def _drop_rows_from_step(path: Path, step: int) -> None:
+    """Remove the rows of ``path`` logged at ``step`` or later, atomically.
+
+    A run killed after logging an epoch but before its checkpoint was saved resumes from the
+    checkpoint before: without this, that epoch's rows would appear twice.
+    """
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "step" not in rows[0]:
+        return
+    column = rows[0].index("step")
+
+    def keep(row: list[str]) -> bool:
+        try:
+            return int(row[column]) < step
+        except (IndexError, ValueError):
+            return True
+
+    kept = [rows[0], *[row for row in rows[1:] if keep(row)]]
+    if len(kept) == len(rows):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, path)
+    log.info("Resuming at step %d: dropped %d later row(s) of %s", step,
+             len(rows) - len(kept), path)
 
 
 def _keep_existing_csv(logger: Any) -> None:
@@ -503,6 +551,8 @@ def run_lightning(args: Sequence[str] | dict[str, Any], verbose_test: bool = Tru
     from crasmra.data import FGVCDataModule
     from crasmra.engine import CRASMRAModule
 
+    args = expand_config_args(args) if not isinstance(args, dict) else args
+    check_class_paths(args)
     cli_class = _make_cli_class()
     cli_class.verbose_test = verbose_test
     # `args` is how every crasmra entry point (main, demo, sweep) hands LightningCLI its
@@ -520,7 +570,7 @@ def run_lightning(args: Sequence[str] | dict[str, Any], verbose_test: bool = Tru
         },
         seed_everything_default=0,
         parser_kwargs={"description": "crasmra: CRA-SMRA fine-grained visual classification"},
-        args=expand_config_args(args) if not isinstance(args, dict) else args,
+        args=args,
     )
 
 
@@ -657,7 +707,9 @@ def _configure_logging() -> None:
     )
     # crasmra refuses a run folder that holds an earlier run (or clears it with --overwrite)
     # before Lightning looks; its warning about a non-empty folder would only repeat that.
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings(
+        "ignore", message=r"Experiment logs directory .* exists and is not empty"
+    )
     # Raised inside Lightning's own utilities on current torch; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
@@ -687,6 +739,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CRASMRA_DEBUG"):
             raise
         print(f"crasmra: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        # Lightning's own check of a --trainer.* value (e.g. max_epochs -5) is bad input too.
+        if type(err).__name__ != "MisconfigurationException" or os.environ.get("CRASMRA_DEBUG"):
+            raise
+        print(f"crasmra: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

@@ -49,12 +49,23 @@ class NonFiniteLossError(CrasmraError, FloatingPointError):
         return f"training stopped: {super().one_line()}"
 
 
-def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+#: The largest learning rate accepted. SGD diverges far below it; above it, a typo such as
+#: 1e300 would overflow the optimiser's float32 state instead of failing here.
+MAX_LR = 100.0
+
+
+def _check_positive(
+    name: str, value: float, *, allow_zero: bool = False, maximum: float | None = None
+) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not (ok and math.isfinite(value)):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(
             f"{name} must be a finite number {bound}, got {value!r}; change --model.{name}."
+        )
+    if maximum is not None and value > maximum:
+        raise ValueError(
+            f"{name} must be at most {maximum:g}, got {value!r}; change --model.{name}."
         )
 
 
@@ -179,9 +190,9 @@ class CRASMRAModule(L.LightningModule):
             ("lr_attention", lr_attention),
             ("lr_heads", lr_heads),
         ):
-            _check_positive(name, value)
+            _check_positive(name, value, maximum=MAX_LR)
         if lr_smram is not None:
-            _check_positive("lr_smram", lr_smram)
+            _check_positive("lr_smram", lr_smram, maximum=MAX_LR)
         if not 0 <= momentum < 1:
             raise ValueError(
                 f"momentum must be in [0, 1), got {momentum!r}; change --model.momentum."

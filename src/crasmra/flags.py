@@ -17,9 +17,16 @@ import difflib
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["CrasmraArgumentParser", "did_you_mean", "lightning_parser_class", "unknown_flags"]
+__all__ = [
+    "CrasmraArgumentParser",
+    "check_class_paths",
+    "did_you_mean",
+    "lightning_parser_class",
+    "unknown_flags",
+]
 
 _UNRECOGNIZED = "unrecognized arguments: "
 
@@ -130,3 +137,89 @@ def lightning_parser_class() -> type:
             _report(prog, message, parser)
 
     return CrasmraLightningArgumentParser
+
+
+#: Packages whose classes a config may name in ``class_path`` (callbacks, loggers, plugins,
+#: optimisers). jsonargparse imports a class path's module to resolve it, so an arbitrary one
+#: would run that module's code before the config is even refused.
+CLASS_PATH_PACKAGES = ("crasmra", "lightning", "pytorch_lightning", "torch", "torchmetrics", "timm")
+#: Environment variable naming further packages (comma-separated), e.g. your own callbacks'.
+CLASS_PATH_ENV = "CRASMRA_CLASS_PACKAGES"
+#: Options that take a class (by path or as ``{class_path: ..., init_args: ...}``).
+_CLASS_OPTIONS = ("trainer.callbacks", "trainer.logger", "trainer.plugins", "trainer.strategy",
+                  "trainer.profiler", "trainer.accelerator", "optimizer", "lr_scheduler")
+_DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
+
+
+def _walk_class_paths(node: Any) -> Iterable[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "class_path" and isinstance(value, str):
+                yield value
+            else:
+                yield from _walk_class_paths(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk_class_paths(item)
+
+
+def _yaml(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None  # the parser reports it
+
+
+def _class_paths_in_args(args: Sequence[str]) -> Iterable[str]:
+    items = list(args)
+    for i, arg in enumerate(items):
+        if not arg.startswith("-"):
+            continue
+        key, has_value, value = arg.lstrip("-").partition("=")
+        if not has_value:
+            if i + 1 >= len(items):
+                continue
+            value = items[i + 1]
+        key = key.rstrip("+")
+        if key in ("config", "c"):
+            try:
+                is_file = "\n" not in value and Path(value).is_file()
+            except OSError:  # a YAML text too long for a path
+                is_file = False
+            text = Path(value).read_text() if is_file else value
+            yield from _walk_class_paths(_yaml(text))
+        elif key.endswith(".class_path") or key == "class_path":
+            yield value
+        elif key.split(".", 1)[-1] in _CLASS_OPTIONS or key in _CLASS_OPTIONS:
+            if _DOTTED.match(value.strip()):
+                yield value.strip()
+            else:
+                yield from _walk_class_paths(_yaml(value))
+
+
+def check_class_paths(args: Sequence[str] | dict[str, Any]) -> None:
+    """Refuse a ``class_path`` outside the allowed packages, before anything imports it.
+
+    Bare class names (``ModelCheckpoint``) are resolved by jsonargparse among the classes
+    Lightning registers, and pass.
+
+    Raises:
+        UsageError: A class path names a module outside :data:`CLASS_PATH_PACKAGES` and the
+            packages listed in ``$CRASMRA_CLASS_PACKAGES``.
+    """
+    import os
+
+    from crasmra.errors import UsageError
+
+    extra = [p.strip() for p in os.environ.get(CLASS_PATH_ENV, "").split(",") if p.strip()]
+    allowed = (*CLASS_PATH_PACKAGES, *extra)
+    paths = _walk_class_paths(args) if isinstance(args, dict) else _class_paths_in_args(args)
+    for path in paths:
+        if "." in path and path.split(".", 1)[0] not in allowed:
+            raise UsageError(
+                f"class_path {path!r} is outside the packages a config may load classes from "
+                f"({', '.join(allowed)}). To use a class of your own package, add the package "
+                f"to ${CLASS_PATH_ENV} (comma-separated)."
+            )

@@ -561,6 +561,7 @@ def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[
     from crasmra.cli import _make_cli_class, expand_config_args
     from crasmra.data import FGVCDataModule
     from crasmra.engine import CRASMRAModule
+    from crasmra.flags import check_class_paths
 
     seen: set[str] = set()
 
@@ -580,6 +581,7 @@ def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[
         seen.add(run.setting_name)
         # The same `__base__` resolution as `crasmra fit` (cli.run_lightning) applies.
         args = expand_config_args(run.fit_args(spec.base, Path("sweep-validation"), extra))
+        check_class_paths(args)
         stderr = io.StringIO()
         try:
             with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
@@ -620,10 +622,22 @@ def _run_in_process(args: list[str]) -> None:
         raise KeyboardInterrupt
 
 
+#: Starts ``crasmra.cli`` in a child Python without the working folder on its import path:
+#: ``python -m`` puts the working folder first, so a ``timm.py`` or ``torch.py`` lying there
+#: would be imported instead of the library. ``-P`` (Python 3.11+) leaves it out; before 3.11
+#: the path entry is removed before anything is imported.
+CHILD_COMMAND: tuple[str, ...] = (
+    (sys.executable, "-P", "-m", "crasmra.cli")
+    if sys.version_info >= (3, 11)
+    else (sys.executable, "-c",
+          "import sys; del sys.path[0]; from crasmra.cli import main; sys.exit(main())")
+)
+
+
 def _run_subprocess(args: list[str], log_path: Path) -> None:
-    """Run one fit as ``python -m crasmra.cli``, its output in ``log_path``."""
+    """Run one fit in a child process (:data:`CHILD_COMMAND`), its output in ``log_path``."""
     with log_path.open("a") as log_file:
-        proc = subprocess.run([sys.executable, "-m", "crasmra.cli", *args], stdout=log_file,
+        proc = subprocess.run([*CHILD_COMMAND, *args], stdout=log_file,
                               stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"`crasmra fit` exited with status {proc.returncode}; see {log_path}")

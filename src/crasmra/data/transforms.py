@@ -37,6 +37,10 @@ Size = int | Sequence[int]
 BACKENDS = ("pil", "tensor")
 
 
+#: The largest image side, in pixels, a transform accepts.
+MAX_SIDE = 4096
+
+
 def to_hw(size: Size, name: str = "size") -> tuple[int, int]:
     """Normalise an ``int`` or ``(h, w)`` size to a ``(h, w)`` tuple of positive ints."""
     if isinstance(size, bool):
@@ -52,6 +56,10 @@ def to_hw(size: Size, name: str = "size") -> tuple[int, int]:
             raise ValueError(f"{name} must be an int or an (h, w) pair, got {size!r}")
     if min(hw) < 1:
         raise ValueError(f"{name} must be positive, got {size!r}")
+    if max(hw) > MAX_SIDE:
+        # Far beyond any fine-grained recipe (224-600 px); a batch of such images would only
+        # exhaust memory after minutes of loading.
+        raise ValueError(f"{name} must be at most {MAX_SIDE} pixels per side, got {size!r}")
     return hw  # type: ignore[return-value]
 
 
