@@ -40,7 +40,7 @@ def test_folder_with_val_dir(tmp_path: Path) -> None:
 def test_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetRootError, match="train/"):
         dataset_classes("folder", tmp_path)
-    place_images(tmp_path, ["train/a/1.jpg", "test/zzz/1.jpg"])
+    place_images(tmp_path, ["train/a/1.jpg", "train/b/1.jpg", "test/zzz/1.jpg"])
     with pytest.raises(DatasetRootError, match="zzz"):
         create_dataset("folder", tmp_path, "test")
 

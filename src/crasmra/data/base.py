@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from crasmra.data.errors import DatasetRootError, ImageLoadError
-from crasmra.data.image import load_image, load_image_tensor
+from crasmra.data.image import file_problem, load_image, load_image_tensor
 
 __all__ = [
     "SPLITS",
@@ -132,7 +132,11 @@ def check_files_exist(
     root: Path,
     allow_missing: bool = False,
 ) -> set[str]:
-    """Stat every listed file; raise :class:`DatasetRootError` naming the missing ones.
+    """Stat every listed file; raise naming the missing ones and the ones that are no images.
+
+    A listed path that exists but is not a regular file (a directory, a FIFO, a device) is
+    refused here, before training, with :class:`ImageLoadError`: reading it later would block
+    (a FIFO) or never end (``/dev/urandom``). File contents are checked when decoding.
 
     Args:
         paths: Files listed by the annotations.
@@ -140,28 +144,58 @@ def check_files_exist(
         allow_missing: Warn once (with a count and the first few) instead of raising.
 
     Returns:
-        The set of missing paths (empty unless ``allow_missing``).
+        The set of missing or unusable paths (empty unless ``allow_missing``).
     """
     missing = [p for p in paths if not os.path.exists(p)]
-    if not missing:
-        return set()
-    shown = "\n".join(f"  {p}" for p in missing[:MAX_LISTED_MISSING])
-    more = len(missing) - MAX_LISTED_MISSING
-    listing = shown + (f"\n  ... and {more} more" if more > 0 else "")
-    if allow_missing:
+    missing_set = set(missing)
+    unusable = [
+        (p, problem)
+        for p in paths
+        if p not in missing_set and (problem := file_problem(p)) is not None
+    ]
+    if missing:
+        listing = _listing(missing)
+        if not allow_missing:
+            raise DatasetRootError(
+                f"{dataset}: {len(missing)} of {len(paths)} images listed in the annotations "
+                f"are missing under {root}:\n{listing}\n"
+                f"Expected layout:\n{layout}\n"
+                f"Download from {url} and extract it completely "
+                "(or pass skip_bad_images=True to skip missing files)."
+            )
         warnings.warn(
             f"{dataset}: {len(missing)} of {len(paths)} listed images are missing under "
             f"{root} and are skipped (skip_bad_images=True):\n{listing}",
             stacklevel=3,
         )
-        return set(missing)
-    raise DatasetRootError(
-        f"{dataset}: {len(missing)} of {len(paths)} images listed in the annotations are "
-        f"missing under {root}:\n{listing}\n"
-        f"Expected layout:\n{layout}\n"
-        f"Download from {url} and extract it completely "
-        "(or pass skip_bad_images=True to skip missing files)."
-    )
+    if unusable:
+        if not allow_missing:
+            path, problem = unusable[0]
+            others = (
+                f" ({len(unusable) - 1} more listed file(s) are not images either:\n"
+                + _listing([p for p, _ in unusable[1:]])
+                + ")"
+                if len(unusable) > 1
+                else ""
+            )
+            raise ImageLoadError(
+                path,
+                f"{problem}{others}; or pass skip_bad_images=True to skip such files",
+            )
+        warnings.warn(
+            f"{dataset}: {len(unusable)} of {len(paths)} listed images are not image files "
+            "(directories, FIFOs or devices) and are skipped "
+            f"(skip_bad_images=True):\n{_listing([p for p, _ in unusable])}",
+            stacklevel=3,
+        )
+    return missing_set | {p for p, _ in unusable}
+
+
+def _listing(paths: Sequence[str]) -> str:
+    """The first few ``paths``, one per indented line, and how many more there are."""
+    shown = "\n".join(f"  {p}" for p in paths[:MAX_LISTED_MISSING])
+    more = len(paths) - MAX_LISTED_MISSING
+    return shown + (f"\n  ... and {more} more" if more > 0 else "")
 
 
 def warn_count(dataset: str, what: str, found: int, official: int) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -16,6 +18,11 @@ from crasmra.data.errors import DatasetRootError
 __all__ = ["BENCHMARKS", "OFFICIAL_COUNTS", "load_benchmark"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How many offending ids a message shows.
+MAX_LISTED_IDS = 5
 
 OFFICIAL_COUNTS: dict[str, dict[str, int]] = {
     "cub": {"classes": 200, "train": 5994, "test": 5794},
@@ -91,19 +98,122 @@ def _require(name: str, root: Path, base: Path, files: list[str]) -> None:
         raise _layout_error(name, root, [str(base / f) for f in missing])
 
 
+def _read_text(path: Path) -> str:
+    """The text of an annotation file; a file that is not UTF-8 is refused naming it."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DatasetRootError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); the file is damaged "
+            "or not the original: re-extract it from the archive"
+        ) from err
+
+
+def _read_rows(path: Path) -> list[tuple[int, str, str]]:
+    """``(line number, key, value)`` of lines ``key value...``; blank lines skipped."""
+    out = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2:
+            raise DatasetRootError(
+                f"{path}:{lineno}: expected 'key value', got {line!r}; fix the line or "
+                "re-extract the archive"
+            )
+        out.append((lineno, parts[0], parts[1]))
+    return out
+
+
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
     """Lines ``key value...`` split on the first whitespace; blank lines skipped."""
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(maxsplit=1)
-            if len(parts) != 2:
-                raise DatasetRootError(f"{path}:{lineno}: expected 'key value', got {line!r}")
-            out.append((parts[0], parts[1]))
+    return [(k, v) for _, k, v in _read_rows(path)]
+
+
+def _few(items: list[str]) -> str:
+    """The first few of ``items`` joined, and how many more there are (for messages)."""
+    more = len(items) - MAX_LISTED_IDS
+    return ", ".join(items[:MAX_LISTED_IDS]) + (f" and {more} more" if more > 0 else "")
+
+
+def _keyed(name: str, path: Path, parse: Callable[[str], T], expected: str) -> dict[str, T]:
+    """``{key: parse(value)}`` of a ``key value`` file; bad values and repeated keys refused.
+
+    A ``dict`` of the lines would silently keep only the last of two lines with one id.
+    """
+    out: dict[str, T] = {}
+    first_line: dict[str, int] = {}
+    repeated: list[str] = []
+    for lineno, key, value in _read_rows(path):
+        try:
+            parsed = parse(value)
+        except ValueError as err:
+            raise DatasetRootError(
+                f"{name}: {path}:{lineno}: expected {expected} after id {key}, got {value!r}; "
+                "fix the line or re-extract the archive"
+            ) from err
+        if key in out:
+            repeated.append(f"{key} (lines {first_line[key]}, {lineno})")
+            continue
+        out[key] = parsed
+        first_line[key] = lineno
+    if repeated:
+        raise DatasetRootError(
+            f"{name}: {path} lists {len(repeated)} id(s) more than once: {_few(repeated)}; each "
+            "id must have one line: remove the extra lines or re-extract the archive"
+        )
     return out
+
+
+def _same_ids(name: str, ref: Path, ref_ids: dict, other: Path, other_ids: dict) -> None:
+    """Refuse two annotation files whose image ids differ, naming both files and the ids."""
+    missing = [k for k in ref_ids if k not in other_ids]
+    extra = [k for k in other_ids if k not in ref_ids]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} id(s) of {ref.name} have no line in {other.name}: {_few(missing)}"
+            )
+        if extra:
+            parts.append(f"{len(extra)} id(s) of {other.name} are not in {ref.name}: {_few(extra)}")
+        raise DatasetRootError(
+            f"{name}: the image ids of {ref} and {other} differ: {'; '.join(parts)}. The files "
+            "must come from one release: re-extract them from the same archive"
+        )
+
+
+def _disjoint(name: str, a: Path, a_ids: dict, b: Path, b_ids: dict) -> None:
+    """Refuse two split lists that share image ids, naming both files and the ids."""
+    both = [k for k in a_ids if k in b_ids]
+    if both:
+        raise DatasetRootError(
+            f"{name}: {len(both)} image(s) are listed in both {a} and {b}: {_few(both)}; a "
+            "model would be evaluated on images it trained on: re-extract the lists from the "
+            "same archive"
+        )
+
+
+def _split_flag(value: str) -> bool:
+    """train_test_split.txt's ``1`` (train) or ``0`` (test)."""
+    if value not in ("0", "1"):
+        raise ValueError(value)
+    return value == "1"
+
+
+def _floats(n: int) -> Callable[[str], tuple[float, ...]]:
+    """A parser of ``n`` whitespace-separated numbers."""
+
+    def parse(value: str) -> tuple[float, ...]:
+        out = tuple(float(t) for t in value.split())
+        if len(out) != n:
+            raise ValueError(value)
+        return out
+
+    return parse
 
 
 def _finish(
@@ -166,26 +276,42 @@ def load_cub(root: Path, *, skip_bad_images: bool = False, check_files: bool = T
         base,
         ["images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"],
     )
-    images = dict(_read_pairs(base / "images.txt"))
-    labels = {k: int(v) for k, v in _read_pairs(base / "image_class_labels.txt")}
-    is_train = {k: v.strip() == "1" for k, v in _read_pairs(base / "train_test_split.txt")}
-    class_rows = sorted(((int(k), v) for k, v in _read_pairs(base / "classes.txt")))
-    classes = [_cub_class_name(v) for _, v in class_rows]
-    index_of = {cid: i for i, (cid, _) in enumerate(class_rows)}
+    images = _keyed("cub", base / "images.txt", str, "an image path")
+    labels = _keyed("cub", base / "image_class_labels.txt", int, "an integer class id")
+    is_train = _keyed("cub", base / "train_test_split.txt", _split_flag, "1 (train) or 0 (test)")
+    _same_ids("cub", base / "images.txt", images, base / "image_class_labels.txt", labels)
+    _same_ids("cub", base / "images.txt", images, base / "train_test_split.txt", is_train)
+    class_rows = _keyed("cub", base / "classes.txt", str, "a class folder name")
+    for lineno, k, _ in _read_rows(base / "classes.txt"):
+        if not k.isdigit():
+            raise DatasetRootError(
+                f"cub: {base / 'classes.txt'}:{lineno}: expected an integer class id first, "
+                f"got {k!r}; fix the line or re-extract the archive"
+            )
+    class_ids = sorted((int(k), v) for k, v in class_rows.items())
+    classes = [_cub_class_name(v) for _, v in class_ids]
+    index_of = {cid: i for i, (cid, _) in enumerate(class_ids)}
+    unknown = sorted({c for c in labels.values() if c not in index_of})
+    if unknown:
+        first_image: dict[int, str] = {}
+        for k, v in labels.items():
+            first_image.setdefault(v, k)
+        examples = [f"{c} (image {first_image[c]})" for c in unknown]
+        raise DatasetRootError(
+            f"cub: {base / 'image_class_labels.txt'} uses {len(unknown)} class id(s) that "
+            f"{base / 'classes.txt'} does not list: {_few(examples)}; the files must come from "
+            "one release: re-extract them from the same archive"
+        )
     boxes: dict[str, tuple[float, float, float, float]] = {}
     if (base / "bounding_boxes.txt").is_file():
-        for k, v in _read_pairs(base / "bounding_boxes.txt"):
-            x, y, w, h = (float(t) for t in v.split())
+        for k, (x, y, w, h) in _keyed(
+            "cub", base / "bounding_boxes.txt", _floats(4), "4 numbers x y width height"
+        ).items():
             boxes[k] = (x, y, x + w, y + h)
     train: list[Record] = []
     test: list[Record] = []
     image_dir = str(base / "images")
     for img_id, rel in images.items():
-        if img_id not in labels or img_id not in is_train:
-            raise DatasetRootError(
-                f"cub: image id {img_id} of images.txt has no row in "
-                "image_class_labels.txt / train_test_split.txt (mixed releases?)"
-            )
         rec = Record(os.path.join(image_dir, rel), index_of[labels[img_id]], boxes.get(img_id))
         (train if is_train[img_id] else test).append(rec)
     return _finish(
@@ -228,39 +354,53 @@ def load_aircraft(
     names_file = f"{AIRCRAFT_LEVELS[level]}.txt"
     lists = ["trainval", "test"] + (["train", "val"] if official_val else [])
     _require("aircraft", root, base, [names_file, *(f"images_{level}_{s}.txt" for s in lists)])
-    with open(base / names_file, encoding="utf-8") as fh:
-        classes = [line.strip() for line in fh if line.strip()]
+    classes = [line.strip() for line in _read_text(base / names_file).splitlines()]
+    classes = [c for c in classes if c]
+    repeated = sorted(c for c, n in Counter(classes).items() if n > 1)
+    if repeated:
+        raise DatasetRootError(
+            f"aircraft: {base / names_file} lists {_few(repeated)} more than once; each class "
+            "must have one line: re-extract the archive"
+        )
     index_of = {c: i for i, c in enumerate(classes)}
     boxes: dict[str, tuple[float, float, float, float]] = {}
     if (base / "images_box.txt").is_file():
-        for k, v in _read_pairs(base / "images_box.txt"):
-            x1, y1, x2, y2 = (float(t) for t in v.split())
+        for k, (x1, y1, x2, y2) in _keyed(
+            "aircraft", base / "images_box.txt", _floats(4), "4 numbers x1 y1 x2 y2"
+        ).items():
             boxes[k] = (x1 - 1, y1 - 1, x2, y2)
 
     image_dir = str(base / "images")
 
-    def read(split: str) -> list[Record]:
-        path = base / f"images_{level}_{split}.txt"
-        out = []
-        for img_id, cls in _read_pairs(path):
-            if cls not in index_of:
-                raise DatasetRootError(f"aircraft: {path} names {cls!r}, not in {names_file}")
-            out.append(
-                Record(os.path.join(image_dir, f"{img_id}.jpg"), index_of[cls], boxes.get(img_id))
-            )
-        return out
+    def class_index(cls: str) -> int:
+        if cls not in index_of:
+            raise ValueError(cls)
+        return index_of[cls]
 
+    def list_file(split: str) -> Path:
+        return base / f"images_{level}_{split}.txt"
+
+    def read(split: str) -> dict[str, Record]:
+        labels = _keyed("aircraft", list_file(split), class_index, f"a {level} in {names_file}")
+        return {
+            img_id: Record(os.path.join(image_dir, f"{img_id}.jpg"), c, boxes.get(img_id))
+            for img_id, c in labels.items()
+        }
+
+    parsed = {s: read(s) for s in lists}
+    for a, b in [("trainval", "test")] + ([("train", "val")] if official_val else []):
+        _disjoint("aircraft", list_file(a), parsed[a], list_file(b), parsed[b])
     return _finish(
         "aircraft",
         root,
         classes,
-        read("trainval"),
-        read("test"),
+        list(parsed["trainval"].values()),
+        list(parsed["test"].values()),
         skip_bad_images=skip_bad_images,
         check_files=check_files,
         image_dir=base / "images",
-        val=read("val") if official_val else None,
-        official_val_train=read("train") if official_val else None,
+        val=list(parsed["val"].values()) if official_val else None,
+        official_val_train=list(parsed["train"].values()) if official_val else None,
         official_classes=AIRCRAFT_CLASS_COUNTS[level],
     )
 
@@ -277,13 +417,52 @@ def _loadmat(path: Path) -> dict:
         raise DatasetRootError(f"cannot read {path}: {err} (re-download it?)") from err
 
 
+def _field(data: object, key: str, path: Path) -> np.ndarray:
+    """``data[key]`` of a loaded .mat file (a dict or a struct array), at least 1-d."""
+    try:
+        return np.atleast_1d(data[key])  # type: ignore[index]
+    except (KeyError, ValueError, IndexError) as err:
+        raise DatasetRootError(
+            f"{path} has no field {key!r}; it is not the original file: download it again"
+        ) from err
+
+
+def _check_list(
+    name: str, path: Path, files: list[str], labels: np.ndarray, n_classes: int | None
+) -> None:
+    """Refuse a .mat list with unequal lengths, repeated files or class ids out of range.
+
+    Ids are 1-based in the files; ``labels`` are 0-based. ``n_classes=None`` checks >= 1 only.
+    """
+    if len(files) != len(labels):
+        raise DatasetRootError(
+            f"{name}: {path} lists {len(files)} images but {len(labels)} class ids; it is "
+            "damaged or not the original: download it again"
+        )
+    high = n_classes if n_classes is not None else np.iinfo(np.int64).max
+    bad = np.flatnonzero((labels < 0) | (labels >= high))
+    if bad.size:
+        shown = [f"{int(labels[i]) + 1} ({files[i]})" for i in bad]
+        limit = f"1..{n_classes}" if n_classes is not None else ">= 1"
+        raise DatasetRootError(
+            f"{name}: {path} has {bad.size} class id(s) outside {limit}: {_few(shown)}; the "
+            "annotation files must come from one release: download them again"
+        )
+    repeated = sorted(f for f, n in Counter(files).items() if n > 1)
+    if repeated:
+        raise DatasetRootError(
+            f"{name}: {path} lists {len(repeated)} image(s) more than once: {_few(repeated)}; "
+            "it is damaged or not the original: download it again"
+        )
+
+
 def _str_list(values: object) -> list[str]:
     return [str(v).strip() for v in np.atleast_1d(values)]
 
 
-def _cars_boxes(ann: np.ndarray) -> list[tuple[float, float, float, float]]:
+def _cars_boxes(ann: np.ndarray, path: Path) -> list[tuple[float, float, float, float]]:
     cols = [
-        np.atleast_1d(ann[f]).astype(np.float64)
+        _field(ann, f, path).astype(np.float64)
         for f in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
     ]
     return [(x1 - 1, y1 - 1, x2, y2) for x1, y1, x2, y2 in zip(*cols, strict=True)]
@@ -305,7 +484,8 @@ def load_cars(
                 hint="The devkit's cars_test_annos.mat has no labels; the labelled test "
                 "annotations were released separately as cars_test_annos_withlabels.mat.",
             )
-        classes = _str_list(_loadmat(base / "devkit/cars_meta.mat")["class_names"])
+        meta = base / "devkit/cars_meta.mat"
+        classes = _str_list(_field(_loadmat(meta), "class_names", meta))
 
         def image_dir(split: str) -> Path:
             # Kaggle's re-upload nests cars_train/cars_train/.
@@ -313,12 +493,13 @@ def load_cars(
             return nested if nested.is_dir() else base / split
 
         def read(mat: Path, folder: Path) -> list[Record]:
-            ann = _loadmat(mat)["annotations"]
-            labels = np.atleast_1d(ann["class"]).astype(np.int64) - 1
-            names = _str_list(ann["fname"])
+            ann = _field(_loadmat(mat), "annotations", mat)
+            labels = _field(ann, "class", mat).astype(np.int64) - 1
+            names = _str_list(_field(ann, "fname", mat))
+            _check_list("cars", mat, names, labels, len(classes))
             return [
                 Record(os.path.join(folder, f), int(c), b)
-                for f, c, b in zip(names, labels, _cars_boxes(ann), strict=True)
+                for f, c, b in zip(names, labels, _cars_boxes(ann, mat), strict=True)
             ]
 
         train_dir, test_dir = image_dir("cars_train"), image_dir("cars_test")
@@ -341,14 +522,16 @@ def load_cars(
         raise _layout_error(
             "cars", root, ["devkit/cars_meta.mat (devkit layout) or cars_annos.mat (full archive)"]
         )
-    mat = _loadmat(base / "cars_annos.mat")
-    classes = _str_list(mat["class_names"])
-    ann = mat["annotations"]
-    labels = np.atleast_1d(ann["class"]).astype(np.int64) - 1
-    is_test = np.atleast_1d(ann["test"]).astype(bool)
-    paths = _str_list(ann["relative_im_path"])
+    annos = base / "cars_annos.mat"
+    mat = _loadmat(annos)
+    classes = _str_list(_field(mat, "class_names", annos))
+    ann = _field(mat, "annotations", annos)
+    labels = _field(ann, "class", annos).astype(np.int64) - 1
+    is_test = _field(ann, "test", annos).astype(bool)
+    paths = _str_list(_field(ann, "relative_im_path", annos))
+    _check_list("cars", annos, paths, labels, len(classes))
     train, test = [], []
-    for p, c, t, b in zip(paths, labels, is_test, _cars_boxes(ann), strict=True):
+    for p, c, t, b in zip(paths, labels, is_test, _cars_boxes(ann, annos), strict=True):
         (test if t else train).append(Record(os.path.join(base, p), int(c), b))
     return _finish(
         "cars",
@@ -386,11 +569,23 @@ def load_dogs(
     image_root = root / "Images"
 
     def read(name: str) -> tuple[list[str], np.ndarray]:
-        mat = _loadmat(base / name)
-        return _str_list(mat["file_list"]), np.atleast_1d(mat["labels"]).astype(np.int64) - 1
+        path = base / name
+        mat = _loadmat(path)
+        files = _str_list(_field(mat, "file_list", path))
+        labels = _field(mat, "labels", path).astype(np.int64) - 1
+        # The lists define the classes, so only ids below 1 are impossible.
+        _check_list("dogs", path, files, labels, None)
+        return files, labels
 
     train_files, train_labels = read("train_list.mat")
     test_files, test_labels = read("test_list.mat")
+    _disjoint(
+        "dogs",
+        base / "train_list.mat",
+        dict.fromkeys(train_files),
+        base / "test_list.mat",
+        dict.fromkeys(test_files),
+    )
     names: dict[int, str] = {}
     for f, c in zip(
         train_files + test_files, np.concatenate([train_labels, test_labels]), strict=True

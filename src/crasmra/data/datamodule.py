@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from crasmra.data.base import Annotations, FGVCImageDataset
+from crasmra.data.errors import DatasetRootError
 from crasmra.data.factory import (
     DATASET_NAMES,
     build_split,
@@ -206,6 +207,14 @@ class FGVCDataModule(L.LightningDataModule):
                 dataset, root, skip_bad_images=skip_bad_images, **loader_options
             )
             self.classes = list(self._annotations.classes)
+            if len(self.classes) < 2:
+                # Caught here, where the data is named; otherwise torchmetrics refuses
+                # num_classes=1 when the model is built, in its own words. (Not in the
+                # readers: one class is fine for create_dataset, e.g. to evaluate a subset.)
+                raise DatasetRootError(
+                    f"{dataset}: {root} has one class ({self.classes[0]!r}); a "
+                    "classifier needs at least 2 classes: add images of the other classes"
+                )
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import re
+
 from crasmra.errors import CrasmraError
 
 __all__ = ["DatasetRootError", "ImageLoadError"]
@@ -15,6 +18,14 @@ class DatasetRootError(CrasmraError, FileNotFoundError):
     """
 
 
+# The last line of a DataLoader worker's traceback: "...ImageLoadError: cannot load image
+# '<path repr>': <reason>".
+_WORKER_LINE = re.compile(
+    r"ImageLoadError: cannot load image ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"): (.*)\s*\Z",
+    re.DOTALL,
+)
+
+
 class ImageLoadError(CrasmraError, OSError):
     """An image file could not be decoded (truncated, corrupt, empty, not an image, too large).
 
@@ -22,10 +33,27 @@ class ImageLoadError(CrasmraError, OSError):
         path: The offending file.
     """
 
-    def __init__(self, path: str, reason: str) -> None:
+    def __init__(self, path: str, reason: str | None = None) -> None:
+        if reason is None:
+            # torch's DataLoader re-raises a worker's exception as ``type(text)`` with the
+            # worker's whole traceback as ``text``. Keeping the type (not torch's fallback
+            # RuntimeError) lets the command line print our one-line message, recovered here.
+            path, reason = _from_worker_text(str(path))
         self.path = str(path)
         self.reason = reason
         super().__init__(f"cannot load image {self.path!r}: {reason}")
 
     def __reduce__(self):  # keeps the exception picklable across DataLoader workers
         return (type(self), (self.path, self.reason))
+
+
+def _from_worker_text(text: str) -> tuple[str, str]:
+    """``(path, reason)`` from a DataLoader worker's traceback text of an ImageLoadError."""
+    match = _WORKER_LINE.search(text)
+    if match is None:
+        return "<unknown file>", " ".join(text.split()[-40:])
+    try:
+        path = str(ast.literal_eval(match.group(1)))
+    except (ValueError, SyntaxError):
+        path = match.group(1)
+    return path, match.group(2).strip()

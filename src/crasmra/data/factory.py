@@ -84,7 +84,7 @@ def load_annotations(
         )
     path = Path(root).expanduser()
     if name == "folder":
-        return load_folder(path)
+        return load_folder(path, skip_bad_images=skip_bad_images)
     if name == "csv":
         return load_csv(path, skip_bad_images=skip_bad_images, **options)
     return load_benchmark(name, path, skip_bad_images=skip_bad_images, **options)

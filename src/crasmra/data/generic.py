@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from pathlib import Path
 
 from crasmra.data.base import Annotations, Record, check_files_exist
-from crasmra.data.errors import DatasetRootError
+from crasmra.data.errors import DatasetRootError, ImageLoadError
+from crasmra.data.image import file_problem
 
 __all__ = ["IMAGE_EXTENSIONS", "load_csv", "load_folder"]
 
@@ -41,29 +43,106 @@ CSV_LAYOUT = """\
   whose name has 'test' in place of 'train' (train.csv -> test.csv)."""
 
 
-def _scan_class_dir(split_dir: Path) -> dict[str, list[str]]:
-    """``{class folder: sorted image paths}`` under ``split_dir``; hidden entries skipped."""
+def _inside(path: str, folder: str) -> bool:
+    """Whether the real path ``path`` is ``folder`` or lies under it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _bad_entry(path: str, problem: str, skip_bad_images: bool) -> None:
+    """Refuse an entry named like an image that is none, or warn with ``skip_bad_images``."""
+    if not skip_bad_images:
+        raise ImageLoadError(path, f"{problem}; or pass skip_bad_images=True to skip such files")
+    logger.warning("folder: skipping %s: %s", path, problem)
+
+
+def _scan_class_dir(split_dir: Path, skip_bad_images: bool = False) -> dict[str, list[str]]:
+    """``{class folder: sorted real image paths}`` under ``split_dir``; hidden entries skipped.
+
+    Links are followed, but each image is listed once, by its real path, under the class
+    folder it really sits in: otherwise a link such as ``cat/loop -> ..`` walks every class
+    again, as many times as the loop nests, and labels all of it "cat". So a link to a folder
+    already walked (a loop) and a link that leaves its class folder are skipped with a
+    warning. An entry with an image extension that is not a regular file (a folder, a FIFO, a
+    device) is refused here, or skipped with a warning with ``skip_bad_images``; the contents
+    of image files are checked when they are decoded.
+    """
     out: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}  # real path of every listed image -> its class folder
     for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
         if entry.name.startswith(".") or not entry.is_dir():
             continue
+        class_dir = os.path.realpath(entry.path)
+        walked = {class_dir}
         files = []
         for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files.extend(
-                os.path.join(dirpath, f)
-                for f in sorted(filenames)
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-            )
+            keep = []
+            for d in sorted(dirnames):
+                if d.startswith("."):
+                    continue
+                sub = os.path.join(dirpath, d)
+                if d.lower().endswith(IMAGE_EXTENSIONS):  # "x.jpg/": a folder, not an image
+                    _bad_entry(sub, file_problem(sub) or "", skip_bad_images)
+                    continue
+                real = os.path.realpath(sub)
+                if real in walked or not _inside(real, class_dir):
+                    why = (
+                        "a folder already scanned (a directory loop, or a second link to it)"
+                        if real in walked
+                        else f"outside its class folder {entry.path}"
+                    )
+                    logger.warning(
+                        "folder: skipping %s: it leads to %s, %s; images are read once, from "
+                        "inside their class folder: move or copy them there if they belong",
+                        sub,
+                        real,
+                        why,
+                    )
+                    continue
+                walked.add(real)
+                keep.append(d)
+            dirnames[:] = keep
+            for f in sorted(filenames):
+                if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                path = os.path.join(dirpath, f)
+                real = os.path.realpath(path)
+                # Checked first: a link to /dev/urandom or a FIFO is an error, wherever it is.
+                problem = file_problem(real)
+                if problem is not None:
+                    if os.path.islink(path):
+                        problem = f"it links to {real}, {problem}"
+                    _bad_entry(path, problem, skip_bad_images)
+                    continue
+                if not _inside(real, class_dir):
+                    logger.warning(
+                        "folder: skipping %s: it links to %s, outside its class folder %s; "
+                        "copy the image into the class folder if it belongs there",
+                        path,
+                        real,
+                        entry.path,
+                    )
+                    continue
+                if real in owner:  # a second link to one image: keep it once
+                    if owner[real] != entry.name:
+                        logger.warning(
+                            "folder: skipping %s: the image %s is already listed under class %r",
+                            path,
+                            real,
+                            owner[real],
+                        )
+                    continue
+                owner[real] = entry.name
+                files.append(real)
         out[entry.name] = files
     return out
 
 
-def load_folder(root: Path) -> Annotations:
+def load_folder(root: Path, *, skip_bad_images: bool = False) -> Annotations:
     """One sub-folder per class under ``train/`` and ``test/`` (optional ``val/``).
 
-    Classes are the sorted folder names of ``train/``; ``test/`` and ``val/`` may only
-    use those names. Images are files with a known extension, searched recursively.
+    Classes are the sorted folder names of ``train/``; ``test/`` and ``val/`` may only use
+    those names. Images are files with a known extension, searched recursively
+    (see :func:`_scan_class_dir` for links and files that are not images).
     """
     missing = [s for s in ("train", "test") if not (root / s).is_dir()]
     if missing:
@@ -74,7 +153,9 @@ def load_folder(root: Path) -> Annotations:
         )
         raise DatasetRootError(f"folder: {where}.\nExpected layout:\n{FOLDER_LAYOUT}")
     scanned = {
-        s: _scan_class_dir(root / s) for s in ("train", "val", "test") if (root / s).is_dir()
+        s: _scan_class_dir(root / s, skip_bad_images)
+        for s in ("train", "val", "test")
+        if (root / s).is_dir()
     }
     classes = list(scanned["train"])
     if not classes:
@@ -87,7 +168,8 @@ def load_folder(root: Path) -> Annotations:
         unknown = sorted(set(scanned[split]) - set(index_of))
         if unknown:
             raise DatasetRootError(
-                f"folder: {root / split} has class folders not in train/: {unknown[:5]}"
+                f"folder: {root / split} has class folders not in train/: {unknown[:5]}; "
+                "rename them to a class of train/ or add that class to train/"
             )
         return [Record(p, index_of[c]) for c, paths in scanned[split].items() for p in paths]
 
@@ -96,53 +178,90 @@ def load_folder(root: Path) -> Annotations:
     if empty:
         raise DatasetRootError(
             f"folder: class folders without images under {root / 'train'}: {empty[:5]} "
-            f"(image extensions: {', '.join(IMAGE_EXTENSIONS)})"
+            f"(image extensions: {', '.join(IMAGE_EXTENSIONS)}; links that lead out of the "
+            "class folder are not followed): put the class's images in them or remove them"
         )
     val = records("val") if "val" in scanned else None
     return Annotations("folder", root, classes, train, records("test"), val, train if val else None)
 
 
 def _read_csv_rows(path: Path) -> tuple[list[dict[str, str]], bool]:
-    """Rows as dicts with keys path/label[/split]; also whether a split column exists."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        sample = fh.read(4096)
-        fh.seek(0)
-        try:
-            dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
-        except csv.Error:
-            dialect = csv.excel
-        rows = [r for r in csv.reader(fh, dialect) if r and any(c.strip() for c in r)]
-    if not rows:
+    """Rows as dicts with keys path/label/line[/split]; also whether a split column exists.
+
+    ``line`` is the row's line number in the file, for messages.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DatasetRootError(
+            f"csv: {path}:{line}: the file is not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+            "save it as UTF-8, e.g. iconv -f latin1 -t utf-8 old.csv > new.csv"
+        ) from err
+    try:
+        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.reader(io.StringIO(text, newline=""), dialect)
+    numbered: list[tuple[int, list[str]]] = []
+    try:
+        # line_num, not a row counter: blank lines and quoted line breaks are skipped over.
+        numbered.extend((reader.line_num, r) for r in reader if r and any(c.strip() for c in r))
+    except csv.Error as err:
+        raise DatasetRootError(f"csv: {path}:{reader.line_num}: {err}; fix that row") from err
+    if not numbered:
         raise DatasetRootError(f"csv: {path} is empty.\n{CSV_LAYOUT}")
-    head = [c.strip().lower() for c in rows[0]]
+    head = [c.strip().lower() for c in numbered[0][1]]
     path_names = {"path", "file", "filename", "image", "image_path", "filepath"}
     label_names = {"label", "class", "class_name", "target", "category"}
     if set(head) & path_names:
         pcol = next(i for i, c in enumerate(head) if c in path_names)
         lcols = [i for i, c in enumerate(head) if c in label_names]
         if not lcols:
-            raise DatasetRootError(f"csv: {path} has a header but no label column: {rows[0]}")
+            raise DatasetRootError(
+                f"csv: {path} has a header but no label column: {numbered[0][1]}; name it "
+                f"one of {', '.join(sorted(label_names))}"
+            )
         scols = [i for i, c in enumerate(head) if c == "split"]
-        cols, body = (pcol, lcols[0], scols[0] if scols else None), rows[1:]
+        cols, body = (pcol, lcols[0], scols[0] if scols else None), numbered[1:]
     else:
-        cols, body = (0, 1, 2 if len(rows[0]) >= 3 else None), rows
+        cols, body = (0, 1, 2 if len(numbered[0][1]) >= 3 else None), numbered
     pcol, lcol, scol = cols
     out = []
-    for lineno, r in enumerate(body, 2 if body is not rows else 1):
-        if len(r) <= max(c for c in cols if c is not None):
+    for lineno, r in body:
+        if len(r) <= max(c for c in cols if c is not None) or not r[pcol].strip():
             raise DatasetRootError(f"csv: {path}:{lineno}: expected path,label[,split], got {r}")
-        row = {"path": r[pcol].strip(), "label": r[lcol].strip()}
+        if not r[lcol].strip():
+            raise DatasetRootError(f"csv: {path}:{lineno}: the label is empty; fill it in")
+        row = {"path": r[pcol].strip(), "label": r[lcol].strip(), "line": str(lineno)}
         if scol is not None:
             row["split"] = r[scol].strip().lower()
         out.append(row)
     return out, scol is not None
 
 
-def _class_list(labels: list[str]) -> list[str]:
-    uniq = set(labels)
-    if all(lab.lstrip("-").isdigit() for lab in uniq):
-        return [str(v) for v in sorted(int(lab) for lab in uniq)]
-    return sorted(uniq)
+def _is_id(label: str) -> bool:
+    """Whether a label is an integer class id (digits only) rather than a class name."""
+    return label.lstrip("-").isdigit()
+
+
+def _check_label_kinds(rows: list[tuple[Path, dict[str, str]]]) -> bool:
+    """Whether the labels are integer ids; raise if ids and names are mixed.
+
+    Ids are compared as numbers (``01`` is class 1) and names as text, so in a mix the
+    same class could be written two ways and one of them would look unknown.
+    """
+    ids = [(f, r) for f, r in rows if _is_id(r["label"])]
+    if not ids or len(ids) == len(rows):
+        return bool(ids)
+    (f1, r1), (f2, r2) = ids[0], next((f, r) for f, r in rows if not _is_id(r["label"]))
+    raise DatasetRootError(
+        f"csv: the labels mix integer class ids ({r1['label']!r} at {f1}:{r1['line']}, "
+        f"{len(ids)} row(s)) and class names ({r2['label']!r} at {f2}:{r2['line']}, "
+        f"{len(rows) - len(ids)} row(s)); use one kind in every row: all class names, or all "
+        "integer ids (a label of digits only is read as an id)"
+    )
 
 
 def load_csv(
@@ -161,7 +280,7 @@ def load_csv(
     if not root.is_file():
         raise DatasetRootError(f"csv: {root} is not a file; root must be the CSV.\n{CSV_LAYOUT}")
     rows, has_split = _read_csv_rows(root)
-    splits = {"train": [], "val": [], "test": []}
+    splits: dict[str, list[tuple[Path, dict[str, str]]]] = {"train": [], "val": [], "test": []}
     if has_split:
         for r in rows:
             s = {"trainval": "train", "validation": "val", "valid": "val"}.get(
@@ -169,11 +288,11 @@ def load_csv(
             )
             if s not in splits:
                 raise DatasetRootError(
-                    f"csv: {root}: unknown split {r['split']!r} (train/val/test)"
+                    f"csv: {root}:{r['line']}: unknown split {r['split']!r}; use train, val or test"
                 )
-            splits[s].append((root.parent, r))
+            splits[s].append((root, r))
     else:
-        splits["train"] = [(root.parent, r) for r in rows]
+        splits["train"] = [(root, r) for r in rows]
         test_path = Path(test_csv) if test_csv is not None else None
         if test_path is None and "train" in root.name:
             sibling = root.with_name(root.name.replace("train", "test"))
@@ -182,19 +301,26 @@ def load_csv(
             if not test_path.is_file():
                 raise DatasetRootError(f"csv: test_csv {test_path} does not exist")
             test_rows, _ = _read_csv_rows(test_path)
-            splits["test"] = [(test_path.parent, r) for r in test_rows]
+            splits["test"] = [(test_path, r) for r in test_rows]
     if not splits["train"]:
         raise DatasetRootError(f"csv: {root} has no training rows.\n{CSV_LAYOUT}")
-    classes = _class_list([r["label"] for _, r in splits["train"]])
+    numeric = _check_label_kinds([fr for rs in splits.values() for fr in rs])
+    labels = {r["label"] for _, r in splits["train"]}
+    classes = [str(v) for v in sorted({int(lab) for lab in labels})] if numeric else sorted(labels)
     index_of = {c: i for i, c in enumerate(classes)}
 
     def records(split: str) -> list[Record]:
         out = []
-        for base, r in splits[split]:
-            label = str(int(r["label"])) if r["label"].lstrip("-").isdigit() else r["label"]
+        for file, r in splits[split]:
+            label = str(int(r["label"])) if numeric else r["label"]
             if label not in index_of:
-                raise DatasetRootError(f"csv: {split} label {r['label']!r} never occurs in train")
-            out.append(Record(str((base / r["path"]).resolve()), index_of[label]))
+                raise DatasetRootError(
+                    f"csv: {file}:{r['line']}: {split} label {r['label']!r} never occurs in "
+                    "the training rows, so the model has no class for it; add training rows "
+                    "of that class or fix the label"
+                )
+            # Links in the row's own path stay unresolved: messages name what the CSV says.
+            out.append(Record(str(file.parent.resolve() / r["path"]), index_of[label]))
         return out
 
     train, val, test = records("train"), records("val"), records("test")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from crasmra.data.errors import ImageLoadError
 
-__all__ = ["load_image", "load_image_tensor"]
+__all__ = ["file_problem", "load_image", "load_image_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +86,43 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _check_nonempty(path: Path) -> None:
+# What a path that is not a regular file is, for the message: such a path is never read as an
+# image (a FIFO blocks the reader, a character device such as /dev/urandom never ends).
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be an image file, from its type alone, or ``None`` if it may be one.
+
+    Only regular files (or links to them) qualify. One ``stat`` call and no read, so dataset
+    scans refuse such entries before training starts; the content is judged when decoding.
+    """
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageLoadError(str(path), "the file is empty (0 bytes)")
+        st = os.stat(path)
     except OSError as err:
-        if isinstance(err, ImageLoadError):
-            raise
-        raise ImageLoadError(str(path), f"cannot read file ({err.strerror or err})") from err
+        return f"cannot read file ({err.strerror or err})"
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a file")
+        return (
+            f"not a regular file but {kind}; only regular files are read as images: "
+            "remove it or put the image file there"
+        )
+    return None
+
+
+def _check_file(path: Path) -> None:
+    """Raise :class:`ImageLoadError` for a path that is not a non-empty regular file."""
+    problem = file_problem(path)
+    if problem is None and path.stat().st_size == 0:
+        problem = "the file is empty (0 bytes): remove it or replace it with the image"
+    if problem is not None:
+        raise ImageLoadError(str(path), problem)
 
 
 @contextmanager
@@ -107,11 +137,16 @@ def _pil_errors(path: Path) -> Iterator[None]:
             "PIL.Image.MAX_IMAGE_PIXELS deliberately if this file is trusted",
         ) from err
     except Image.UnidentifiedImageError as err:
-        raise ImageLoadError(str(path), "not a recognised image format (corrupt?)") from err
+        raise ImageLoadError(
+            str(path),
+            "not a recognised image format (corrupt, or not an image): replace or remove it",
+        ) from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         if isinstance(err, ImageLoadError):
             raise
-        raise ImageLoadError(str(path), f"corrupt or truncated image ({err})") from err
+        raise ImageLoadError(
+            str(path), f"corrupt or truncated image ({err}): replace or remove it"
+        ) from err
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
@@ -127,11 +162,12 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         A fully decoded ``RGB`` image.
 
     Raises:
-        ImageLoadError: The file is missing, empty, truncated, corrupt, not an image, or
-            larger than PIL's decompression-bomb limit. The message names the file.
+        ImageLoadError: The file is missing, empty, not a regular file (a directory, FIFO or
+            device), truncated, corrupt, not an image, or larger than PIL's
+            decompression-bomb limit. The message names the file.
     """
     path = Path(path)
-    _check_nonempty(path)
+    _check_file(path)
     with _pil_errors(path), Image.open(path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -175,7 +211,7 @@ def load_image_tensor(path: str | os.PathLike[str]) -> Tensor:
         ImageLoadError: As :func:`load_image`; the message names the file.
     """
     path = Path(path)
-    _check_nonempty(path)
+    _check_file(path)
     try:
         raw = path.read_bytes()
     except OSError as err:
