@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from crasmra.losses import trains_with_smram
 from crasmra.model import PAPER_VARIANTS, create_model, create_smram
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             head_channels=args.head_channels,
         ).eval()
         rows.append((variant, count_params(net), count_flops(lambda net=net: net(x))))
-        if net.uses_smram:
+        if trains_with_smram(variant):
             smram = create_smram(net).eval()
             with torch.no_grad():
                 features = net(x).features

@@ -43,7 +43,7 @@ from benchlib import (
     pick_device,
     time_alternating,
 )
-from crasmra.losses import CRASMRALoss
+from crasmra.losses import CRASMRALoss, trains_with_smram
 from crasmra.model import PAPER_VARIANTS, create_model, create_smram
 
 STEP_KINDS: tuple[str, ...] = ("plain", *PAPER_VARIANTS, "pmg")
@@ -161,7 +161,7 @@ class TrainStep:
         else:
             self.net = create_model(cfg.backbone, cfg.num_classes, variant=kind)
             self.criterion = CRASMRALoss()
-            if self.net.uses_smram:
+            if trains_with_smram(kind):
                 self.smram = create_smram(self.net).to(self.device)
         self.net.to(self.device).train()
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format

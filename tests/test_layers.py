@@ -17,6 +17,7 @@ from crasmra.layers import (
     IdentityAttention,
     build_conv_layer,
     diversity_loss,
+    record_channel_importance,
     suppression_mask,
 )
 
@@ -68,15 +69,19 @@ def test_mask_has_no_gradient() -> None:
 def test_cram_outputs_and_definitions() -> None:
     cram = CRAM(32, 16, reduction=4).eval()
     x = torch.randn(2, 32, 6, 5)
-    x_e, x_s = cram(x)
+    with record_channel_importance([cram]) as recorded:
+        x_e, x_s = cram(x)
     assert x_e.shape == (2, 16, 6, 5)
     assert x_s.shape == x.shape
     # I = sigmoid(MLP(avg) + MLP(max)) with the shared MLP, written out with its weights
     w1, w2 = cram.mlp[0].weight.flatten(1), cram.mlp[2].weight.flatten(1)
     pooled = (x.mean(dim=(2, 3)), x.amax(dim=(2, 3)))
     importance = torch.sigmoid(sum(torch.relu(z @ w1.T) @ w2.T for z in pooled))
-    assert cram.last_importance is not None and not cram.last_importance.requires_grad
-    torch.testing.assert_close(cram.last_importance, importance)
+    assert recorded[0] is not None and not recorded[0].requires_grad
+    torch.testing.assert_close(recorded[0], importance)
+    # Outside the block the hooks are gone: nothing is recorded, nothing kept on the module.
+    cram(x)
+    assert not cram.gate._forward_hooks
     mask = _expected_mask(importance, cram.omega, cram.delta)
     torch.testing.assert_close(x_s, x * mask[:, :, None, None])
     torch.testing.assert_close(x_e, cram.conv_layer(importance[:, :, None, None] * x))
@@ -91,9 +96,10 @@ def test_cram_outputs_and_definitions() -> None:
 def test_cram_gradient_reaches_input_through_x_s_but_not_through_mask() -> None:
     cram = CRAM(16, 8, reduction=4)
     x = torch.randn(2, 16, 4, 4, requires_grad=True)
-    _, x_s = cram(x)
+    with record_channel_importance([cram]) as recorded:
+        _, x_s = cram(x)
     x_s.sum().backward()
-    mask = suppression_mask(cram.last_importance, cram.omega, cram.delta)
+    mask = suppression_mask(recorded[0], cram.omega, cram.delta)
     # d(sum(S * X))/dX = S exactly: nothing flows back through S into the importance MLP
     torch.testing.assert_close(x.grad, mask[:, :, None, None].expand_as(x))
     assert all(p.grad is None for p in cram.mlp.parameters())
@@ -115,10 +121,11 @@ def test_suppress_source_selects_the_formula_of_x_s() -> None:
     cram_enhanced = CRAM(16, 8, reduction=4, suppress_source="enhanced").eval()
     cram_enhanced.load_state_dict(cram_input.state_dict())
     assert cram_input.suppress_source == "input"  # the default
-    x_e_in, x_s_in = cram_input(x)
+    with record_channel_importance([cram_input]) as recorded:
+        x_e_in, x_s_in = cram_input(x)
     x_e_en, x_s_en = cram_enhanced(x)
-    importance = cram_input.last_importance[:, :, None, None]
-    mask = suppression_mask(cram_input.last_importance, 0.5, 0.9)[:, :, None, None]
+    importance = recorded[0][:, :, None, None]
+    mask = suppression_mask(recorded[0], 0.5, 0.9)[:, :, None, None]
     torch.testing.assert_close(x_s_in, mask * x)  # X_s = S (x) X
     torch.testing.assert_close(x_s_en, mask * (importance * x))  # X_s = S (x) (I (x) X)
     torch.testing.assert_close(x_e_en, x_e_in)  # the head side does not change

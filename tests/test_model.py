@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from crasmra import SMRAM, VARIANTS, CRASMRALoss, CRASMRANet, ModelOutput, create_model
 from crasmra.layers import CRAM, CBAMAttention, IdentityAttention
+from crasmra.losses import trains_with_smram
 from crasmra.model import PretrainedWeightsError, create_smram, validate_hparams
 
 TINY = dict(head_channels=32, head_hidden=16)
@@ -49,7 +50,7 @@ def test_probs_is_mean_of_head_softmaxes() -> None:
 def test_variants_choose_the_attention_module(variant: str, module: type) -> None:
     net = create_model("resnet10t", 3, variant=variant, **TINY)
     assert len(net.attention) == 3 and all(type(m) is module for m in net.attention)
-    assert net.uses_smram == (variant == "cra-smra")
+    assert trains_with_smram(variant) == (variant == "cra-smra")
     assert net.variant == variant
 
 
@@ -85,7 +86,7 @@ def test_every_parameter_gets_a_gradient(variant: str) -> None:
     for m in net.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine:
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-    smram = create_smram(net) if net.uses_smram else None
+    smram = create_smram(net) if trains_with_smram(net.variant) else None
     criterion = CRASMRALoss()
     out = net(torch.randn(4, 3, 64, 64))
     div = smram(out.features)[0] if smram is not None else None
@@ -287,7 +288,7 @@ def test_plain_logits_equal_timms_own_model(backbone: str) -> None:
 def test_plain_has_no_attention_heads_or_smram() -> None:
     net = create_model("resnet10t", 5, variant="plain", **TINY)
     assert len(net.attention) == 0 and len(net.heads) == 0 and net.concat_head is None
-    assert not net.uses_smram and net.variant == "plain"
+    assert not trains_with_smram("plain") and net.variant == "plain"
     assert all(k.startswith("backbone.model.") for k in net.state_dict())
     assert net.backbone.model.fc.out_features == 5
     rebuilt = CRASMRANet(**json.loads(json.dumps(net.config)))

@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import REPO, TINY_CONFIG, run_cli, tiny_fit_args
 from crasmra import sweep as sw
 from crasmra.backbones import StagedBackbone, check_backbone
-from crasmra.cli import load_config
+from crasmra.config import load_config
 from crasmra.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,

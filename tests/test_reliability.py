@@ -184,9 +184,9 @@ def test_resuming_an_epoch_logged_before_its_checkpoint_logs_it_once(
 
 def test_cli_writes_checkpoints_with_the_atomic_writer(tiny_run: Path) -> None:
     from crasmra.callbacks import AtomicCheckpointIO
-    from crasmra.cli import _with_atomic_checkpoint_io
+    from crasmra.runner import with_atomic_checkpoint_io
 
-    assert any(isinstance(p, AtomicCheckpointIO) for p in _with_atomic_checkpoint_io(None))
+    assert any(isinstance(p, AtomicCheckpointIO) for p in with_atomic_checkpoint_io(None))
     # A run leaves no temporary files behind.
     assert not list((tiny_run / "checkpoints").glob(".*"))
 

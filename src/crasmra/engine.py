@@ -24,8 +24,15 @@ from crasmra._version import __version__
 from crasmra.checkpoint import FORMAT_VERSION, read_network_state
 from crasmra.errors import CrasmraError
 from crasmra.layers import SMRAM
-from crasmra.losses import CRASMRALoss
-from crasmra.model import CRASMRANet, ModelOutput, create_model
+from crasmra.losses import (
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_GAMMA,
+    CRASMRALoss,
+    trains_with_smram,
+)
+from crasmra.model import CRASMRANet, NetConfig, create_model
+from crasmra.outputs import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,9 @@ class CRASMRAModule(L.LightningModule):
         variant: ``"baseline"``, ``"cbam"``, ``"cram"`` or ``"cra-smra"`` (paper's Table 3), or
             ``"plain"``: timm's own classifier fine-tuned with cross-entropy (the reference;
             ``lr_backbone`` for the backbone, ``lr_heads`` for the classifier; the attention,
-            head and loss-weight arguments do not apply to it).
+            head and loss-weight arguments do not apply to it), or the name of a registered
+            attention module (:mod:`crasmra.layers.registry`). Only ``"cra-smra"`` trains with
+            SMRAM (:func:`crasmra.losses.trains_with_smram`).
         pretrained: ``True`` for timm's ImageNet weights, a local weights file, or ``False``.
         omega: CRAM suppression factor applied to the most important channels (SPEC: 0.5).
         delta: CRAM threshold, relative to the most important channel, for suppression (SPEC: 0.9).
@@ -105,6 +114,11 @@ class CRASMRAModule(L.LightningModule):
             ``"input"`` (``x_s = S * X``, default) or ``"enhanced"`` (``x_s = S * (I * X)``,
             which also trains CRAM's MLP through the later stages). The paper reads either way.
         stage_indices: Feature stages that get attention and a head (default: the last three).
+        attention_options: Further options of the attention module (for registered modules
+            with options of their own), e.g. ``{gain: 2.0}``.
+
+    The network's arguments (``backbone`` to ``attention_options``) take their defaults from
+    :class:`~crasmra.model.NetConfig`, which also checks them.
         lr_backbone: Learning rate of the backbone (SPEC: 2e-4).
         lr_attention: Learning rate of CRAM/CBAM including Conv_layer (SPEC: 6e-3).
         lr_heads: Learning rate of the classifier heads (SPEC open point, default 6e-3).
@@ -146,22 +160,23 @@ class CRASMRAModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "resnet50",
-        num_classes: int = 200,
-        variant: str = "cra-smra",
-        pretrained: bool | str = False,
-        omega: float = 0.5,
-        delta: float = 0.9,
-        alpha: float = 2.0,
-        beta: float = 1.0,
-        gamma: float = 1.0,
-        reduction: int = 16,
-        head_channels: int = 512,
-        head_hidden: int = 512,
-        head_pool: str = "max",
-        conv_layer: str = "light",
-        suppress_source: Literal["input", "enhanced"] = "input",
-        stage_indices: Sequence[int] | None = None,
+        backbone: str = NetConfig.backbone,
+        num_classes: int = NetConfig.num_classes,
+        variant: str = NetConfig.variant,
+        pretrained: bool | str = NetConfig.pretrained,
+        omega: float = NetConfig.omega,
+        delta: float = NetConfig.delta,
+        alpha: float = DEFAULT_ALPHA,
+        beta: float = DEFAULT_BETA,
+        gamma: float = DEFAULT_GAMMA,
+        reduction: int = NetConfig.reduction,
+        head_channels: int = NetConfig.head_channels,
+        head_hidden: int = NetConfig.head_hidden,
+        head_pool: str = NetConfig.head_pool,
+        conv_layer: str = NetConfig.conv_layer,
+        suppress_source: Literal["input", "enhanced"] = NetConfig.suppress_source,
+        stage_indices: Sequence[int] | None = NetConfig.stage_indices,
+        attention_options: dict[str, Any] | None = NetConfig.attention_options,
         lr_backbone: float = 2e-4,
         lr_attention: float = 6e-3,
         lr_heads: float = 6e-3,
@@ -221,26 +236,15 @@ class CRASMRAModule(L.LightningModule):
         self.save_hyperparameters()
 
         self.criterion = CRASMRALoss(alpha=alpha, beta=beta, gamma=gamma)
+        arguments = locals()
         self.net: CRASMRANet = create_model(
-            backbone,
-            num_classes,
-            variant=variant,
-            pretrained=pretrained,
-            stage_indices=stage_indices,
-            head_channels=head_channels,
-            head_hidden=head_hidden,
-            head_pool=head_pool,
-            conv_layer=conv_layer,
-            reduction=reduction,
-            omega=omega,
-            delta=delta,
-            suppress_source=suppress_source,
+            **{name: arguments[name] for name in NetConfig.field_names()}
         )
         # SMRAM is a training-time regulariser: it exists only for the variant that uses it and
         # is never part of `self.net`, so saved and exported inference networks do not carry it.
         self.smram: SMRAM | None = (
             SMRAM(head_channels, num_stages=len(self.net.stage_names))
-            if self.net.uses_smram
+            if trains_with_smram(variant)
             else None
         )
         if init_from is not None:

@@ -6,9 +6,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crasmra.layers import diversity_loss
-from crasmra.model import PLAIN_HEAD, ModelOutput
+from crasmra.outputs import PLAIN_HEAD, ModelOutput
 
-__all__ = ["CRASMRALoss", "diversity_loss"]
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_BETA",
+    "DEFAULT_GAMMA",
+    "SMRAM_VARIANTS",
+    "CRASMRALoss",
+    "diversity_loss",
+    "trains_with_smram",
+]
+
+#: The paper's loss weights (SPEC): the stage heads, the concat head, SMRAM's diversity term.
+DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_GAMMA = 2.0, 1.0, 1.0
+
+#: The variants trained with SMRAM's diversity loss. SMRAM is a training device, so this is
+#: the engine's choice, not the network's: ``"cram"`` and ``"cra-smra"`` build one network.
+SMRAM_VARIANTS: tuple[str, ...] = ("cra-smra",)
+
+
+def trains_with_smram(variant: str) -> bool:
+    """Whether a run of ``variant`` adds SMRAM's diversity loss."""
+    return variant in SMRAM_VARIANTS
 
 
 class CRASMRALoss(nn.Module):
@@ -24,7 +44,9 @@ class CRASMRALoss(nn.Module):
             passed, i.e. for the ``"cra-smra"`` variant.
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 1.0, gamma: float = 1.0) -> None:
+    def __init__(
+        self, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA, gamma: float = DEFAULT_GAMMA
+    ) -> None:
         super().__init__()
         for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             if value < 0:

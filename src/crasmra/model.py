@@ -17,6 +17,9 @@ A fifth variant is the reference every fine-grained paper compares against:
   prediction is that head's softmax. The attention and head hyperparameters are accepted and
   ignored, so one sweep file can list it beside the paper's variants.
 
+Any further attention module registered with
+:func:`~crasmra.layers.registry.register_attention` is a variant under its own name.
+
 SMRAM is not part of :class:`CRASMRANet`: it is a training-only device, so it lives with the
 loss in the training engine (see :func:`create_smram`), and a network saved or exported for
 inference carries no SMRAM weights.
@@ -24,6 +27,7 @@ inference carries no SMRAM weights.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,14 +44,17 @@ from crasmra.backbones import (
 )
 from crasmra.layers import (
     CONV_LAYERS,
-    CRAM,
+    DEFAULT_DELTA,
+    DEFAULT_OMEGA,
+    DEFAULT_REDUCTION,
     HEAD_POOLS,
     SMRAM,
     SUPPRESS_SOURCES,
-    CBAMAttention,
     ClassifierHead,
-    IdentityAttention,
+    attention_names,
+    create_attention,
 )
+from crasmra.outputs import PLAIN_HEAD, ModelOutput
 
 __all__ = [
     "DEFAULT_HPARAMS",
@@ -57,122 +64,185 @@ __all__ = [
     "VARIANTS",
     "CRASMRANet",
     "ModelOutput",
+    "NetConfig",
     "PretrainedWeightsError",
+    "attention_of",
     "create_model",
     "create_smram",
     "validate_hparams",
+    "variant_names",
 ]
 
+#: The paper's ablation (Table 3): variant -> the registered attention module after each stage.
+#: ``"cram"`` and ``"cra-smra"`` build the same network; SMRAM is the training engine's choice
+#: (see :func:`crasmra.losses.trains_with_smram`).
+PAPER_VARIANTS_ATTENTION: dict[str, str] = {
+    "baseline": "identity",
+    "cbam": "cbam",
+    "cram": "cram",
+    "cra-smra": "cram",
+}
 #: The four variants of the paper's ablation (Table 3).
-PAPER_VARIANTS: tuple[str, ...] = ("baseline", "cbam", "cram", "cra-smra")
+PAPER_VARIANTS: tuple[str, ...] = tuple(PAPER_VARIANTS_ATTENTION)
 #: The reference variant: timm's own classifier on the last stage, plain cross-entropy.
 PLAIN = "plain"
-#: Every variant :class:`CRASMRANet` builds.
+#: The built-in variants. Every registered attention module is a variant too (its name).
 VARIANTS: tuple[str, ...] = (PLAIN, *PAPER_VARIANTS)
-#: Name of the plain variant's one head (metrics ``classifier_top1``, export ``logits_classifier``).
-PLAIN_HEAD = "classifier"
-
-# Keyword hyperparameters of CRASMRANet, with their documented defaults (see CRASMRANet).
-DEFAULT_HPARAMS: dict[str, Any] = {
-    "stage_indices": None,
-    "head_channels": 512,
-    "head_hidden": 512,
-    "head_pool": "max",
-    "conv_layer": "light",
-    "reduction": 16,
-    "omega": 0.5,
-    "delta": 0.9,
-    "suppress_source": "input",
-}
 
 
-@dataclass
-class ModelOutput:
-    """What :class:`CRASMRANet` returns, in train and eval mode alike.
+def variant_names() -> tuple[str, ...]:
+    """Every variant a network can be built as: :data:`VARIANTS`, then further registered
+    attention modules under their own names (``identity`` is ``baseline``, ``cram`` a paper
+    variant)."""
+    named = set(PAPER_VARIANTS_ATTENTION.values()) | set(VARIANTS)
+    return (*VARIANTS, *(n for n in attention_names() if n not in named))
 
-    The paper's variants fill ``stage_logits`` and ``concat_logits``; the ``"plain"`` variant
-    fills only ``classifier_logits`` (``stage_logits`` is empty, ``concat_logits`` None).
-    :attr:`logits`, :attr:`head_names` and :attr:`probs` read the same for both.
 
-    Attributes:
-        stage_logits: One (B, K) logit tensor per attended stage.
-        concat_logits: (B, K) logits of the head on the concatenated pooled features (None
-            for ``"plain"``).
-        features: The (B, C_a, H_l, W_l) head-side maps x_e that SMRAM reads in training; for
-            ``"plain"`` the one (B, C, h, w) map timm's head reads.
-        stage_names: Names of the attended stages, e.g. ``("stage3", "stage4", "stage5")``
-            (for ``"plain"`` the last stage's, naming ``features``).
-        classifier_logits: (B, K) logits of timm's own classifier (``"plain"`` only).
-    """
-
-    stage_logits: tuple[Tensor, ...]
-    concat_logits: Tensor | None
-    features: tuple[Tensor, ...]
-    stage_names: tuple[str, ...] = ()
-    classifier_logits: Tensor | None = None
-
-    @property
-    def head_names(self) -> tuple[str, ...]:
-        """Names of :attr:`logits`: stage names and ``"concat"``, or ``("classifier",)``."""
-        if self.classifier_logits is not None:
-            return (PLAIN_HEAD,)
-        names = self.stage_names or tuple(f"head{i}" for i in range(len(self.stage_logits)))
-        return (*names, "concat")
-
-    @property
-    def logits(self) -> tuple[Tensor, ...]:
-        """All heads' logits: ``(*stage_logits, concat_logits)``, or ``(classifier_logits,)``."""
-        if self.classifier_logits is not None:
-            return (self.classifier_logits,)
-        if self.concat_logits is None:
-            raise ValueError("ModelOutput needs concat_logits or classifier_logits.")
-        return (*self.stage_logits, self.concat_logits)
-
-    @property
-    def probs(self) -> Tensor:
-        """The paper's test-time prediction: the mean of every head's softmax, (B, K) float32.
-
-        For ``"plain"`` this is the softmax of its one classifier.
-        """
-        return torch.stack([lg.float().softmax(dim=-1) for lg in self.logits]).mean(dim=0)
+def attention_of(variant: str) -> str | None:
+    """The registered attention module of ``variant`` (None for ``"plain"``)."""
+    if variant == PLAIN:
+        return None
+    return PAPER_VARIANTS_ATTENTION.get(variant, variant)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_scalars(num_classes: Any, variant: Any, hp: dict[str, Any]) -> None:
-    """Validate everything that does not need the backbone; raise ValueError with a fix."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
-    if not _is_int(num_classes) or num_classes < 1:
-        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}.")
-    for key in ("head_channels", "head_hidden"):
-        if not _is_int(hp[key]) or hp[key] < 1:
-            raise ValueError(f"{key} must be an int >= 1, got {hp[key]!r}.")
-    if not _is_int(hp["reduction"]) or hp["reduction"] < 1:
-        raise ValueError(f"reduction must be an int >= 1, got {hp['reduction']!r}.")
-    omega, delta = hp["omega"], hp["delta"]
-    if not isinstance(omega, Real) or isinstance(omega, bool) or not 0.0 <= omega <= 1.0:
-        raise ValueError(f"omega must be a number in [0, 1] (paper: 0.5), got {omega!r}.")
-    if not isinstance(delta, Real) or isinstance(delta, bool) or not 0.0 < delta <= 1.0:
-        raise ValueError(f"delta must be a number in (0, 1] (paper: 0.9), got {delta!r}.")
-    if hp["head_pool"] not in HEAD_POOLS:
-        raise ValueError(f"head_pool must be one of {HEAD_POOLS}, got {hp['head_pool']!r}.")
-    if hp["conv_layer"] not in CONV_LAYERS:
-        raise ValueError(f"conv_layer must be one of {CONV_LAYERS}, got {hp['conv_layer']!r}.")
-    if hp["suppress_source"] not in SUPPRESS_SOURCES:
-        raise ValueError(
-            f"suppress_source must be one of {SUPPRESS_SOURCES}, got {hp['suppress_source']!r}: "
-            "'input' gives CRAM's x_s = S * X (default), 'enhanced' gives x_s = S * (I * X)."
-        )
+@dataclass
+class NetConfig:
+    """Every hyperparameter of :class:`CRASMRANet`, its default and its check, in one place.
+
+    The training engine's ``--model.*`` options take their defaults from here, and a
+    checkpoint's ``net_config`` is :meth:`as_dict` of it. Constructing one validates it.
+
+    Attributes:
+        backbone: timm CNN name with at least three feature stages.
+        num_classes: Number of classes K.
+        variant: One of :func:`variant_names`.
+        pretrained: False (random init), True (timm ImageNet weights by name) or a path to a
+            local timm-format backbone state dict.
+        stage_indices: 0-based feature_info indices to attend; None for the last three
+            (ResNet: layer2..layer4 = SPEC stages 3..5).
+        head_channels: C_a, the width every attended stage is projected to (SPEC open point).
+            512: PMG uses 1024, but 512 halves the projection cost (about 1.4 vs 2.9 GMACs on
+            ResNet50 at 448 px with the light Conv_layer), keeping the network within ~1.1x
+            the plain backbone's FLOPs.
+        head_hidden: Hidden width of every head's MLP (PMG: 512).
+        head_pool: Global pooling before the heads, ``"max"`` (as PMG) or ``"avg"``.
+        conv_layer: Conv_layer after the attention, ``"light"`` (1x1 conv + BN + ReLU) or
+            ``"pmg"`` (PMG's 1x1 -> 3x3 block, about 4x the cost).
+        reduction: r of CRAM's / CBAM's channel MLP; 16, CBAM's usual value, not stated by the
+            paper.
+        omega: CRAM's suppression factor (paper: 0.5).
+        delta: CRAM's relative importance threshold (paper: 0.9).
+        suppress_source: What CRAM's mask S multiplies to give the next stage's input x_s
+            (SPEC open point): ``"input"``, ``x_s = S * X``; ``"enhanced"``,
+            ``x_s = S * (I * X)``. See :class:`~crasmra.layers.CRAM`.
+        attention_options: Further keyword options of the attention module, for modules
+            registered with options of their own (see :mod:`crasmra.layers.registry`).
+    """
+
+    backbone: str = "resnet50"
+    num_classes: int = 200
+    variant: str = "cra-smra"
+    pretrained: bool | str = False
+    stage_indices: list[int] | None = None
+    head_channels: int = 512
+    head_hidden: int = 512
+    head_pool: str = "max"
+    conv_layer: str = "light"
+    reduction: int = DEFAULT_REDUCTION
+    omega: float = DEFAULT_OMEGA
+    delta: float = DEFAULT_DELTA
+    suppress_source: str = "input"
+    attention_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage_indices is not None:
+            self.stage_indices = list(self.stage_indices)
+        self.check()
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> NetConfig:
+        """Build from keyword arguments; an unknown name is a ValueError naming the valid ones."""
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"Unknown hyperparameter(s) {unknown}; valid names are {sorted(cls.field_names())}."
+            )
+        return cls(**kwargs)
+
+    @staticmethod
+    def field_names() -> tuple[str, ...]:
+        """The names of the fields, in order."""
+        return tuple(f.name for f in dataclasses.fields(NetConfig))
+
+    def check(self) -> None:
+        """Validate everything that does not need the backbone; raise ValueError with a fix."""
+        variants = variant_names()
+        if self.variant not in variants:
+            raise ValueError(f"Unknown variant {self.variant!r}; choose one of {variants}.")
+        if not _is_int(self.num_classes) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {self.num_classes!r}.")
+        for key in ("head_channels", "head_hidden", "reduction"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{key} must be an int >= 1, got {value!r}.")
+        omega, delta = self.omega, self.delta
+        if not isinstance(omega, Real) or isinstance(omega, bool) or not 0.0 <= omega <= 1.0:
+            raise ValueError(f"omega must be a number in [0, 1] (paper: 0.5), got {omega!r}.")
+        if not isinstance(delta, Real) or isinstance(delta, bool) or not 0.0 < delta <= 1.0:
+            raise ValueError(f"delta must be a number in (0, 1] (paper: 0.9), got {delta!r}.")
+        if self.head_pool not in HEAD_POOLS:
+            raise ValueError(f"head_pool must be one of {HEAD_POOLS}, got {self.head_pool!r}.")
+        if self.conv_layer not in CONV_LAYERS:
+            raise ValueError(
+                f"conv_layer must be one of {CONV_LAYERS}, got {self.conv_layer!r}."
+            )
+        if self.suppress_source not in SUPPRESS_SOURCES:
+            raise ValueError(
+                f"suppress_source must be one of {SUPPRESS_SOURCES}, got "
+                f"{self.suppress_source!r}: 'input' gives CRAM's x_s = S * X (default), "
+                "'enhanced' gives x_s = S * (I * X)."
+            )
+        if self.attention_options is not None and not isinstance(self.attention_options, dict):
+            raise ValueError(
+                f"attention_options must be a mapping, got {self.attention_options!r}."
+            )
+
+    def attention_settings(self) -> dict[str, Any]:
+        """The settings an attention module's constructor may take from the network's."""
+        return {
+            "conv_layer": self.conv_layer,
+            "reduction": self.reduction,
+            "omega": float(self.omega),
+            "delta": float(self.delta),
+            "suppress_source": self.suppress_source,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values that rebuild the architecture (``pretrained`` forced to False)."""
+        out = dataclasses.asdict(self)
+        out["pretrained"] = False
+        out["omega"], out["delta"] = float(self.omega), float(self.delta)
+        return out
+
+
+#: The keyword hyperparameters of :class:`CRASMRANet` and their defaults, read off
+#: :class:`NetConfig`.
+DEFAULT_HPARAMS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(NetConfig)
+    if f.name not in ("backbone", "num_classes", "variant", "pretrained")
+}
 
 
 def validate_hparams(
     backbone: str,
     num_classes: int,
-    variant: str = "cra-smra",
-    pretrained: bool | str | os.PathLike = False,
+    variant: str = NetConfig.variant,
+    pretrained: bool | str | os.PathLike = NetConfig.pretrained,
     **hparams: Any,
 ) -> dict[str, Any]:
     """Check a model configuration before anything is built.
@@ -183,9 +253,9 @@ def validate_hparams(
     Args:
         backbone: timm model name.
         num_classes: Number of classes K.
-        variant: One of :data:`VARIANTS`.
+        variant: One of :func:`variant_names`.
         pretrained: False, True, or a path to a local weights file (must exist).
-        **hparams: Keyword hyperparameters of :class:`CRASMRANet` (see :data:`DEFAULT_HPARAMS`).
+        **hparams: The other fields of :class:`NetConfig`.
 
     Returns:
         The full keyword set for ``CRASMRANet``, defaults filled in and ``stage_indices``
@@ -195,51 +265,16 @@ def validate_hparams(
         ValueError: with a message saying what to change.
         FileNotFoundError: ``pretrained`` is a path that does not exist.
     """
-    unknown = sorted(set(hparams) - set(DEFAULT_HPARAMS))
-    if unknown:
-        raise ValueError(
-            f"Unknown hyperparameter(s) {unknown}; valid names are {sorted(DEFAULT_HPARAMS)}."
-        )
-    hp = {**DEFAULT_HPARAMS, **hparams}
-    _check_scalars(num_classes, variant, hp)
+    config = NetConfig.from_kwargs(
+        backbone=backbone, num_classes=num_classes, variant=variant, **hparams
+    )
     if not isinstance(pretrained, bool):
         if not isinstance(pretrained, str | os.PathLike):
             raise ValueError(f"pretrained must be a bool or a file path, got {pretrained!r}.")
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"Pretrained weights file not found: {str(pretrained)!r}")
-    hp["stage_indices"] = list(check_backbone(backbone, hp["stage_indices"]))
-    return {
-        "backbone": backbone,
-        "num_classes": num_classes,
-        "variant": variant,
-        "pretrained": pretrained,
-        **hp,
-    }
-
-
-def _build_attention(
-    variant: str,
-    in_channels: int,
-    out_channels: int,
-    conv_layer: str,
-    reduction: int,
-    omega: float,
-    delta: float,
-    suppress_source: str = "input",
-) -> nn.Module:
-    if variant == "baseline":
-        return IdentityAttention(in_channels, out_channels, conv_layer=conv_layer)
-    if variant == "cbam":
-        return CBAMAttention(in_channels, out_channels, reduction=reduction, conv_layer=conv_layer)
-    return CRAM(
-        in_channels,
-        out_channels,
-        reduction=reduction,
-        omega=omega,
-        delta=delta,
-        conv_layer=conv_layer,
-        suppress_source=suppress_source,
-    )
+    config.stage_indices = list(check_backbone(backbone, config.stage_indices))
+    return {**dataclasses.asdict(config), "pretrained": pretrained}
 
 
 class CRASMRANet(nn.Module):
@@ -248,34 +283,19 @@ class CRASMRANet(nn.Module):
     Args:
         backbone: timm CNN name with at least three feature stages.
         num_classes: Number of classes K.
-        variant: One of :data:`VARIANTS`; only ``"cra-smra"`` adds SMRAM (in the engine).
+        variant: One of :func:`variant_names`; which attention module follows each attended
+            stage (see :data:`PAPER_VARIANTS_ATTENTION`).
         pretrained: False (random init), True (timm ImageNet weights by name) or a path to a
             local timm-format backbone state dict.
-        stage_indices: 0-based feature_info indices to attend; default the last three
-            (ResNet: layer2..layer4 = SPEC stages 3..5; DenseNet: after the last three dense
-            blocks).
-        head_channels: C_a, the width every attended stage is projected to (SPEC open point).
-            Default 512: PMG uses 1024, but 512 halves the projection cost (about 1.4 vs 2.9
-            GMACs on ResNet50 at 448 px with the light Conv_layer), keeping the network within
-            ~1.1x the plain backbone's FLOPs.
-        head_hidden: Hidden width of every head's MLP (PMG: 512).
-        head_pool: Global pooling before the heads, ``"max"`` (default, as PMG) or ``"avg"``.
-        conv_layer: Conv_layer after the attention, ``"light"`` (default: 1x1 conv + BN + ReLU,
-            the cheap choice) or ``"pmg"`` (PMG's 1x1 -> 3x3 block, about 4x the cost).
-        reduction: r of CRAM's / CBAM's channel MLP. Default 16, CBAM's usual value; not
-            stated by the paper.
-        omega: CRAM's suppression factor (paper: 0.5).
-        delta: CRAM's relative importance threshold (paper: 0.9).
-        suppress_source: What CRAM's mask S multiplies to give the next stage's input x_s
-            (SPEC open point): ``"input"`` (default), ``x_s = S * X``; ``"enhanced"``,
-            ``x_s = S * (I * X)``, which also trains CRAM's MLP through the later stages. See
-            :class:`~crasmra.layers.CRAM`.
+        **hparams: The other fields of :class:`NetConfig` (``stage_indices``,
+            ``head_channels``, ``head_hidden``, ``head_pool``, ``conv_layer``, ``reduction``,
+            ``omega``, ``delta``, ``suppress_source``, ``attention_options``), documented
+            there with their defaults.
 
     Attributes:
         config: JSON-serialisable constructor arguments (``pretrained`` forced to False), so
             ``CRASMRANet(**net.config)`` rebuilds the architecture.
         variant: The variant name.
-        uses_smram: True only for ``"cra-smra"``.
         num_classes: K.
         head_channels: C_a.
         stage_names: e.g. ``("stage3", "stage4", "stage5")``.
@@ -283,7 +303,7 @@ class CRASMRANet(nn.Module):
             crop_pct, interpolation). The paper trains at 448 px; input_size is timm's.
         backbone: The :class:`~crasmra.backbones.StagedBackbone` (for ``"plain"`` the whole
             timm model, head included).
-        attention: One CRAM / CBAM / identity module per attended stage (empty for ``"plain"``).
+        attention: One attention module per attended stage (empty for ``"plain"``).
         heads: One :class:`~crasmra.layers.ClassifierHead` per attended stage (empty for
             ``"plain"``).
         concat_head: Head on the concatenated pooled stage features (n * C_a); None for
@@ -297,71 +317,41 @@ class CRASMRANet(nn.Module):
         self,
         backbone: str,
         num_classes: int,
-        variant: str = "cra-smra",
-        pretrained: bool | str | os.PathLike = False,
-        *,
-        stage_indices: Sequence[int] | None = None,
-        head_channels: int = 512,
-        head_hidden: int = 512,
-        head_pool: str = "max",
-        conv_layer: str = "light",
-        reduction: int = 16,
-        omega: float = 0.5,
-        delta: float = 0.9,
-        suppress_source: str = "input",
+        variant: str = NetConfig.variant,
+        pretrained: bool | str | os.PathLike = NetConfig.pretrained,
+        **hparams: Any,
     ) -> None:
         super().__init__()
-        hp = {
-            "stage_indices": stage_indices,
-            "head_channels": head_channels,
-            "head_hidden": head_hidden,
-            "head_pool": head_pool,
-            "conv_layer": conv_layer,
-            "reduction": reduction,
-            "omega": omega,
-            "delta": delta,
-            "suppress_source": suppress_source,
-        }
-        _check_scalars(num_classes, variant, hp)
+        cfg = NetConfig.from_kwargs(
+            backbone=backbone, num_classes=num_classes, variant=variant, **hparams
+        )
         plain = variant == PLAIN
         self.backbone = StagedBackbone(
             backbone,
             pretrained=pretrained,
-            stage_indices=stage_indices,
+            stage_indices=cfg.stage_indices,
             # "plain" keeps timm's own head, its classifier reset to K classes.
             num_classes=num_classes if plain else None,
         )
         self.variant = variant
         self.num_classes = num_classes
-        self.head_channels = head_channels
+        self.head_channels = cfg.head_channels
         self.stage_names: tuple[str, ...] = (
             (f"stage{self.backbone.num_feature_stages}",) if plain else self.backbone.stage_names
         )
         self.data_config: dict[str, Any] = dict(self.backbone.data_config)
         attended = () if plain else self.backbone.stage_channels
         self.attention = nn.ModuleList(
-            _build_attention(
-                variant, c, head_channels, conv_layer, reduction, omega, delta, suppress_source
+            create_attention(
+                attention_of(variant), c, cfg.head_channels, cfg.attention_settings(),
+                cfg.attention_options,
             )
             for c in attended
         )
-        self._head_kwargs = {"hidden": head_hidden, "pool": head_pool}
+        self._head_kwargs = {"hidden": cfg.head_hidden, "pool": cfg.head_pool}
         self.heads, self.concat_head = self._build_heads(num_classes)
-        self.config: dict[str, Any] = {
-            "backbone": backbone,
-            "num_classes": num_classes,
-            "variant": variant,
-            "pretrained": False,
-            **hp,
-            "stage_indices": list(self.backbone.stage_indices),
-            "omega": float(omega),
-            "delta": float(delta),
-        }
-
-    @property
-    def uses_smram(self) -> bool:
-        """Whether training adds SMRAM's diversity loss (only the ``"cra-smra"`` variant)."""
-        return self.variant == "cra-smra"
+        cfg.stage_indices = list(self.backbone.stage_indices)
+        self.config: dict[str, Any] = cfg.as_dict()
 
     @property
     def head_names(self) -> tuple[str, ...]:

@@ -521,7 +521,7 @@ def base_fingerprint(base: str | dict[str, Any]) -> str:
     import hashlib
 
     if isinstance(base, str):
-        from crasmra.cli import load_config
+        from crasmra.config import load_config
 
         base = load_config(base)
     text = json.dumps(_canonical(base), sort_keys=True, default=str)
@@ -558,14 +558,15 @@ def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[
     Raises:
         SweepError: A setting does not parse; the message names the setting and the parser's error.
     """
-    from crasmra.cli import _make_cli_class, expand_config_args
+    from crasmra.config import expand_config_args
     from crasmra.data import FGVCDataModule
     from crasmra.engine import CRASMRAModule
     from crasmra.flags import check_class_paths
+    from crasmra.runner import make_cli_class
 
     seen: set[str] = set()
 
-    class _ParseOnly(_make_cli_class()):  # type: ignore[misc]
+    class _ParseOnly(make_cli_class()):  # type: ignore[misc]
         """The fit command's parser (same class, same links) with every action removed."""
 
         def _set_seed(self) -> None: ...
@@ -604,7 +605,7 @@ def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[
 # ---------------------------------------------------------------------------------------------
 def _run_in_process(args: list[str]) -> None:
     """Run one fit in this process; a Ctrl-C that Lightning absorbed is raised again."""
-    from crasmra.cli import run_lightning
+    from crasmra.runner import run_lightning
 
     # The folder already holds the sweep's own sweep_run.json; nothing of Lightning's is lost.
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* is not empty")

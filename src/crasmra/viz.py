@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from crasmra.errors import MissingExtraError
 from crasmra.data import load_image
-from crasmra.layers import CRAM, SMRAM
+from crasmra.errors import MissingExtraError
+from crasmra.layers import SMRAM, record_channel_importance
 from crasmra.model import CRASMRANet
 
 __all__ = [
@@ -207,17 +207,18 @@ def smram_maps(smram: SMRAM, features: Sequence[Tensor], size: tuple[int, int]) 
     return list(_to_unit(_upsample(attention[0], size)).cpu().numpy())
 
 
-def channel_importance(model: CRASMRANet) -> list[np.ndarray] | None:
-    """CRAM's channel importance I of the last forward pass's first image, one (C,) per stage.
+def channel_importance(records: Sequence[Tensor | None]) -> list[np.ndarray] | None:
+    """The first image's channel importance I, one (C,) array per stage.
+
+    Args:
+        records: What :func:`~crasmra.layers.record_channel_importance` recorded.
 
     Returns:
-        None when the network's attention modules are not CRAM (plain / baseline / cbam).
+        None when nothing was recorded (plain / baseline / cbam networks have no CRAM).
     """
-    if not model.attention or not all(
-        isinstance(m, CRAM) and m.last_importance is not None for m in model.attention
-    ):
+    if not records or any(r is None for r in records):
         return None
-    return [m.last_importance[0].float().cpu().numpy() for m in model.attention]  # type: ignore[index]
+    return [r[0].float().cpu().numpy() for r in records]  # type: ignore[index]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,13 +466,12 @@ def explain_image(
     size = (x.shape[-2], x.shape[-1])
 
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), record_channel_importance(model.attention) as records:
         output = model(x)
     probs = output.probs[0]
     predicted_index = int(probs.argmax())
     predicted = model.classes[predicted_index]
-    # Read right after the plain forward pass: Grad-CAM's passes below overwrite it.
-    importance = channel_importance(model)
+    importance = channel_importance(records)
     rows: dict[str, Sequence[np.ndarray]] = {
         "Grad-CAM (predicted class)": gradcam_maps(model, x, predicted_index),
         "activation (channel mean)": activation_maps(output.features, size),

@@ -64,7 +64,7 @@ def _set_flags(items: list[str]) -> list[str]:
 
 
 def _cmd_sweep(ns: argparse.Namespace) -> int:
-    from crasmra.cli import _check_writable
+    from crasmra.runfolder import check_writable
     from crasmra.sweep import SweepError, load_sweep, run_sweep, write_report
 
     extra = _set_flags(ns.set)
@@ -78,7 +78,7 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
         summary = None
         if not ns.report_only:
             if not ns.dry_run:
-                _check_writable(out)
+                check_writable(out)
             start = time.perf_counter()
             summary = run_sweep(spec, out, extra_args=extra, groups=ns.grid, seeds=ns.seeds,
                                 dry_run=ns.dry_run)

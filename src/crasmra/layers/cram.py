@@ -14,21 +14,35 @@ training); ``x_s`` (B, in_channels, H, W) is the map the next backbone stage rea
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
 from timm.layers.cbam import CbamModule
 from torch import Tensor, nn
 
+from crasmra.layers.registry import register_attention
+
 __all__ = [
     "CONV_LAYERS",
     "CRAM",
+    "DEFAULT_DELTA",
+    "DEFAULT_OMEGA",
+    "DEFAULT_REDUCTION",
     "SUPPRESS_SOURCES",
     "CBAMAttention",
     "IdentityAttention",
     "build_conv_layer",
+    "record_channel_importance",
     "suppression_mask",
 ]
+
+#: CRAM's defaults: the paper's omega and delta; r = 16 is CBAM's usual value (not stated by
+#: the paper). The network's configuration (:class:`crasmra.model.NetConfig`) reads them here.
+DEFAULT_OMEGA = 0.5
+DEFAULT_DELTA = 0.9
+DEFAULT_REDUCTION = 16
 
 ConvLayerKind = Literal["light", "pmg"]
 CONV_LAYERS: tuple[str, ...] = ("light", "pmg")
@@ -77,7 +91,9 @@ def build_conv_layer(kind: str, in_channels: int, out_channels: int) -> nn.Seque
     raise ValueError(f"conv_layer must be one of {CONV_LAYERS}, got {kind!r}")
 
 
-def suppression_mask(importance: Tensor, omega: float = 0.5, delta: float = 0.9) -> Tensor:
+def suppression_mask(
+    importance: Tensor, omega: float = DEFAULT_OMEGA, delta: float = DEFAULT_DELTA
+) -> Tensor:
     """Hard channel-suppression mask S of SPEC step 5.
 
     ``S_k = omega`` where ``softmax(I)_k >= delta * max_j softmax(I)_j`` (per sample), else 1.
@@ -109,6 +125,7 @@ def _check_unit_interval(omega: float, delta: float) -> None:
         raise ValueError(f"delta must lie in (0, 1], got {delta}")
 
 
+@register_attention("cram")
 class CRAM(nn.Module):
     """Channel re-attention module (SPEC, "CRAM").
 
@@ -133,17 +150,17 @@ class CRAM(nn.Module):
             also trains CRAM's MLP through I (S itself stays a constant).
 
     Attributes:
-        last_importance: (B, C) detached importance I of the last forward call (None before
-            the first call), kept for activation-map figures.
+        gate: The sigmoid that gives I, a module of its own so that a forward hook can read I
+            (see :func:`record_channel_importance`); it has no parameters.
     """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        reduction: int = 16,
-        omega: float = 0.5,
-        delta: float = 0.9,
+        reduction: int = DEFAULT_REDUCTION,
+        omega: float = DEFAULT_OMEGA,
+        delta: float = DEFAULT_DELTA,
         conv_layer: ConvLayerKind = "light",
         suppress_source: SuppressSource = "input",
     ) -> None:
@@ -169,18 +186,17 @@ class CRAM(nn.Module):
             nn.Conv2d(hidden, in_channels, 1, bias=False),
         )
         self.conv_layer = build_conv_layer(conv_layer, in_channels, out_channels)
-        self.last_importance: Tensor | None = None
+        self.gate = nn.Sigmoid()
 
     def channel_importance(self, x: Tensor) -> Tensor:
         """Return I = sigmoid(a + m) as (B, C, 1, 1)."""
         a = self.mlp(x.mean(dim=(2, 3), keepdim=True))
         m = self.mlp(x.amax(dim=(2, 3), keepdim=True))
-        return torch.sigmoid(a + m)
+        return self.gate(a + m)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(x_e, x_s)`` for a stage output ``x`` of shape (B, C, H, W)."""
         importance = self.channel_importance(x)  # (B, C, 1, 1)
-        self.last_importance = importance.detach().flatten(1)
         enhanced = importance * x
         x_e = self.conv_layer(enhanced)
         mask = suppression_mask(importance.flatten(1), self.omega, self.delta)  # (B, C)
@@ -195,6 +211,7 @@ class CRAM(nn.Module):
         )
 
 
+@register_attention("identity")
 class IdentityAttention(nn.Module):
     """No attention (the "baseline" variant): ``x_e = Conv_layer(x)``, ``x_s = x``.
 
@@ -220,6 +237,7 @@ class IdentityAttention(nn.Module):
         return self.conv_layer(x), x
 
 
+@register_attention("cbam")
 class CBAMAttention(nn.Module):
     """timm's CBAM in CRAM's place (the "cbam" variant, the paper's Table 3 row 2).
 
@@ -238,7 +256,7 @@ class CBAMAttention(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        reduction: int = 16,
+        reduction: int = DEFAULT_REDUCTION,
         conv_layer: ConvLayerKind = "light",
     ) -> None:
         super().__init__()
@@ -254,3 +272,33 @@ class CBAMAttention(nn.Module):
         """Return ``(Conv_layer(CBAM(x)), CBAM(x))``."""
         y = self.cbam(x)
         return self.conv_layer(y), y
+
+
+@contextmanager
+def record_channel_importance(modules: Iterable[nn.Module]) -> Iterator[list[Tensor | None]]:
+    """Record the importance I of every CRAM in ``modules`` during the ``with`` block.
+
+    Forward hooks on each CRAM's :attr:`~CRAM.gate` fill the yielded list, one (B, C) detached
+    tensor per CRAM (the last call's; None until it runs); the hooks are removed on exit, so the
+    modules keep no state between calls.
+
+    Example::
+
+        with record_channel_importance(net.attention) as importance:
+            net(images)
+    """
+    crams = [m for m in modules if isinstance(m, CRAM)]
+    records: list[Tensor | None] = [None] * len(crams)
+
+    def recorder(index: int):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            records[index] = output.detach().flatten(1)  # (B, C, 1, 1) -> (B, C)
+
+        return hook
+
+    handles = [m.gate.register_forward_hook(recorder(i)) for i, m in enumerate(crams)]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()

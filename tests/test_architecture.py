@@ -1,0 +1,145 @@
+"""The package's structure: imports point down, and a new attention module is one class."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from conftest import REPO, run_cli, tiny_fit_args
+from crasmra.layers import register_attention
+
+SRC = REPO / "src" / "crasmra"
+
+#: The floors of the package, lowest first. A module may import from its own floor or below,
+#: never from above. The package's ``__init__`` is a facade over all of them, outside the floors.
+FLOORS: list[set[str]] = [
+    # ground: no crasmra imports but these
+    {"_version", "errors", "outputs", "cpu", "flags", "layers", "backbones", "data", "config",
+     "runfolder"},
+    # the network, its loss, its files
+    {"model", "losses", "checkpoint"},
+    # training and inference
+    {"engine", "callbacks", "inference", "export", "viz"},
+    # running commands
+    {"runner", "serve", "demo"},
+    {"sweep"},
+    # the command line
+    {"cli", "commands"},
+]
+
+
+def _floor(module: str) -> int:
+    top = module.split(".")[1] if module.count(".") else ""
+    for index, floor in enumerate(FLOORS):
+        if top in floor:
+            return index
+    raise AssertionError(f"{module} is on no floor: add it to FLOORS")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The crasmra modules ``path`` imports, at module level or inside functions."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("crasmra"):
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & modules
+            # `from crasmra import serve` imports crasmra.serve, not the package facade.
+            found |= submodules or {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("crasmra")}
+    return found
+
+
+def test_no_import_runs_back_up() -> None:
+    files = {_module_name(p): p for p in SRC.rglob("*.py")}
+    upward = []
+    for module, path in sorted(files.items()):
+        if module == "crasmra":
+            continue
+        for imported in sorted(_imports(path, set(files)) - {module}):
+            if imported == "crasmra":
+                upward.append(f"{module} -> the package facade {imported}")
+            elif _floor(imported) > _floor(module):
+                upward.append(f"{module} (floor {_floor(module)}) -> {imported} "
+                              f"(floor {_floor(imported)})")
+    assert not upward, "imports that run back up:\n" + "\n".join(upward)
+
+
+# ---------------------------------------------------------------------------------------------
+# a new attention module: one class and one registration
+# ---------------------------------------------------------------------------------------------
+@register_attention("toy-gain")
+class ToyGainAttention(nn.Module):
+    """Scales the stage output by a constant gain: ``x_e = proj(g x)``, ``x_s = g x``."""
+
+    def __init__(self, in_channels: int, out_channels: int, gain: float = 1.0,
+                 conv_layer: str = "light") -> None:
+        super().__init__()
+        self.gain = gain
+        self.conv_layer_kind = conv_layer
+        self.proj = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = self.gain * x
+        return self.proj(y), y
+
+
+def test_a_registered_attention_module_trains_through_the_command_line(tmp_path: Path) -> None:
+    args = tiny_fit_args(tmp_path, "--model.variant=toy-gain",
+                         "--model.attention_options={gain: 2.5}", "--test_after_fit=false")
+    assert run_cli(args) == 0
+    from crasmra.inference import load_model
+
+    model = load_model(tmp_path / "checkpoints" / "best.ckpt")
+    assert [type(m) for m in model.attention] == [ToyGainAttention] * 3
+    # Its own option and the network's settings it names both reached it.
+    assert {m.gain for m in model.attention} == {2.5}
+    assert {m.conv_layer_kind for m in model.attention} == {"light"}
+    assert model(torch.zeros(1, 3, 64, 64)).probs.shape == (1, 4)
+
+
+def test_an_option_the_module_does_not_take_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = tiny_fit_args(tmp_path, "--model.variant=toy-gain",
+                         "--model.attention_options={gian: 2.5}")
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err
+    assert "takes no option(s) ['gian']" in err and "gain" in err
+
+
+def test_a_taken_name_cannot_be_registered_twice() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_attention("cram")
+        class Other(nn.Module):
+            pass
+
+
+def test_each_network_default_is_written_once() -> None:
+    """The engine's network options default to NetConfig's values, which the layers define."""
+    import inspect
+
+    from crasmra.engine import CRASMRAModule
+    from crasmra.layers import DEFAULT_DELTA, DEFAULT_OMEGA, DEFAULT_REDUCTION
+    from crasmra.model import NetConfig
+
+    engine = inspect.signature(CRASMRAModule).parameters
+    for name in NetConfig.field_names():
+        assert engine[name].default == getattr(NetConfig, name), name
+    assert (NetConfig.omega, NetConfig.delta, NetConfig.reduction) == (
+        DEFAULT_OMEGA, DEFAULT_DELTA, DEFAULT_REDUCTION)
+    # The literal appears once in the sources of the package.
+    sources = "\n".join(p.read_text() for p in SRC.rglob("*.py"))
+    assert sources.count("DEFAULT_OMEGA = 0.5") == 1
+    assert "omega: float = 0.5" not in sources
