@@ -19,7 +19,7 @@ SRC = REPO / "src" / "crasmra"
 FLOORS: list[set[str]] = [
     # ground: no crasmra imports but these
     {"_version", "errors", "outputs", "cpu", "flags", "layers", "backbones", "data", "config",
-     "runfolder"},
+     "runfolder", "lightning_private"},
     # the network, its loss, its files
     {"model", "losses", "checkpoint"},
     # training and inference

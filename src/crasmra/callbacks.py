@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from crasmra._version import __version__
 from crasmra.checkpoint import save_atomic, write_atomic
+from crasmra.lightning_private import LastFollowsEverySave
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomic(checkpoint, path)
 
 
-class ResumableCheckpoint(ModelCheckpoint):
+class ResumableCheckpoint(LastFollowsEverySave):
     """``ModelCheckpoint`` whose ``last.ckpt`` follows every save point, improved or not.
 
     Lightning 2.6 refreshes ``last.ckpt`` only when a top-k checkpoint was written at the same
@@ -279,9 +280,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         # existed resume with their best-score state, and the other way round.
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
-    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
+    def after_topk_save(self, trainer: L.Trainer) -> None:
         if self.save_last:
             # The condition Lightning checks right after this call before writing last.ckpt;
             # it also keeps a second hook at the same step from saving twice.
-            self._last_global_step_saved = trainer.global_step
+            self.mark_saved(trainer.global_step)

@@ -187,5 +187,7 @@ def keep_existing_csv(logger: Any) -> None:
         def _check_log_dir_exists(self) -> None:
             pass
 
+    from crasmra.lightning_private import replace_csv_writer
+
     Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
-    logger._experiment = _AppendingWriter(log_dir=logger.log_dir)
+    replace_csv_writer(logger, _AppendingWriter(log_dir=logger.log_dir))

@@ -44,8 +44,9 @@ def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
 
 
 def make_cli_class() -> type:
+    """The LightningCLI subclass of ``crasmra fit``, ``validate`` and ``test``."""
     # Lightning is imported here, not at module import, so `crasmra --help` stays instant.
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser
 
     from crasmra.callbacks import (
         MetricsFileCallback,
@@ -57,8 +58,9 @@ def make_cli_class() -> type:
     from crasmra.cpu import configure_cpu, runs_on_cpu
     from crasmra.cpu import log as cpu_log
     from crasmra.engine import MONITOR, RNGStateCallback
+    from crasmra.lightning_private import CheckpointHparamsHook, subcommand_parser
 
-    class CRASMRACLI(LightningCLI):
+    class CRASMRACLI(CheckpointHparamsHook):
         """LightningCLI with crasmra's run-folder layout, links and input checks."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -185,7 +187,7 @@ def make_cli_class() -> type:
             step = load_checkpoint_file(ckpt_path).get("global_step")
             return step if isinstance(step, int) else None
 
-        def _parse_ckpt_path(self) -> None:
+        def before_checkpoint_hparams(self) -> None:
             # LightningCLI reads --ckpt_path with a bare torch.load to recover hyperparameters,
             # before any crasmra hook runs; validating the file first turns a truncated,
             # tampered or foreign checkpoint into one clear error instead of a traceback.
@@ -195,7 +197,6 @@ def make_cli_class() -> type:
                 checkpoint = load_checkpoint_file(ckpt_path)
                 if subcommand in ("validate", "test"):
                     self._data_from_checkpoint(subcommand, checkpoint)
-            super()._parse_ckpt_path()
 
         def _data_from_checkpoint(self, subcommand: str, checkpoint: dict[str, Any]) -> None:
             # Evaluating a checkpoint without any data option means "on the data it was trained
@@ -204,7 +205,7 @@ def make_cli_class() -> type:
             if not isinstance(stored, dict):
                 return
             given = self.config[subcommand].data.as_dict()
-            defaults = self._subcommand_parsers[subcommand].get_defaults().data.as_dict()
+            defaults = subcommand_parser(self, subcommand).get_defaults().data.as_dict()
             # data.backbone follows model.backbone (a link), whatever the user gave.
             given.pop("backbone", None)
             defaults.pop("backbone", None)

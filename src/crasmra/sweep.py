@@ -562,18 +562,13 @@ def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[
     from crasmra.data import FGVCDataModule
     from crasmra.engine import CRASMRAModule
     from crasmra.flags import check_class_paths
+    from crasmra.lightning_private import ParseOnly
     from crasmra.runner import make_cli_class
 
     seen: set[str] = set()
 
-    class _ParseOnly(make_cli_class()):  # type: ignore[misc]
+    class _ParseOnly(ParseOnly, make_cli_class()):  # type: ignore[misc]
         """The fit command's parser (same class, same links) with every action removed."""
-
-        def _set_seed(self) -> None: ...
-        def before_instantiate_classes(self) -> None: ...
-        def instantiate_classes(self) -> None: ...
-        def after_instantiate_classes(self) -> None: ...
-        def _run_subcommand(self, subcommand: str | None) -> None: ...
 
     cli = None
     for run in runs:
