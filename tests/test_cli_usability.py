@@ -222,3 +222,28 @@ def test_readme_names_what_the_browser_test_needs_and_where_fit_writes() -> None
     readme = (REPO / "README.md").read_text()
     assert "chromium-driver" in readme
     assert "runs/crasmra" in readme
+
+
+# ---------------------------------------------------------------------------------------------
+# missing extras: one line with the install command for a registry install and for a clone
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("missing", "args", "extra"),
+    [
+        ("onnx", ["export", "{ckpt}", "--format", "onnx", "--out", "{tmp}/m.onnx"], "export"),
+        ("fastapi", ["serve", "{ckpt}", "--port", "0"], "serve"),
+    ],
+)
+def test_a_missing_extra_is_one_line_for_both_installs(
+    missing: str, args: list[str], extra: str, tiny_checkpoint: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, missing, None)
+    monkeypatch.delitem(sys.modules, "crasmra.serve", raising=False)
+    argv = [a.format(ckpt=tiny_checkpoint, tmp=tmp_path) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = _error_lines(err)
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert f'pip install "crasmra[{extra}]"' in errors[0]
+    assert f'pip install -e ".[{extra}]"' in errors[0]

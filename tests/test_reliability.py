@@ -393,7 +393,9 @@ def test_ddp_run_stops_when_a_worker_dies(tmp_path: Path) -> None:
     """
     stamp = tmp_path / "death"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+           # The test's own callback, from outside the packages a config may name by default.
+           "CRASMRA_CLASS_PACKAGES": "reliability_helpers"}
     cmd = [sys.executable, "-m", "crasmra.cli", *tiny_fit_args(
         tmp_path / "ddp", "--trainer.devices=2", "--trainer.max_epochs=3", "--test_after_fit=false",
         "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",

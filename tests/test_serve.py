@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import logging
 import socket
 import struct
+import threading
+import time
+import urllib.error
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +90,41 @@ def png_header_only(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def post_raw(base: str, data: bytes) -> tuple[int, Any, dict[str, Any]]:
+    """POST an image to a running server: status, headers (case-insensitive) and JSON body."""
+    body, boundary = multipart(data)
+    req = urlrequest.Request(f"{base}/api/predict", data=body, method="POST", headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urlrequest.urlopen(req, timeout=60) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, json.loads(err.read())
+
+
+def raw_exchange(server: Any, request: bytes, timeout: float = 10.0) -> tuple[str, bool]:
+    """Send raw bytes to a server; return what came back and whether it closed the connection."""
+    with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+            closed = True
+        except TimeoutError:
+            closed = False
+    return answer.decode("latin-1"), closed
+
+
+def wait_for(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +309,45 @@ def test_requests_without_an_image_field(client: TestClient) -> None:
     assert client.get("/api/predict").status_code == 405
 
 
+def test_api_errors_use_the_api_format(client: TestClient) -> None:
+    invalid = client.get("/api/examples/1e3")
+    assert invalid.status_code == 422
+    assert set(invalid.json()) == {"error"} and "index" in invalid.json()["error"]
+    assert client.get("/api/nothing").json() == {"error": "Not Found"}
+    for method, path, allowed in (("GET", "/api/predict", "POST"), ("PUT", "/api/info", "GET")):
+        response = client.request(method, path)
+        assert response.status_code == 405
+        assert response.json() == {"error": "Method Not Allowed"}
+        assert response.headers["allow"] == allowed
+
+
+def test_client_leaving_mid_upload_logs_one_short_line(
+        app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # Neither propagates to the root logger (crasmra's once the command line has run).
+    loggers = [logging.getLogger(name) for name in ("crasmra", "uvicorn")]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="crasmra")
+    try:
+        with serve.ServerThread(app) as server:
+            with socket.create_connection((server.host, server.port), timeout=10) as sock:
+                body, boundary = multipart(b"\0" * 1000)
+                sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: multipart/form-data; boundary=%s\r\n"
+                             b"Content-Length: 100000\r\n\r\n%s"
+                             % (boundary.encode(), body[:-30]))
+                time.sleep(0.2)
+            wait_for(lambda: any("left" in r.getMessage() for r in caplog.records), 5)
+            time.sleep(0.2)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(caplog.handler)
+    records = [r for r in caplog.records if r.name.startswith(("crasmra", "uvicorn"))]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.INFO, "Client left during POST /api/predict")]
+    assert records[0].exc_info is None
+
+
 def test_server_failures_are_json_without_traceback(tiny_checkpoint: Path, model: Any,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     app = serve.create_app(model, examples=[])
@@ -340,6 +419,172 @@ def test_too_many_pixels_is_refused_before_decoding(client: TestClient,
     assert "8000 x 8000" in response.json()["error"]
 
 
+def _blocking_predictor(app: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    """Make the app's predictions wait for an event; returns (event, the live-call counter)."""
+    predictor = app.app.state.predictor
+    original = predictor.predict_bytes
+    release = threading.Event()
+    live = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def held(data: bytes) -> dict[str, Any]:
+        with lock:
+            live["now"] += 1
+            live["most"] = max(live["most"], live["now"])
+        try:
+            assert release.wait(30)
+            return original(data)
+        finally:
+            with lock:
+                live["now"] -= 1
+
+    monkeypatch.setattr(predictor, "predict_bytes", held)
+    return release, live
+
+
+def test_busy_server_answers_503_with_retry_after(model: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    app = serve.create_app(model, examples=[], max_concurrent=1, max_queue=1)
+    gate = app.app.state.gate
+    release, live = _blocking_predictor(app, monkeypatch)
+    image = png_bytes((64, 64), seed=0)
+    with serve.ServerThread(app) as server, ThreadPoolExecutor(max_workers=2) as pool:
+        try:
+            running = pool.submit(post_raw, server.url, image)
+            assert wait_for(lambda: live["now"] == 1)
+            waiting = pool.submit(post_raw, server.url, image)
+            assert wait_for(lambda: gate.inside == 2)
+            # One decoding, one waiting: a third upload is refused at once, in the API's format.
+            status, headers, body = post_raw(server.url, image)
+            assert status == 503, body
+            assert "busy" in body["error"] and "--max-concurrent" in body["error"]
+            assert int(headers["Retry-After"]) >= 1
+        finally:
+            release.set()
+        assert running.result()[0] == waiting.result()[0] == 200
+        assert live["most"] == 1 and gate.inside == gate.running == 0
+        assert post_raw(server.url, image)[0] == 200  # the places are given back
+
+
+def test_at_most_max_concurrent_images_are_decoded_at_once(
+        model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = serve.create_app(model, examples=[], max_concurrent=2, max_queue=4)
+    release, live = _blocking_predictor(app, monkeypatch)
+    image = png_bytes((64, 64), seed=0)
+    with serve.ServerThread(app) as server, ThreadPoolExecutor(max_workers=6) as pool:
+        try:
+            answers = [pool.submit(post_raw, server.url, image) for _ in range(6)]
+            assert wait_for(lambda: app.app.state.gate.inside == 6)
+            time.sleep(0.1)
+            assert live["now"] == 2
+        finally:
+            release.set()
+        assert [a.result()[0] for a in answers] == [200] * 6
+    assert live["most"] == 2
+
+
+def image_bytes(mode: str, size: tuple[int, int], fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_images_that_take_more_memory_take_more_turns(
+        model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One turn: an RGB image of 10 000 pixels (80 kB decoding) and a 50 KiB file.
+    app = serve.create_app(model, max_upload_mb=50 / 1024, max_pixels=10_000, examples=[])
+    gate = app.app.state.gate
+    release, live = _blocking_predictor(app, monkeypatch)
+    rgba = image_bytes("RGBA", (100, 100))  # 24 bytes a pixel: two turns
+    with serve.ServerThread(app) as server, ThreadPoolExecutor(max_workers=2) as pool:
+        try:
+            rgb = pool.submit(post_raw, server.url, image_bytes("RGB", (100, 100)))
+            assert wait_for(lambda: live["now"] == 1)
+            alpha = pool.submit(post_raw, server.url, rgba)
+            assert wait_for(lambda: gate.inside == 2 and len(gate._waiters) == 1)
+            assert live["now"] == 1 and gate.running == 1  # one turn free, not enough
+        finally:
+            release.set()
+        assert rgb.result()[0] == alpha.result()[0] == 200
+    assert live["most"] == 1 and gate.running == 0
+    # More than all the turns: refused from the header.
+    single = serve.create_app(model, max_upload_mb=50 / 1024, max_pixels=10_000, examples=[],
+                              max_concurrent=1)
+    with TestClient(single, base_url=BASE) as c:
+        response = post_image(c, rgba)
+        assert response.status_code == 413
+        assert "in mode RGBA" in response.json()["error"]
+        assert "--max-concurrent x --max-pixels" in response.json()["error"]
+        assert post_image(c, image_bytes("RGB", (100, 100))).status_code == 200
+
+
+@pytest.mark.parametrize(("mode", "fmt", "per_pixel"), [
+    ("RGB", "PNG", 8), ("L", "JPEG", 8), ("P", "GIF", 8), ("RGBA", "PNG", 24),
+    ("LA", "PNG", 24), ("CMYK", "JPEG", 14), ("I;16", "PNG", 28), ("F", "TIFF", 40),
+    ("RGB", "WEBP", 16),
+])
+def test_decode_memory_is_estimated_from_the_header(mode: str, fmt: str,
+                                                    per_pixel: int) -> None:
+    header = serve.read_header(io.BytesIO(image_bytes(mode, (30, 20), fmt)), 10_000)
+    assert (header.width, header.height) == (30, 20)
+    assert header.decode_bytes() == per_pixel * 600
+
+
+def test_gate_serves_in_order_and_passes_on_cancelled_turns() -> None:
+    async def scenario() -> list[str]:
+        gate = serve._Gate(slots=2, queue=4)
+        order = []
+        hold = {"first": asyncio.Event(), "big": asyncio.Event()}
+
+        async def user(name: str, turns: int = 1) -> None:
+            async with gate.slot(turns):
+                order.append(name)
+                if name in hold:
+                    await hold[name].wait()
+
+        first = asyncio.create_task(user("first"))
+        await asyncio.sleep(0)
+        big = asyncio.create_task(user("big", turns=2))  # waits: one turn is taken
+        await asyncio.sleep(0)
+        small = asyncio.create_task(user("small"))  # one turn is free, but "big" came first
+        await asyncio.sleep(0.01)
+        assert order == ["first"] and gate.running == 1 and len(gate._waiters) == 2
+        big.cancel()  # its place passes on at once
+        await asyncio.sleep(0.01)
+        assert order == ["first", "small"]
+        again = asyncio.create_task(user("big", turns=2))
+        await asyncio.sleep(0.01)
+        hold["first"].set()
+        await asyncio.sleep(0.01)
+        assert order == ["first", "small", "big"] and gate.running == 2
+        hold["big"].set()
+        await asyncio.gather(first, small, again)
+        with pytest.raises(asyncio.CancelledError):
+            await big
+        assert gate.running == 0 and not gate._waiters
+        return order
+
+    assert asyncio.run(scenario()) == ["first", "small", "big"]
+
+
+def test_large_images_give_memory_back(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(serve, "release_memory", lambda: calls.append(1))
+    predictor = serve.Predictor(model)
+    small = png_bytes((64, 64), seed=0)
+    buffer = io.BytesIO()
+    Image.new("RGB", (1500, 1400), (90, 140, 30)).save(buffer, format="PNG")  # 2.1 MP
+    assert predictor.predict_bytes(small)["image_size"] == [64, 64]
+    assert calls == []  # small images cost no trim
+    assert predictor.predict_bytes(buffer.getvalue())["image_size"] == [1500, 1400]
+    assert calls == [1]
+    with pytest.raises(serve.RequestError):
+        predictor.predict_bytes(small[:200])  # a failed decode may have allocated the lot
+    assert calls == [1, 1]
+    monkeypatch.undo()
+    serve.release_memory()  # and the real one runs here (glibc) or does nothing
+
+
 def test_only_loopback_host_names_are_answered(client: TestClient, model: Any) -> None:
     for host in ("localhost:7860", "127.0.0.1", "[::1]:7860"):
         assert client.get("/api/info", headers={"host": host}).status_code == 200, host
@@ -350,6 +595,37 @@ def test_only_loopback_host_names_are_answered(client: TestClient, model: Any) -
         assert c.get("/api/info").status_code == 200
 
 
+@pytest.mark.parametrize("host", [
+    "localhost:1@evil.com", "localhost@evil.com", "user@localhost", "localhost:99999",
+    "localhost:80:80", "localhost/evil", "local host", "localhost,evil.com", "::1", "[::1",
+    "[evil.com]", "[::1]evil.com", "localhost:+80",
+])
+def test_malformed_host_headers_are_refused(client: TestClient, model: Any, host: str) -> None:
+    refused = client.get("/api/info", headers={"host": host})
+    assert refused.status_code == 400, host
+    assert refused.json() == {"error": "Invalid Host header."}
+    # Also when any host name is answered (a server exposed on purpose).
+    open_app = serve.create_app(model, allowed_hosts=None, examples=[])
+    with TestClient(open_app, base_url=BASE) as c:
+        assert c.get("/api/info", headers={"host": host}).status_code == 400, host
+        assert c.get("/api/info", headers={"host": "my-box.lan:8080"}).status_code == 200
+
+
+def test_stalled_upload_gets_408_and_is_closed(model: Any) -> None:
+    app = serve.create_app(model, examples=[], body_timeout=0.5)
+    with serve.ServerThread(app) as server:
+        start = time.monotonic()
+        # Declares 1000 bytes, sends 10, then waits.
+        answer, closed = raw_exchange(server, b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                              b"Content-Type: multipart/form-data; boundary=x\r\n"
+                                              b"Content-Length: 1000\r\n\r\n--x\r\nabcd")
+        elapsed = time.monotonic() - start
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert closed and elapsed < 5
+    assert answer.endswith('{"error":"The request body did not arrive within 0.5 s '
+                           '(--body-timeout)."}')
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +634,8 @@ def test_default_host_is_loopback() -> None:
     assert (ns.host, ns.port, ns.max_upload_mb, ns.max_pixels) == (
         serve.DEFAULT_HOST, serve.DEFAULT_PORT, serve.DEFAULT_MAX_UPLOAD_MB,
         serve.DEFAULT_MAX_PIXELS)
+    assert (ns.max_concurrent, ns.max_queue, ns.body_timeout) == (
+        serve.DEFAULT_MAX_CONCURRENT, serve.DEFAULT_MAX_QUEUE, serve.DEFAULT_BODY_TIMEOUT)
     assert serve.is_loopback(ns.host)
     for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
         assert serve.is_loopback(host), host
@@ -399,3 +677,25 @@ def test_cli_usage_errors(tiny_checkpoint: Path, capsys: pytest.CaptureFixture) 
     err = capsys.readouterr().err
     assert "--port must be" in err and "--max-upload-mb must be" in err
     assert "Choose one with --port" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-upload-mb", "inf"], "--max-upload-mb must be a positive finite number, got inf."),
+    (["--max-upload-mb", "nan"], "--max-upload-mb must be a positive finite number, got nan."),
+    (["--max-upload-mb", "0"], "--max-upload-mb must be a positive finite number, got 0."),
+    (["--max-upload-mb=-5"], "--max-upload-mb must be a positive finite number, got -5."),
+    (["--max-upload-mb", "1e300"], "--max-upload-mb must be at most 4096, got 1e+300."),
+    (["--body-timeout", "nan"], "--body-timeout must be a positive finite number, got nan."),
+    (["--max-concurrent", "0"], "--max-concurrent must be at least 1, got 0."),
+    (["--max-queue=-1"], "--max-queue must be at least 0, got -1."),
+    (["--max-pixels=-1"], "--max-pixels must be at least 1, got -1."),
+])
+def test_cli_refuses_limits_that_are_not_positive_finite(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+    args: list[str], message: str,
+) -> None:
+    served = []
+    monkeypatch.setattr(serve, "run_server", lambda *a, **k: served.append(a))
+    assert main(["serve", str(tiny_checkpoint), "--port", "0", *args]) == 2
+    assert capsys.readouterr().err == f"crasmra: error: {message}\n"
+    assert not served

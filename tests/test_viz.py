@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 from conftest import run_cli
 from crasmra.checkpoint import network_state_dict, save_safetensors
 from crasmra.inference import expected_calibration_error, load_model, model_metadata
+from crasmra.layers import record_channel_importance
 from crasmra.model import CRASMRANet
 from crasmra.viz import (
     activation_maps,
@@ -73,9 +74,9 @@ def test_cam_command_writes_grids(tiny_checkpoint: Path, images: Path, tmp_path:
 def test_explain_image_maps(model: CRASMRANet, images: Path, tmp_path: Path) -> None:
     image = sorted(images.rglob("*.png"))[-1]
     x = model.transform(Image.open(image).convert("RGB"))[None]
-    with torch.inference_mode():
+    with torch.inference_mode(), record_channel_importance(model.attention) as records:
         output = model(x)
-    importance = channel_importance(model)
+    importance = channel_importance(records)
     assert [len(i) for i in importance] == [m.in_channels for m in model.attention]
     assert all(((i > 0) & (i < 1)).all() for i in importance)
     predicted = int(output.probs.argmax())
@@ -245,9 +246,9 @@ def test_plain_cam_explains_the_last_stage(plain_checkpoint: Path, images: Path,
     with GradCAM(model=Logits(plain), target_layers=[plain.backbone.model.layer4]) as cam:
         theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)])[0]
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
-    with torch.inference_mode():
+    with torch.inference_mode(), record_channel_importance(plain.attention) as records:
         plain(x)
-    assert channel_importance(plain) is None
+    assert channel_importance(records) is None
 
     out = tmp_path / "cam"
     assert run_cli(["cam", str(plain_checkpoint), str(image), "--out", str(out),

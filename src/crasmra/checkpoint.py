@@ -11,16 +11,20 @@ import json
 import logging
 import os
 import pickle
+import stat
+import struct
 import tempfile
+import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from torch import Tensor
 
-from crasmra.errors import CrasmraError
+from crasmra.errors import CrasmraError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,20 @@ NET_PREFIX = "net."
 SMRAM_PREFIX = "smram."
 #: Key of the JSON-encoded ``"crasmra"`` entry in a safetensors file's metadata.
 SAFETENSORS_META_KEY = "crasmra"
+#: Name of the extra file holding the ``"crasmra"`` metadata in a TorchScript export.
+TORCHSCRIPT_META = "crasmra.json"
+#: Suffixes of checkpoint and weights files: no crasmra command writes over such a file.
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors")
+#: Limits on the numbers a checkpoint's metadata may hold. Far above any real model (the paper
+#: uses 512-wide heads, 448 px crops and at most 200 classes), they stop a damaged or hostile
+#: file from making crasmra allocate terabytes before anything else could notice.
+MAX_CLASSES = 100_000
+MAX_HEAD_WIDTH = 16_384
+MAX_IMAGE_SIDE = 4_096
+#: The uncompressed size a torch zip archive may declare: torch stores its entries
+#: uncompressed, so a real checkpoint declares about its own size. More means a zip bomb.
+MAX_ZIP_EXPANSION = 2
+ZIP_SLACK_BYTES = 16 * 2**20
 
 
 class CheckpointError(CrasmraError, ValueError):
@@ -41,14 +59,20 @@ class CheckpointError(CrasmraError, ValueError):
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     """Read a ``.ckpt``/``.pt``/``.pth`` file with ``weights_only=True``, or a safetensors file.
 
+    The file's first bytes are looked at before anything else, so that a text file, a Git LFS
+    pointer, a web page saved by a failed download or an image is named as such; zip archives
+    are checked for bombs and checksums (:func:`verify_zip_integrity`); the format is told by
+    content, not by suffix. A crasmra checkpoint's metadata is validated
+    (:func:`validate_metadata`) before it is returned.
+
     Returns:
         For torch files, the stored dictionary. For safetensors, ``{"state_dict": tensors}`` plus
         ``"crasmra"`` metadata when the file carries it.
 
     Raises:
         FileNotFoundError: The path does not exist.
-        CheckpointError: The file is truncated, corrupt, not a checkpoint, or would need
-            arbitrary code execution to load.
+        CheckpointError: The file is truncated, corrupt, not a checkpoint, has damaged or absurd
+            metadata, or would need arbitrary code execution to load.
     """
     path = Path(path)
     if not path.is_file():
@@ -57,18 +81,37 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the write was interrupted. Use the "
                               "previous checkpoint (e.g. checkpoints/last.ckpt or best.ckpt).")
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    verify_zip_integrity(path)
+    # What the first bytes say comes first: torch.load reads anything that is not a zip as a
+    # legacy pickle and fails on text with a KeyError or an "unsupported operand" refusal.
+    verdict = _not_a_checkpoint(path)
+    if verdict is not None:
+        what, remedy, _ = verdict
+        raise CheckpointError(f"{path} is {what}, not a checkpoint. {remedy}")
+    if _is_safetensors(_head(path)):
+        obj = _load_safetensors(path)
+    else:
+        verify_zip_integrity(path)
+        obj = _torch_load(path)
+    validate_metadata(obj, path)
+    return obj
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about a pickle protocol it may not support just before it refuses
+            # the file; the refusal below says what matters in one line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path} holds Python objects that a weights-only load refuses "
             f"({weights_only_reason(err)}). crasmra never unpickles arbitrary objects, since that "
             "can run code. Re-save the weights as a plain state dict or as safetensors."
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
+            IndexError, TypeError, AttributeError, struct.error) as err:
+        # The last five come from a damaged legacy (non-zip) file deep inside the unpickler.
         raise CheckpointError(
             f"{path} is truncated or corrupt and cannot be read ({type(err).__name__}: "
             f"{_one_line(err)}). "
@@ -114,13 +157,111 @@ def checkpoint_metadata(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any
             "network). Pass a checkpoint from `crasmra fit` or `crasmra demo`; to start from "
             "plain backbone weights use --model.pretrained PATH instead."
         )
+    validate_metadata(ckpt, path)
+    if not isinstance(meta["net_config"], dict):
+        raise _damaged(path, "'net_config' is not a dictionary")
+    return meta
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _damaged(path: str | Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} has damaged metadata: {what}. The file was altered or damaged; use the "
+        "checkpoint as `crasmra fit` wrote it (or an earlier one)."
+    )
+
+
+def _check_int(value: Any, name: str, high: int, path: str | Path) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise _damaged(path, f"{name} is {_short(value)}, expected an integer in 1..{high}")
+
+
+def _check_size(value: Any, name: str, path: str | Path) -> None:
+    sides = list(value) if isinstance(value, list | tuple) else [value]
+    if len(sides) not in (1, 2):
+        raise _damaged(path, f"{name} is {_short(value)}, expected a size or [height, width]")
+    for side in sides:
+        _check_int(side, name, MAX_IMAGE_SIDE, path)
+
+
+def _check_network_numbers(config: dict[str, Any], where: str, path: str | Path) -> None:
+    if "num_classes" in config:
+        _check_int(config["num_classes"], f"{where}.num_classes", MAX_CLASSES, path)
+    for key in ("head_channels", "head_hidden", "reduction"):
+        if key in config:
+            _check_int(config[key], f"{where}.{key}", MAX_HEAD_WIDTH, path)
+    for key in ("backbone", "variant"):
+        if key in config and not isinstance(config[key], str):
+            raise _damaged(path, f"{where}.{key} is {_short(config[key])}, expected a name")
+
+
+def _check_transform(config: Any, where: str, path: str | Path) -> None:
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise _damaged(path, f"'{where}' is {type(config).__name__}, expected a dictionary")
+    for key in ("image_size", "resize_size"):
+        if config.get(key) is not None:
+            _check_size(config[key], f"{where}.{key}", path)
+
+
+def validate_metadata(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Check the types and ranges of a crasmra checkpoint's metadata before anything is built.
+
+    Every number that sizes a network or an image (classes, head widths, crop and resize
+    sizes) must be an integer within generous limits, so that a damaged or hostile file is
+    refused with a message instead of ending in an allocator error or a traceback. Files
+    without a ``"crasmra"`` entry (plain weights) are left alone.
+
+    Raises:
+        CheckpointError: A value has the wrong type or an absurd size, or the format is newer
+            than this crasmra.
+    """
+    if "crasmra" not in ckpt:
+        return
+    meta = ckpt["crasmra"]
+    if not isinstance(meta, dict):
+        raise _damaged(path, f"its 'crasmra' entry is {type(meta).__name__}, not a dictionary")
     version = meta.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _damaged(path, f"format_version is {_short(version)}, expected an integer >= 1")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} uses checkpoint format {version}, newer than this crasmra understands "
-            f"({FORMAT_VERSION}); upgrade crasmra (written by crasmra {meta.get('version', '?')})."
+            f"({FORMAT_VERSION}); upgrade crasmra (written by crasmra "
+            f"{_short(meta.get('version', '?'))})."
         )
-    return meta
+    net_config = meta.get("net_config")
+    if net_config is not None:
+        if not isinstance(net_config, dict):
+            raise _damaged(path, "'net_config' is not a dictionary")
+        _check_network_numbers(net_config, "net_config", path)
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list | tuple)
+                                or len(classes) > MAX_CLASSES
+                                or not all(isinstance(c, str) for c in classes)):
+        raise _damaged(path, "'classes' is not a list of names")
+    _check_transform(meta.get("transform"), "transform", path)
+    data_config = meta.get("data_config")
+    if data_config is not None:
+        if not isinstance(data_config, dict):
+            raise _damaged(path, "'data_config' is not a dictionary")
+        size = data_config.get("input_size")
+        if size is not None:
+            if not isinstance(size, list | tuple) or len(size) != 3:
+                raise _damaged(path, f"data_config.input_size is {_short(size)}, expected "
+                                     "[channels, height, width]")
+            _check_size(list(size)[1:], "data_config.input_size", path)
+    # Lightning rebuilds the training module from these (--ckpt_path), before any weights load.
+    hparams = ckpt.get("hyper_parameters")
+    if isinstance(hparams, dict):
+        _check_network_numbers(hparams, "hyper_parameters", path)
+        _check_transform(hparams.get("transform_config"), "hyper_parameters.transform_config",
+                         path)
 
 
 def read_network_state(path: str | Path) -> tuple[dict[str, Tensor], int | None]:
@@ -136,8 +277,8 @@ def read_network_state(path: str | Path) -> tuple[dict[str, Tensor], int | None]
     state = network_state_dict(ckpt, path)
     meta = ckpt.get("crasmra")
     num_classes = None
-    if isinstance(meta, dict):
-        num_classes = meta.get("net_config", {}).get("num_classes")
+    if isinstance(meta, dict) and isinstance(meta.get("net_config"), dict):
+        num_classes = meta["net_config"].get("num_classes")
     return state, num_classes
 
 
@@ -174,17 +315,22 @@ def verify_zip_integrity(path: str | Path) -> None:
     with flipped bytes inside a tensor loads silently with wrong weights. Reading the archive
     once with :mod:`zipfile` catches that, and a truncated archive (no central directory).
     Files in PyTorch's legacy (pre-1.6, non-zip) format carry no checksum and are skipped.
+    Before any entry is read, the archive must look like a torch checkpoint and must not
+    declare far more data than the file holds (a zip bomb).
 
     Raises:
-        CheckpointError: The file is a damaged or truncated zip archive.
+        CheckpointError: The file is a damaged or truncated zip archive, a zip bomb, or a zip
+            archive that is no torch checkpoint.
     """
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
-                return
+        if not _head(path).startswith(_ZIP_MAGIC):
+            return
         with zipfile.ZipFile(path) as archive:
+            _check_archive(archive, path)
             bad = archive.testzip()
+    except CheckpointError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as err:
         raise CheckpointError(
             f"{path} is truncated or corrupt ({type(err).__name__}: {_one_line(err)}). Use an "
@@ -196,6 +342,329 @@ def verify_zip_integrity(path: str | Path) -> None:
             f"{path} is corrupt: the checksum of its entry {bad!r} does not match (the file was "
             "modified or damaged after it was written). Use an earlier checkpoint or copy it again."
         )
+
+
+def _check_archive(archive: zipfile.ZipFile, path: Path) -> None:
+    """Refuse a zip that is no torch checkpoint, or a zip bomb, before any entry is read.
+
+    ``testzip`` and ``torch.load`` both inflate every entry to the size its header declares:
+    a 3 MB archive declaring 3 GiB would take a minute and gigabytes of memory to refuse.
+    """
+    infos = archive.infolist()
+    declared = sum(info.file_size for info in infos)
+    limit = MAX_ZIP_EXPANSION * path.stat().st_size + ZIP_SLACK_BYTES
+    if declared > limit:
+        raise CheckpointError(
+            f"{path} is not a usable checkpoint: its zip entries declare "
+            f"{declared / 2**20:,.0f} MiB uncompressed in a {path.stat().st_size / 2**20:,.1f} MiB "
+            "file (torch stores checkpoints uncompressed, so this is a damaged file or a zip "
+            "bomb). It was not unpacked; use a checkpoint written by `crasmra fit`."
+        )
+    names = [info.filename for info in infos]
+    if any(name.endswith("/constants.pkl") for name in names):
+        raise CheckpointError(
+            f"{path} is a TorchScript model (e.g. from `crasmra export --format torchscript`), "
+            "not a checkpoint: load it with torch.jit.load. crasmra commands need the .ckpt "
+            "written by `crasmra fit` or a .safetensors export."
+        )
+    if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+        raise CheckpointError(
+            f"{path} is a zip archive but not a PyTorch checkpoint (it holds no data.pkl; first "
+            f"entries: {names[:3]}). Pass a .ckpt written by `crasmra fit`/`crasmra demo`, or "
+            "a .safetensors export."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# What a file is
+# ---------------------------------------------------------------------------------------------
+#: First bytes of a Git LFS pointer: the small text file a repository holds in place of a large
+#: file until ``git lfs pull`` downloads it.
+_LFS_MAGIC = b"version https://git-lfs"
+#: The magic number that starts every legacy (pre-1.6) torch.save file, after the pickle header.
+_LEGACY_TORCH_MAGIC = b"\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_IMAGE_MAGICS = {
+    b"\x89PNG\r\n\x1a\n": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"II*\x00": "a TIFF image",
+    b"MM\x00*": "a TIFF image",
+}
+_CHECKPOINT_HINT = ("Pass a .ckpt written by `crasmra fit`/`crasmra demo`, or a .safetensors "
+                    "export from `crasmra export`.")
+
+
+def _head(path: Path, size: int = 1024) -> bytes:
+    with path.open("rb") as f:
+        return f.read(size)
+
+
+def _is_safetensors(head: bytes) -> bool:
+    # An 8-byte little-endian header length, then the JSON header itself.
+    if len(head) < 10:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 2 <= length <= 100 * 2**20 and head[8:9] == b"{"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # The sample may end inside a multi-byte character.
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return all(ch.isprintable() or ch in "\t\n\r\f\v" for ch in text)
+
+
+def _not_a_checkpoint(path: Path) -> tuple[str, str, bool] | None:
+    """``(what the file is, what to do, probably a misplaced argument)`` when its first bytes
+    show it is no checkpoint; None when it may be one (a zip archive, a legacy torch file or a
+    safetensors file, checked further when read)."""
+    head = _head(path)
+    if head.startswith(_ZIP_MAGIC) or head.startswith(b"\x80") or _is_safetensors(head):
+        return None
+    if head.startswith(_LFS_MAGIC):
+        return ("a Git LFS pointer (a small text file that stands for the real file)",
+                "Run `git lfs pull` in its repository to download the checkpoint itself.", False)
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if start.startswith(b"<") and any(tag in start for tag in (b"<html", b"<!doctype html",
+                                                                 b"<head", b"<body")):
+        return ("a web page (HTML)",
+                "The download probably failed (a login, error or redirect page was saved "
+                "instead); download the checkpoint again.", False)
+    for magic, what in _IMAGE_MAGICS.items():
+        if head.startswith(magic):
+            return what, _CHECKPOINT_HINT, True
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a WebP image", _CHECKPOINT_HINT, True
+    if path.suffix.lower() == ".onnx":
+        return ("an ONNX model", "crasmra commands need the .ckpt written by `crasmra fit` or "
+                "a .safetensors export; run ONNX files with onnxruntime.", False)
+    if _looks_like_text(head):
+        return "a text file", _CHECKPOINT_HINT, True
+    return ("in an unknown format (neither a zip archive, the format of torch.save since "
+            "PyTorch 1.6, nor a legacy torch or safetensors file)",
+            "The file is damaged or of another kind; " + _CHECKPOINT_HINT, False)
+
+
+def check_checkpoint_argument(path: str | Path, usage: str) -> None:
+    """Refuse at once a command's checkpoint argument that is missing or plainly no checkpoint.
+
+    Only the first bytes are read; the full checks happen when the file is loaded. A text file
+    or an image in the checkpoint's place usually means the checkpoint was left out of the
+    command line, so the message shows the usage.
+
+    Args:
+        path: The command's checkpoint argument.
+        usage: The command's synopsis, e.g. ``"crasmra predict CHECKPOINT IMAGE..."``.
+
+    Raises:
+        UsageError: The file does not exist or is no checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UsageError(f"The checkpoint {path} {what}. Usage: {usage} (CHECKPOINT: a .ckpt "
+                         "written by `crasmra fit`/`crasmra demo`, or a .safetensors export).")
+    if path.stat().st_size == 0:
+        return  # load_checkpoint_file explains empty files
+    try:
+        verdict = _not_a_checkpoint(path)
+    except OSError as err:
+        raise UsageError(f"Cannot read the checkpoint {path} ({err.strerror or err}).") from err
+    if verdict is None:
+        return
+    what, remedy, misplaced = verdict
+    if misplaced:
+        raise UsageError(f"The first argument, {path}, is {what}, not a checkpoint. Usage: "
+                         f"{usage} (CHECKPOINT: a .ckpt written by `crasmra fit`/`crasmra "
+                         "demo`, or a .safetensors export).")
+    raise UsageError(f"{path} is {what}, not a checkpoint. {remedy}")
+
+
+def _safetensors_metadata(path: Path) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length)) if length <= 100 * 2**20 else {}
+    except (OSError, ValueError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return []
+
+
+def file_kind(path: str | Path) -> str | None:
+    """What an existing file is, as far as overwriting it matters.
+
+    Returns:
+        ``"checkpoint"`` (a torch.save file: zip with ``data.pkl`` or legacy format, or a
+        safetensors file without crasmra metadata), ``"torchscript"`` and ``"safetensors"``
+        (crasmra exports: TorchScript with crasmra metadata, safetensors with the ``"crasmra"``
+        entry), ``"other"``, or None when it does not exist or is not a regular file.
+    """
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return None
+        head = _head(path, 64)
+    except OSError:
+        return None
+    if head.startswith(_ZIP_MAGIC):
+        names = _zip_names(path)
+        if any(n.endswith(f"/extra/{TORCHSCRIPT_META}") for n in names):
+            return "torchscript"
+        if any(n.endswith("/data.pkl") for n in names):
+            return "checkpoint"
+        return "other"
+    if _LEGACY_TORCH_MAGIC in head[:32]:
+        return "checkpoint"
+    if _is_safetensors(head):
+        meta = _safetensors_metadata(path)
+        return "safetensors" if meta and SAFETENSORS_META_KEY in meta else "checkpoint"
+    return "other"
+
+
+# ---------------------------------------------------------------------------------------------
+# Guarding outputs: never over an input or a checkpoint, never half-written
+# ---------------------------------------------------------------------------------------------
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(".")
+
+
+def check_writable(path: str | Path, flag: str, *, folder: bool = False) -> None:
+    """Fail before any work when a command's output cannot be written.
+
+    Nothing is created: the nearest existing folder on the way to ``path`` must be a folder
+    and accept a file (tested with a temporary file, which also catches read-only mounts).
+
+    Args:
+        path: The output file, or the output folder when ``folder`` is True.
+        flag: The option that named it, for the message (e.g. ``"--out"``).
+        folder: ``path`` is a folder the command writes into.
+
+    Raises:
+        UsageError: The path is under a file, is a file where a folder is needed (or the
+            reverse), or its folder is not writable.
+    """
+    path = Path(path).expanduser()
+    kind = "folder" if folder else "file"
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder; choose a folder with {flag}.")
+    if not folder and path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name with {flag}.")
+    if not folder and path.exists() and not path.is_file():
+        return  # a device or a pipe (e.g. /dev/stdout), written in place
+    start = path if folder else path.parent
+    existing = _nearest_existing(start.absolute())
+    if not existing.is_dir():
+        raise UsageError(f"Cannot write {flag} {path}: {existing} is a file, not a folder. "
+                         f"Choose another {kind} with {flag}.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".crasmra-write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"Cannot write {flag} {path}: {existing} is not writable "
+                         f"({err.strerror or err}). Choose another {kind} with {flag}.") from err
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(
+    out: str | Path,
+    flag: str,
+    *,
+    inputs: Iterable[str | Path] = (),
+    replaceable: Iterable[str] = (),
+) -> None:
+    """Refuse an output file that would replace one of the command's inputs or a checkpoint.
+
+    Args:
+        out: The file the command is about to write.
+        flag: The option that named it (or produced it), for the message.
+        inputs: Files the command reads (checkpoint, images); compared as files, so links
+            and other spellings of the same path are caught.
+        replaceable: Kinds from :func:`file_kind` that this output may replace: the command's
+            own earlier output of the same kind (e.g. ``"torchscript"`` for a TorchScript
+            export). Any other checkpoint, or any existing file with a checkpoint suffix that
+            is not of such a kind, is refused.
+
+    Raises:
+        UsageError: Writing ``out`` would destroy an input or a checkpoint.
+    """
+    out = Path(out).expanduser()
+    if not os.path.lexists(out):
+        return
+    for source in inputs:
+        if _same_file(out, Path(source)):
+            raise UsageError(f"{flag} {out} is also an input of this command ({source}); "
+                             "writing there would destroy it. Choose another output.")
+    kind = file_kind(out)
+    if kind in replaceable:
+        return
+    if kind in ("checkpoint", "torchscript", "safetensors") or (
+            kind is not None and out.suffix.lower() in CHECKPOINT_SUFFIXES):
+        raise UsageError(f"{flag} {out} exists and holds a checkpoint or model weights; crasmra "
+                         "never writes over one. Choose another output name, or move the file "
+                         "away first.")
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` (same suffix) that replaces it when the block succeeds.
+
+    For writers that take a file name (e.g. matplotlib's ``savefig``, which picks the format
+    from the suffix): the old file stays whole until the new one is complete. On an error the
+    temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
+                               suffix=f"{TMP_SUFFIX}{path.suffix}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _plain_permissions(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, or straight into a device or pipe.
+
+    ``-o /dev/stdout`` or a named pipe cannot be replaced by a rename (and must not be).
+    """
+    path = Path(path)
+    try:
+        special = path.exists() and not stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        special = False
+    if special:
+        with path.open("w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        return
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _fsync_dir(folder: Path) -> None:

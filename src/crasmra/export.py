@@ -37,13 +37,16 @@ import torch
 from torch import Tensor, nn
 
 from crasmra.checkpoint import (
+    TORCHSCRIPT_META,
     build_metadata,
+    check_output,
     checkpoint_metadata,
     load_checkpoint_file,
     network_state_dict,
     save_safetensors,
 )
-from crasmra.errors import CrasmraError
+from crasmra.errors import CrasmraError, MissingExtraError
+from crasmra.export_options import DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS
 from crasmra.model import CRASMRANet
 
 __all__ = [
@@ -57,17 +60,26 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "safetensors")
-#: Largest absolute difference between the export and the eager network that passes.
-DEFAULT_TOLERANCE = 1e-4
-#: ONNX opset: 17 is read by every onnxruntime since 1.13 and by TensorRT 8.6+.
-DEFAULT_OPSET = 17
 #: Batch sizes of the parity check; neither is the traced batch size (2), which shows that the
 #: batch dimension really is dynamic.
 PARITY_BATCH_SIZES = (1, 3)
-EXPORT_HINT = 'ONNX export needs onnx and onnxruntime: pip install "crasmra[export]"'
-#: Name of the TorchScript extra file holding the crasmra metadata.
-TORCHSCRIPT_META = "crasmra.json"
+#: What an existing output file may be for each format: the same format's earlier export
+#: (see crasmra.checkpoint.file_kind). ONNX files are no checkpoints, so any may be replaced.
+REPLACEABLE = {"onnx": (), "torchscript": ("torchscript",), "safetensors": ("safetensors",)}
+
+
+def onnx_opset_range() -> tuple[int, int]:
+    """The ONNX opsets the installed TorchScript-based exporter writes, ``(lowest, highest)``.
+
+    Above its highest, torch only warns and stamps a newer opset on an older graph.
+    """
+    try:
+        from torch.onnx import _constants
+    except ImportError:  # a private module; fall back to a range every torch 2.x exports
+        return 7, 17
+    high = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET",
+                   getattr(_constants, "ONNX_MAX_OPSET", 17))
+    return int(getattr(_constants, "ONNX_MIN_OPSET", 7)), int(high)
 
 
 class ExportParityError(CrasmraError, RuntimeError):
@@ -181,7 +193,7 @@ def _export_onnx(
         import onnx
         import onnxruntime as ort
     except ImportError as err:
-        raise ImportError(EXPORT_HINT) from err
+        raise MissingExtraError("ONNX export", "export", "onnx and onnxruntime") from err
     names = wrapper.output_names
     dynamic = {"images": {0: "batch"}, **{n: {0: "batch"} for n in names}}
     with warnings.catch_warnings():
@@ -189,11 +201,18 @@ def _export_onnx(
         # onnxscript, which is not a dependency. The parity check below validates the result.
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message=".*feature will be removed.*")
-        torch.onnx.export(
-            wrapper, (example,), str(path), dynamo=False, input_names=["images"],
-            output_names=names, dynamic_axes=dynamic, opset_version=opset,
-            do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                wrapper, (example,), str(path), dynamo=False, input_names=["images"],
+                output_names=names, dynamic_axes=dynamic, opset_version=opset,
+                do_constant_folding=True,
+            )
+        except torch.onnx.errors.OnnxExporterError as err:
+            # An opset the exporter knows can still lack an operation of this network.
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            reason = reason.split(". Try ")[0].split(". Please ")[0].rstrip(".")
+            raise ValueError(f"ONNX opset {opset} cannot express this network ({reason}); use "
+                             f"a newer --opset (default {DEFAULT_OPSET}).") from err
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     onnx.helper.set_model_props(model, {
@@ -245,6 +264,45 @@ def _export_safetensors(
     return run
 
 
+def check_export_arguments(
+    format: str,
+    out: str | Path,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    opset: int = DEFAULT_OPSET,
+    inputs: Sequence[str | Path] = (),
+) -> None:
+    """Check an export's arguments and output file before anything is loaded or exported.
+
+    Args:
+        format: "onnx", "torchscript" or "safetensors".
+        out: Output file.
+        tolerance: Largest absolute difference that passes the parity check.
+        opset: ONNX opset version (checked for "onnx" only).
+        inputs: Files the export reads (its checkpoint), which ``out`` must not be.
+
+    Raises:
+        ValueError: Unknown format, bad output name, tolerance or opset.
+        crasmra.errors.UsageError: ``out`` is an input or another checkpoint.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; choose one of {EXPORT_FORMATS}.")
+    if not tolerance > 0:
+        raise ValueError(f"The tolerance must be > 0, got {tolerance}.")
+    if format == "onnx":
+        low, high = onnx_opset_range()
+        if not low <= opset <= high:
+            raise ValueError(f"--opset {opset} is not supported: this torch exports ONNX opsets "
+                             f"{low}..{high} (default {DEFAULT_OPSET}).")
+    out = Path(out)
+    if format == "safetensors" and out.suffix != ".safetensors":
+        raise ValueError(f"Name the safetensors file *.safetensors (got {out.name}), so that "
+                         "crasmra.load_model recognises it.")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name.")
+    check_output(out, "--out", inputs=inputs, replaceable=REPLACEABLE[format])
+
+
 def export_model(
     model: CRASMRANet,
     format: str,
@@ -271,20 +329,16 @@ def export_model(
         The file and the parity figures.
 
     Raises:
-        ValueError: Unknown format, bad output name or tolerance.
+        ValueError: Unknown format, bad output name, tolerance or opset, or an opset too old
+            for an operation of the network.
+        crasmra.errors.UsageError: ``out`` is the model's own checkpoint or another checkpoint.
         ImportError: onnx / onnxruntime missing (with the install command).
         ExportParityError: The export disagrees with the eager network; nothing is written.
     """
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"Unknown export format {format!r}; choose one of {EXPORT_FORMATS}.")
-    if not tolerance > 0:
-        raise ValueError(f"The tolerance must be > 0, got {tolerance}.")
+    source = getattr(model, "checkpoint_path", None)
+    check_export_arguments(format, out, tolerance=tolerance, opset=opset,
+                           inputs=[source] if source else [])
     out = Path(out)
-    if format == "safetensors" and out.suffix != ".safetensors":
-        raise ValueError(f"Name the safetensors file *.safetensors (got {out.name}), so that "
-                         "crasmra.load_model recognises it.")
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name.")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     source_device = next(model.parameters()).device

@@ -43,6 +43,7 @@ from crasmra.checkpoint import (
     load_checkpoint_file,
     network_state_dict,
     smram_state_dict,
+    write_text,
 )
 from crasmra.data import ImageLoadError, build_transforms, create_dataset, load_image
 from crasmra.data.generic import IMAGE_EXTENSIONS
@@ -84,15 +85,32 @@ ProgressFn = Callable[[int, int], None]
 # loading
 # ---------------------------------------------------------------------------------------------
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` or ``"auto"``: the first CUDA GPU when there is one, else the CPU."""
+    """``None`` or ``"auto"``: the first CUDA GPU when there is one, else the CPU.
+
+    Raises:
+        ValueError: The device is unknown or not available on this machine (checked here, so
+            that a command fails before it loads anything rather than deep inside ``.to()``).
+    """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as err:
         raise ValueError(
             f"Unknown device {device!r} ({err}); use cpu, cuda, cuda:1, mps or auto."
         ) from err
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"Device {device!r}: there is no CUDA device here (or PyTorch was "
+                             "installed without CUDA support); use --device cpu, or auto.")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"Device {device!r}: this machine has {count} CUDA device(s), "
+                             f"cuda:0..cuda:{count - 1}; choose one of those, or auto.")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"Device {device!r}: Apple's MPS is not available here; use --device "
+                         "cpu, or auto.")
+    return resolved
 
 
 def _check_classes(meta: dict[str, Any], num_classes: int, path: str | Path) -> list[str]:
@@ -204,40 +222,51 @@ def load_model(
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: The file is truncated, corrupt, tampered with, not from crasmra, from
             an incompatible crasmra, or for another number of classes than ``num_classes``.
+        ValueError: ``device`` is unknown or not available here.
     """
-    ckpt = load_checkpoint_file(path)
+    device = resolve_device(device)
+    ckpt = load_checkpoint_file(path)  # also checks the metadata's types and sizes
     meta = checkpoint_metadata(ckpt, path)
-    net_config = meta["net_config"]
-    if not isinstance(net_config, dict):
-        raise CheckpointError(f"{path} has damaged metadata: 'net_config' is not a dictionary.")
-    net_config = {**net_config, "pretrained": False}
-    written_by = meta.get("version", "?")
-    try:
-        net = CRASMRANet(**net_config)
-    except (TypeError, ValueError, KeyError) as err:
+    net_config = {**meta["net_config"], "pretrained": False}
+    # The network is first built on the meta device (no memory) and compared with the stored
+    # weights: metadata describing a far larger network than the file holds is refused before
+    # anything is allocated for it.
+    skeleton = _build_network(net_config, meta, path, torch.device("meta"))
+    if num_classes is not None and num_classes != skeleton.num_classes:
         raise CheckpointError(
-            f"{path} describes a network this crasmra ({__version__}) cannot build ({err}); it "
-            f"was written by crasmra {written_by}. Install that version, or retrain."
-        ) from err
-    if num_classes is not None and num_classes != net.num_classes:
-        raise CheckpointError(
-            f"{path} was trained for {net.num_classes} classes, but {num_classes} are expected "
-            "here (e.g. by the dataset). Use a checkpoint trained on this data, or fine-tune "
-            "this one with `crasmra fit --model.init_from CKPT --model.reinit_heads true`."
+            f"{path} was trained for {skeleton.num_classes} classes, but {num_classes} are "
+            "expected here (e.g. by the dataset). Use a checkpoint trained on this data, or "
+            "fine-tune this one with `crasmra fit --model.init_from CKPT --model.reinit_heads "
+            "true`."
         )
-    classes = _check_classes(meta, net.num_classes, path)
+    classes = _check_classes(meta, skeleton.num_classes, path)
     transform, transform_config = _eval_transform(meta, path)
     state = network_state_dict(ckpt, path)
-    _check_state(net, state, path)
+    _check_state(skeleton, state, path)
+    net = _build_network(net_config, meta, path, torch.device("cpu"))
     net.load_state_dict(state)
     net.eval()
-    net.to(resolve_device(device))
+    net.to(device)
     # Plain attributes (not submodules or buffers), so state_dict() and exports are unchanged.
     net.classes = classes
     net.transform = transform
     net.transform_config = transform_config
     net.checkpoint_path = str(path)
     return net
+
+
+def _build_network(
+    net_config: dict[str, Any], meta: dict[str, Any], path: str | Path, device: torch.device
+) -> CRASMRANet:
+    try:
+        with device:
+            return CRASMRANet(**net_config)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"{path} describes a network this crasmra ({__version__}) cannot build ({err}); it "
+            f"was written by crasmra {meta.get('version', '?')}. Install that version, or "
+            "retrain."
+        ) from err
 
 
 def load_smram(path: str | Path, model: CRASMRANet) -> SMRAM:
@@ -461,14 +490,16 @@ def run_dataset_config(checkpoint_path: str | Path) -> dict[str, Any] | None:
     Returns:
         ``{"dataset", "root", "val_fraction", "split_seed", "options"}`` (those present),
         or None when neither source has them.
+
+    Raises:
+        FileNotFoundError, CheckpointError: The checkpoint is missing or cannot be read.
     """
     path = Path(checkpoint_path)
     source: dict[str, Any] | None = None
     if path.suffix != ".safetensors":
-        try:
-            ckpt = load_checkpoint_file(path)
-        except CheckpointError:
-            ckpt = {}
+        # A file that cannot be read is reported as such: "records no dataset" would send the
+        # user looking for the wrong problem.
+        ckpt = load_checkpoint_file(path)
         hp = ckpt.get("datamodule_hyper_parameters")
         if isinstance(hp, dict) and "dataset" in hp:
             source = dict(hp)
@@ -728,15 +759,15 @@ def write_report(
         figures: ``{title: file name in out_dir}`` of PNGs to embed in ``report.md``.
 
     Returns:
-        The paths of ``report.md`` and ``report.json``.
+        The paths of ``report.md`` and ``report.json``, each written atomically.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     context = dict(context or {})
     figures = dict(figures or {})
     json_path = out / "report.json"
-    json_path.write_text(json.dumps({"context": context, **report,
-                                     "figures": figures}, indent=2) + "\n")
+    write_text(json_path, json.dumps({"context": context, **report,
+                                      "figures": figures}, indent=2) + "\n")
 
     lines = ["# crasmra evaluation report", ""]
     lines += [f"- {k}: `{v}`" for k, v in context.items() if v is not None]
@@ -771,5 +802,5 @@ def write_report(
         lines += ["", "## Unreadable images (skipped)", ""]
         lines += [f"- {_md_cell(s)}" for s in report["skipped"]]
     md_path = out / "report.md"
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n")
     return md_path, json_path

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from crasmra.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS
+from crasmra.export_options import DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS
+
+USAGE = "crasmra export CHECKPOINT --format FORMAT --out FILE"
 
 
 def register(subparsers: Any) -> None:
@@ -27,22 +28,26 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"largest allowed absolute difference (default: {DEFAULT_TOLERANCE:g})")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset version (default: {DEFAULT_OPSET})")
+                   help=f"ONNX opset version (default: {DEFAULT_OPSET}; the range depends on "
+                   "the installed torch)")
     p.set_defaults(func=run)
 
 
 def run(ns: argparse.Namespace) -> int:
     """Handler of ``crasmra export``."""
-    from crasmra.export import export_model
+    from crasmra.checkpoint import check_checkpoint_argument, check_writable
+    from crasmra.export import check_export_arguments, export_model
     from crasmra.inference import load_model
 
+    # Arguments and the output are checked before the model is loaded.
+    check_checkpoint_argument(ns.checkpoint, USAGE)
+    check_export_arguments(ns.format, ns.out, tolerance=ns.tolerance, opset=ns.opset,
+                           inputs=[ns.checkpoint])
+    check_writable(ns.out, "--out")
     model = load_model(ns.checkpoint, device="cpu")
-    try:
-        result = export_model(model, ns.format, ns.out, head_logits=ns.head_logits,
-                              tolerance=ns.tolerance, opset=ns.opset)
-    except ImportError as err:
-        print(f"crasmra: error: {err}", file=sys.stderr)
-        return 2
+    # Without the export extra this raises MissingExtraError, printed as one line by main.
+    result = export_model(model, ns.format, ns.out, head_logits=ns.head_logits,
+                          tolerance=ns.tolerance, opset=ns.opset)
     batches = " and ".join(str(b) for b in result.batch_sizes)
     shape = ", ".join(map(str, result.input_shape))
     if result.format == "safetensors":

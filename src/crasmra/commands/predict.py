@@ -1,4 +1,4 @@
-"""``crasmra predict CKPT PATH...``: top-k classes of image files, folders or globs."""
+"""``crasmra predict CKPT IMAGE...``: top-k classes of image files, folders or globs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 from crasmra.cpu import add_threads_option
 
 FORMATS = ("table", "json", "csv")
+USAGE = "crasmra predict CHECKPOINT IMAGE..."
 
 
 def register(subparsers: Any) -> None:
@@ -25,7 +26,7 @@ def register(subparsers: Any) -> None:
         "on stderr and skipped.",
     )
     p.add_argument("checkpoint", help="checkpoint (.ckpt) or .safetensors export")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
+    p.add_argument("paths", nargs="+", metavar="IMAGE", help="image files, folders or globs")
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--format", choices=FORMATS, default="table",
                    help="output format (default: table)")
@@ -60,12 +61,21 @@ def _progress(quiet: bool, batch_size: int) -> tuple[Any, Any]:
     return update, close
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped as ``repr`` does (``\\n``, ``\\x1b``).
+
+    Class names and file names may hold newlines or terminal escapes; printed as they are,
+    one would split a table row or rewrite the terminal.
+    """
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
 def _table(result: Any) -> str:
     lines = []
     for pred in result.predictions:
-        lines.append(pred.path)
+        lines.append(printable(pred.path))
         for rank, (label, prob) in enumerate(zip(pred.labels, pred.probabilities, strict=True), 1):
-            lines.append(f"  {rank}. {100 * prob:6.2f}%  {label}")
+            lines.append(f"  {rank}. {100 * prob:6.2f}%  {printable(label)}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -89,23 +99,41 @@ def _json(result: Any) -> str:
 
 def run(ns: argparse.Namespace) -> int:
     """Handler of ``crasmra predict``."""
+    from crasmra.checkpoint import (
+        check_checkpoint_argument,
+        check_output,
+        check_writable,
+        write_text,
+    )
     from crasmra.cpu import configure_cpu
-    from crasmra.inference import load_model, predict
+    from crasmra.errors import UsageError
+    from crasmra.inference import find_images, load_model, predict, resolve_device
 
+    # Everything that can be checked without the model is checked first: a bad argument must
+    # not cost a model load, and a bad --output must not cost the predictions.
+    if ns.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {ns.top_k}.")
+    resolve_device(ns.device)
+    check_checkpoint_argument(ns.checkpoint, USAGE)
+    files, missing = find_images(ns.paths)
+    if ns.output:
+        check_writable(ns.output, "--output")
+        check_output(ns.output, "--output", inputs=[ns.checkpoint, *files])
     model = load_model(ns.checkpoint, device=ns.device)
     workers = configure_cpu(ns.device, ns.num_workers, ns.threads).workers
     update, close = _progress(ns.quiet, ns.batch_size)
     try:
-        result = predict(model, ns.paths, top_k=ns.top_k, batch_size=ns.batch_size,
+        result = predict(model, files, top_k=ns.top_k, batch_size=ns.batch_size,
                          num_workers=workers, progress=update)
     finally:
         close()
+    result.failures[:0] = missing
     for failure in result.failures:
-        print(f"crasmra: skipped {failure.path}: {failure.reason}", file=sys.stderr)
+        print(f"crasmra: skipped {printable(failure.path)}: {printable(failure.reason)}",
+              file=sys.stderr)
     text = {"table": _table, "json": _json, "csv": _csv}[ns.format](result)
     if ns.output:
-        with open(ns.output, "w", newline="") as f:
-            f.write(text)
+        write_text(ns.output, text)  # atomic: an interrupted run leaves the old file whole
     else:
         sys.stdout.write(text)
     if not result.predictions:

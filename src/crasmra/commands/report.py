@@ -10,6 +10,10 @@ from typing import Any
 from crasmra.cpu import add_threads_option
 from crasmra.errors import UsageError
 
+USAGE = "crasmra report CHECKPOINT --out DIR"
+#: The files ``crasmra report`` writes into its output folder.
+OUTPUT_FILES = ("report.md", "report.json", "reliability.png", "confusion_matrix.png")
+
 
 def register(subparsers: Any) -> None:
     """Add the ``report`` subcommand."""
@@ -73,8 +77,46 @@ def _data_config(ns: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+def _test_only_folder(data: dict[str, Any], split: str) -> Path | None:
+    """The root of a ``folder`` dataset with a ``test/`` but no ``train/`` folder, when the
+    test split is evaluated: the checkpoint's class names stand in for ``train/``'s."""
+    if data["dataset"] != "folder" or split != "test" or data.get("root") is None:
+        return None
+    root = Path(data["root"]).expanduser()
+    return root if (root / "test").is_dir() and not (root / "train").is_dir() else None
+
+
+def _test_folder_dataset(model: Any, root: Path) -> Any:
+    """``root/test/<class>/...`` labelled by the checkpoint's class names."""
+    from crasmra.data import FGVCImageDataset
+    from crasmra.data.base import Record
+    from crasmra.inference import find_images
+
+    index_of = {name: i for i, name in enumerate(model.classes)}
+    folders = sorted(p for p in (root / "test").iterdir() if p.is_dir()
+                     and not p.name.startswith("."))
+    unknown = [p.name for p in folders if p.name not in index_of]
+    if unknown:
+        raise UsageError(
+            f"folder: {root / 'test'} has class folders the checkpoint does not know: "
+            f"{unknown[:5]} (its classes: {model.classes[:5]}...). Name the folders after the "
+            "checkpoint's classes, or add the train/ folder it was trained on."
+        )
+    records = [Record(str(path), index_of[folder.name]) for folder in folders
+               for path in find_images([folder])[0]]
+    if not records:
+        raise UsageError(f"folder: {root / 'test'} holds no images in class sub-folders.")
+    return FGVCImageDataset(records, model.classes, model.transform, name="folder/test")
+
+
 def run(ns: argparse.Namespace) -> int:
     """Handler of ``crasmra report``."""
+    from crasmra.checkpoint import (
+        check_checkpoint_argument,
+        check_output,
+        check_writable,
+        replacing,
+    )
     from crasmra.cpu import configure_cpu
     from crasmra.data import DatasetRootError, dataset_classes
     from crasmra.inference import (
@@ -82,29 +124,44 @@ def run(ns: argparse.Namespace) -> int:
         compute_report,
         evaluate,
         load_model,
+        resolve_device,
         write_report,
     )
     from crasmra.viz import plot_confusion_matrix, plot_reliability
 
+    # Arguments and outputs are checked before the data and the model are read.
+    resolve_device(ns.device)
+    check_checkpoint_argument(ns.checkpoint, USAGE)
+    check_writable(ns.out, "--out", folder=True)
+    out = Path(ns.out)
+    for name in OUTPUT_FILES:
+        check_output(out / name, "--out", inputs=[ns.checkpoint])
     data = _data_config(ns)
     options = dict(data.get("options") or {})
-    try:
-        classes = dataset_classes(data["dataset"], data.get("root"),
-                                  **{k: v for k, v in options.items() if k != "bbox_crop"})
-    except DatasetRootError as err:
-        if ns.root is None and data.get("root") is not None:
-            raise UsageError(
-                f"{err}\nThat root was recorded when the checkpoint was trained; pass --root "
-                "PATH to where the dataset is on this machine."
-            ) from err
-        raise
-    model = load_model(ns.checkpoint, device=ns.device, num_classes=len(classes))
+    test_only = _test_only_folder(data, ns.split)
+    classes = None
+    if test_only is None:
+        try:
+            classes = dataset_classes(data["dataset"], data.get("root"),
+                                      **{k: v for k, v in options.items() if k != "bbox_crop"})
+        except DatasetRootError as err:
+            if ns.root is None and data.get("root") is not None:
+                raise UsageError(
+                    f"{err}\nThat root was recorded when the checkpoint was trained; pass "
+                    "--root PATH to where the dataset is on this machine."
+                ) from err
+            raise
+    model = load_model(ns.checkpoint, device=ns.device,
+                       num_classes=len(classes) if classes is not None else None)
     workers = configure_cpu(ns.device, ns.num_workers, ns.threads).workers
-    if list(classes) != list(model.classes):
+    if classes is not None and list(classes) != list(model.classes):
         print(f"crasmra: warning: the dataset's class names differ from the checkpoint's; labels "
               f"are matched by index (dataset: {classes[:3]}..., checkpoint: "
               f"{model.classes[:3]}...).", file=sys.stderr)
-    dataset = build_eval_dataset(model, data, ns.split)
+    if test_only is not None:
+        dataset = _test_folder_dataset(model, test_only)
+    else:
+        dataset = build_eval_dataset(model, data, ns.split)
 
     bar = None
     if not ns.quiet:
@@ -119,13 +176,13 @@ def run(ns: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     report = compute_report(outputs, model.classes, n_bins=ns.bins)
-    out = Path(ns.out)
-    figures = {
-        "Reliability diagram": plot_reliability(report["calibration"],
-                                                out / "reliability.png").name,
-        "Confusion matrix": plot_confusion_matrix(report["confusion_matrix"], model.classes,
-                                                  out / "confusion_matrix.png").name,
-    }
+    # Each file is written under a temporary name and renamed into place when complete.
+    with replacing(out / "reliability.png") as tmp:
+        plot_reliability(report["calibration"], tmp)
+    with replacing(out / "confusion_matrix.png") as tmp:
+        plot_confusion_matrix(report["confusion_matrix"], model.classes, tmp)
+    figures = {"Reliability diagram": "reliability.png",
+               "Confusion matrix": "confusion_matrix.png"}
     context = {"checkpoint": str(ns.checkpoint), "dataset": data["dataset"],
                "root": data.get("root"), "split": ns.split}
     md, _ = write_report(report, out, context=context, figures=figures)

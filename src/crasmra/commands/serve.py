@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -13,6 +14,11 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_CONCURRENT = 2
+DEFAULT_MAX_QUEUE = 8
+DEFAULT_BODY_TIMEOUT = 60.0
+#: Largest --max-upload-mb accepted: each upload being decoded is held in memory whole.
+MAX_UPLOAD_MB_CAP = 4096
 
 
 def register(subparsers: Any) -> None:
@@ -36,6 +42,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="largest image accepted, width x height, checked before decoding "
                         f"(default: {DEFAULT_MAX_PIXELS:_})")
+    p.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT,
+                   help="turns of decoding and inference, each worth an RGB image of "
+                        "--max-pixels (8 bytes a pixel) and a file of --max-upload-mb; images "
+                        "that need more (alpha, 16-bit) take several. Bounds the server's "
+                        f"memory above its idle size (default: {DEFAULT_MAX_CONCURRENT})")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="uploads that may wait for a turn; more are answered 503 "
+                        f"(default: {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                   help="seconds an upload may take to arrive, then 408 "
+                        f"(default: {DEFAULT_BODY_TIMEOUT:g})")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N or auto (default: cpu)")
     add_threads_option(p)
@@ -56,14 +73,22 @@ def run(ns: argparse.Namespace) -> int:
 
     if not 0 <= ns.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {ns.port}.")
-    if ns.max_upload_mb <= 0:
-        raise UsageError(f"--max-upload-mb must be positive, got {ns.max_upload_mb:g}.")
-    if ns.max_pixels <= 0:
-        raise UsageError(f"--max-pixels must be positive, got {ns.max_pixels}.")
-    try:
-        from crasmra import serve
-    except ImportError as err:
-        raise UsageError(str(err)) from err
+    # float() accepts "inf" and "nan", which would pass a plain "> 0" test (nan) or disable
+    # the limit (inf): both are refused here.
+    for flag, value in (("--max-upload-mb", ns.max_upload_mb), ("--body-timeout",
+                                                                  ns.body_timeout)):
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a positive finite number, got {value:g}.")
+    if ns.max_upload_mb > MAX_UPLOAD_MB_CAP:  # an upload is read into memory whole
+        raise UsageError(f"--max-upload-mb must be at most {MAX_UPLOAD_MB_CAP}, got "
+                         f"{ns.max_upload_mb:g}.")
+    for flag, value, least in (("--max-pixels", ns.max_pixels, 1),
+                               ("--max-concurrent", ns.max_concurrent, 1),
+                               ("--max-queue", ns.max_queue, 0)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}.")
+    # Without the serve extra this raises MissingExtraError, printed as one line.
+    from crasmra import serve
     from crasmra.cpu import configure_cpu
     from crasmra.inference import load_model
 
@@ -80,6 +105,8 @@ def run(ns: argparse.Namespace) -> int:
         # exposed on purpose is reached under whatever name the network gives it.
         app = serve.create_app(
             model, max_upload_mb=ns.max_upload_mb, max_pixels=ns.max_pixels,
+            max_concurrent=ns.max_concurrent, max_queue=ns.max_queue,
+            body_timeout=ns.body_timeout,
             allowed_hosts=tuple(serve.LOOPBACK_NAMES) if loopback else None)
         if not loopback:
             _warn_exposed(ns.host)
