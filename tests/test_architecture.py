@@ -19,7 +19,8 @@ SRC = REPO / "src" / "crasmra"
 FLOORS: list[set[str]] = [
     # ground: no crasmra imports but these
     {"_version", "errors", "outputs", "cpu", "flags", "layers", "backbones", "data", "config",
-     "runfolder", "lightning_private"},
+     "runfolder", "lightning_private", "export_options",
+     "metrics"},
     # the network, its loss, its files
     {"model", "losses", "checkpoint"},
     # training and inference

@@ -239,7 +239,11 @@ def test_a_missing_extra_is_one_line_for_both_installs(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setitem(sys.modules, missing, None)
+    # A fresh import of crasmra.serve, as in a process without the extra.
+    import crasmra
+
     monkeypatch.delitem(sys.modules, "crasmra.serve", raising=False)
+    monkeypatch.delattr(crasmra, "serve", raising=False)
     argv = [a.format(ckpt=tiny_checkpoint, tmp=tmp_path) for a in args]
     assert main(argv) == 2
     err = capsys.readouterr().err

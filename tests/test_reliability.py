@@ -108,6 +108,19 @@ def test_kill_9_during_fit_resumes_to_the_uninterrupted_result(tmp_path: Path) -
             resume = ["--ckpt_path=last"] if last.exists() else ["--overwrite=true"]
             return tiny_fit_args(root, *epochs, *resume)
 
+        # A kill inside a checkpoint write, made deterministic by stalling the write half-way.
+        # First, while a checkpoint write is certain to come: after the random kills below the
+        # run may already have written its final checkpoint.
+        before = _assert_loadable(last) if last.exists() else None
+        marker = tmp_path / "writing"
+        pid = server.start(resume_args(), tmp_path / "kill-write.log", slow_save_marker=marker)
+        _wait_for(marker.exists, 120, "a checkpoint write")
+        os.kill(pid, signal.SIGKILL)
+        assert server.wait() == -signal.SIGKILL
+        assert list((root / "checkpoints").glob(".*.tmp")), "the kill did not hit the write"
+        if before is not None:
+            assert _assert_loadable(last) == before
+
         # One kill in each half of the run (seeded), so both epochs are hit across attempts.
         for attempt, (low, high) in enumerate(((0.15, 0.5), (0.5, 0.95))):
             delay = rng.uniform(low, high) * duration
@@ -120,17 +133,6 @@ def test_kill_9_during_fit_resumes_to_the_uninterrupted_result(tmp_path: Path) -
             for ckpt in (last, root / "checkpoints" / "best.ckpt"):
                 if ckpt.exists():
                     _assert_loadable(ckpt)
-
-        # A kill inside a checkpoint write, made deterministic by stalling the write half-way.
-        before = _assert_loadable(last) if last.exists() else None
-        marker = tmp_path / "writing"
-        pid = server.start(resume_args(), tmp_path / "kill-write.log", slow_save_marker=marker)
-        _wait_for(marker.exists, 120, "a checkpoint write")
-        os.kill(pid, signal.SIGKILL)
-        assert server.wait() == -signal.SIGKILL
-        assert list((root / "checkpoints").glob(".*.tmp")), "the kill did not hit the write"
-        if before is not None:
-            assert _assert_loadable(last) == before
 
         server.start(resume_args(), tmp_path / "final.log")
         assert server.wait() == 0, (tmp_path / "final.log").read_text()[-3000:]

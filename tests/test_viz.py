@@ -221,6 +221,10 @@ def test_expected_calibration_error_matches_torchmetrics() -> None:
     reference = MulticlassCalibrationError(num_classes=7, n_bins=15, norm="l1")(probs, targets)
     assert ours["ece"] == pytest.approx(float(reference), abs=1e-6)
     assert sum(b["count"] for b in ours["bins"]) == 500
+    # The bins drawn in the reliability diagram are the ones torchmetrics' ECE sums over.
+    from_bins = sum(b["count"] / 500 * abs(b["accuracy"] - b["confidence"])
+                    for b in ours["bins"] if b["count"])
+    assert from_bins == pytest.approx(float(reference), abs=1e-6)
 
 
 def test_plain_cam_explains_the_last_stage(plain_checkpoint: Path, images: Path, tmp_path: Path,

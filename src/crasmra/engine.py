@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
 from crasmra._version import __version__
 from crasmra.checkpoint import FORMAT_VERSION, read_network_state
@@ -31,6 +30,7 @@ from crasmra.losses import (
     CRASMRALoss,
     trains_with_smram,
 )
+from crasmra.metrics import accuracy_metrics
 from crasmra.model import CRASMRANet, NetConfig, create_model
 from crasmra.outputs import ModelOutput
 
@@ -273,14 +273,7 @@ class CRASMRAModule(L.LightningModule):
 
     # ------------------------------------------------------------------ construction helpers
     def _make_metrics(self, prefix: str) -> MetricCollection:
-        num_classes = self.hparams.num_classes
-        metrics: dict[str, nn.Module] = {}
-        for head in self.head_names:
-            metrics[f"{head}_top1"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-            # Top-5 is undefined for fewer than five classes.
-            if num_classes >= 5:
-                metrics[f"{head}_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        return MetricCollection(metrics, prefix=prefix)
+        return accuracy_metrics(self.head_names, self.hparams.num_classes, prefix)
 
     def _init_from(self, path: str, reinit_heads: bool) -> None:
         state, source_classes = read_network_state(path)

@@ -48,6 +48,7 @@ from crasmra.checkpoint import (
 from crasmra.data import ImageLoadError, build_transforms, create_dataset, load_image
 from crasmra.data.generic import IMAGE_EXTENSIONS
 from crasmra.layers import SMRAM
+from crasmra.metrics import classification_metrics, top_k_accuracy
 from crasmra.model import CRASMRANet, create_smram
 
 __all__ = [
@@ -633,8 +634,9 @@ def expected_calibration_error(
 ) -> dict[str, Any]:
     """Expected calibration error of the top-1 confidence, with equal-width bins.
 
-    ``ECE = sum_b (n_b / N) * |accuracy_b - confidence_b|`` over ``n_bins`` bins of (0, 1]
-    (the same definition as torchmetrics' ``MulticlassCalibrationError(norm="l1")``).
+    ``ECE = sum_b (n_b / N) * |accuracy_b - confidence_b|`` over ``n_bins`` bins of (0, 1],
+    computed by torchmetrics' ``MulticlassCalibrationError(norm="l1")``, with each bin's
+    figures for the reliability diagram.
 
     Returns:
         ``{"ece", "n_bins", "bins": [{"lower", "upper", "count", "accuracy", "confidence"}]}``;
@@ -642,29 +644,8 @@ def expected_calibration_error(
     """
     if n_bins < 1:
         raise ValueError(f"the number of calibration bins must be >= 1, got {n_bins}.")
-    p = torch.as_tensor(probs, dtype=torch.float64)
-    y = torch.as_tensor(targets)
-    confidence, predicted = p.max(dim=1)
-    correct = (predicted == y).double()
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    # Bin b holds confidences in (edges[b], edges[b+1]]; a confidence of exactly 0 goes to bin 0.
-    which = torch.bucketize(confidence, edges[1:-1], right=False)
-    ece, bins, n = 0.0, [], len(y)
-    for b in range(n_bins):
-        mask = which == b
-        count = int(mask.sum())
-        acc = float(correct[mask].mean()) if count else None
-        conf = float(confidence[mask].mean()) if count else None
-        if count:
-            ece += count / n * abs(acc - conf)  # type: ignore[operator]
-        bins.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": count,
-                     "accuracy": acc, "confidence": conf})
-    return {"ece": ece, "n_bins": n_bins, "bins": bins}
-
-
-def _topk_accuracy(probs: Tensor, targets: Tensor, k: int) -> float:
-    top = probs.topk(k, dim=1).indices
-    return float((top == targets[:, None]).any(dim=1).double().mean())
+    metrics = classification_metrics(torch.as_tensor(probs), torch.as_tensor(targets), n_bins)
+    return {"ece": metrics["ece"], "n_bins": n_bins, "bins": metrics["bins"]}
 
 
 def compute_report(
@@ -688,13 +669,11 @@ def compute_report(
     for name in outputs.head_names:
         p = outputs.probs[name]
         heads[name] = {
-            "top1": _topk_accuracy(p, targets, 1),
-            "top5": _topk_accuracy(p, targets, 5) if num_classes >= 5 else None,
+            "top1": top_k_accuracy(p, targets, 1),
+            "top5": top_k_accuracy(p, targets, 5) if num_classes >= 5 else None,
         }
-    combined = outputs.probs[COMBINED]
-    predicted = combined.argmax(dim=1)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    confusion.index_put_((targets, predicted), torch.ones_like(targets), accumulate=True)
+    combined = classification_metrics(outputs.probs[COMBINED], targets, n_bins)
+    confusion = combined["confusion"]  # (K, K), rows: true class
     support = confusion.sum(dim=1)
     per_class = [
         {
@@ -728,7 +707,7 @@ def compute_report(
         "heads": heads,
         "per_class": per_class,
         "confused_pairs": pairs,
-        "calibration": expected_calibration_error(combined, targets, n_bins),
+        "calibration": {"ece": combined["ece"], "n_bins": n_bins, "bins": combined["bins"]},
         "confusion_matrix": confusion.tolist(),
     }
 

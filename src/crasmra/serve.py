@@ -63,7 +63,6 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -71,7 +70,7 @@ from crasmra.data import ImageLoadError, create_dataset, load_image
 from crasmra.errors import MissingExtraError
 from crasmra.inference import load_model, run_dataset_config
 from crasmra.model import CRASMRANet
-from crasmra.viz import OVERLAY_ALPHA, activation_maps
+from crasmra.viz import OVERLAY_ALPHA, activation_maps, unit_maps
 
 try:
     import anyio
@@ -199,15 +198,6 @@ class Explanation:
     activation: list[np.ndarray]
 
 
-def _unit_maps(maps: Tensor, size: tuple[int, int]) -> list[np.ndarray]:
-    """(S, h, w) maps -> S arrays (H, W), bilinearly upsampled and min-max scaled to [0, 1]."""
-    up = F.interpolate(maps[:, None].float(), size=size, mode="bilinear",
-                       align_corners=False)[:, 0]
-    flat = up.flatten(1)
-    lo, hi = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
-    return list(((flat - lo) / (hi - lo).clamp_min(1e-7)).view_as(up).cpu().numpy())
-
-
 def explain_tensor(model: CRASMRANet, x: Tensor) -> Explanation:
     """Predict one image and compute every stage's Grad-CAM and activation map in one pass.
 
@@ -244,7 +234,7 @@ def explain_tensor(model: CRASMRANet, x: Tensor) -> Explanation:
         # autograd.grad, not backward(): nothing accumulates in the shared model's .grad.
         grads = torch.autograd.grad(target, leaves)
     gradcam = [
-        _unit_maps(torch.relu((g[0].mean(dim=(1, 2))[:, None, None] * f[0].detach())
+        unit_maps(torch.relu((g[0].mean(dim=(1, 2))[:, None, None] * f[0].detach())
                               .sum(dim=0))[None], size)[0]
         for f, g in zip(leaves, grads, strict=True)
     ]

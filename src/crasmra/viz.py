@@ -96,6 +96,14 @@ def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
                          align_corners=False)[:, 0]
 
 
+def unit_maps(maps: Tensor, size: tuple[int, int]) -> list[np.ndarray]:
+    """(N, h, w) maps -> N arrays (H, W), bilinearly upsampled and min-max scaled to [0, 1].
+
+    The one scaling of every map crasmra draws (``crasmra cam``, the web page).
+    """
+    return list(_to_unit(_upsample(maps, size)).cpu().numpy())
+
+
 def activation_maps(features: Sequence[Tensor], size: tuple[int, int]) -> list[np.ndarray]:
     """Channel-mean activation map of each stage (the paper's Figure 4), scaled to [0, 1].
 
@@ -109,7 +117,7 @@ def activation_maps(features: Sequence[Tensor], size: tuple[int, int]) -> list[n
     maps = []
     for f in features:
         mean = f.detach().float().reshape(-1, *f.shape[-3:])[0].mean(dim=0)  # (h, w)
-        maps.append(_to_unit(_upsample(mean[None], size))[0].cpu().numpy())
+        maps.append(unit_maps(mean[None], size)[0])
     return maps
 
 
@@ -191,7 +199,7 @@ def _classifier_gradcam(model: CRASMRANet, x: Tensor, class_index: int) -> np.nd
         (grad,) = torch.autograd.grad(logit, leaf)
     weights = grad[0].mean(dim=(1, 2))  # (C,)
     heat = torch.relu((weights[:, None, None] * leaf[0].detach()).sum(dim=0))  # (h, w)
-    return _to_unit(_upsample(heat[None], (x.shape[-2], x.shape[-1])))[0].cpu().numpy()
+    return unit_maps(heat[None], (x.shape[-2], x.shape[-1]))[0]
 
 
 def smram_maps(smram: SMRAM, features: Sequence[Tensor], size: tuple[int, int]) -> list[np.ndarray]:
@@ -204,7 +212,7 @@ def smram_maps(smram: SMRAM, features: Sequence[Tensor], size: tuple[int, int]) 
     """
     with torch.inference_mode():
         _, attention = smram([f.detach()[:1] for f in features])  # (1, S, h, w)
-    return list(_to_unit(_upsample(attention[0], size)).cpu().numpy())
+    return unit_maps(attention[0], size)
 
 
 def channel_importance(records: Sequence[Tensor | None]) -> list[np.ndarray] | None:
