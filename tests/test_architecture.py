@@ -144,3 +144,21 @@ def test_each_network_default_is_written_once() -> None:
     sources = "\n".join(p.read_text() for p in SRC.rglob("*.py"))
     assert sources.count("DEFAULT_OMEGA = 0.5") == 1
     assert "omega: float = 0.5" not in sources
+
+
+def test_no_consumer_guesses_the_preprocessing(tiny_checkpoint: Path) -> None:
+    """A loaded model carries a typed preprocessing config; nothing else writes ImageNet's
+    normalisation or reads attributes that may be missing."""
+    from crasmra.data import Preprocessing
+    from crasmra.inference import load_model
+
+    model = load_model(tiny_checkpoint)
+    assert isinstance(model.preprocessing, Preprocessing)
+    assert model.preprocessing.image_size == (64, 64)  # tests/configs/tiny.yaml
+    assert model.resolved_preprocessing() is model.preprocessing
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        if path.name != "transforms.py":
+            assert "0.485" not in text, path
+        assert 'getattr(model, "transform_config"' not in text, path
+        assert 'getattr(net, "classes"' not in text, path

@@ -73,7 +73,7 @@ def test_onnx_export_runs_in_onnxruntime_alone(tiny_checkpoint: Path, model: CRA
     assert not any("smram" in init.name for init in graph.graph.initializer)
     props = {p.key: p.value for p in graph.metadata_props}
     assert json.loads(props["classes"]) == model.classes
-    assert json.loads(props["transform"]) == model.transform_config
+    assert json.loads(props["transform"]) == model.preprocessing.as_config()
 
     # what the README shows: onnxruntime, PIL and numpy only, any batch size
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -115,7 +115,7 @@ def test_safetensors_round_trip(tiny_checkpoint: Path, model: CRASMRANet, batch:
     assert _max_diff(capsys.readouterr().out) == 0.0
     reloaded = load_model(out)
     assert reloaded.classes == model.classes
-    assert reloaded.transform_config == model.transform_config
+    assert reloaded.preprocessing == model.preprocessing
     assert reloaded.state_dict().keys() == model.state_dict().keys()
     with torch.inference_mode():
         assert torch.equal(reloaded(batch).probs, model(batch).probs)

@@ -142,12 +142,7 @@ class ExportResult:
 
 
 def _input_shape(model: CRASMRANet) -> tuple[int, int, int]:
-    config = getattr(model, "transform_config", None) or {}
-    size = config.get("image_size")
-    if size is None:
-        size = list(model.data_config.get("input_size", (3, 448, 448)))[1:]
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    return (3, h, w)
+    return model.resolved_preprocessing().input_shape
 
 
 def _as_tuple(outputs: Any) -> tuple[Tensor, ...]:
@@ -345,8 +340,8 @@ def export_model(
     net = model.to("cpu").eval()
     wrapper = ExportWrapper(net, head_logits=head_logits).eval()
     meta = {
-        **build_metadata(net.config, getattr(net, "classes", None),
-                         getattr(net, "transform_config", None), net.data_config),
+        **build_metadata(net.config, net.classes,
+                         net.resolved_preprocessing().as_config(), net.data_config),
         "outputs": wrapper.output_names,
     }
     shape = _input_shape(net)

@@ -45,7 +45,14 @@ from crasmra.checkpoint import (
     smram_state_dict,
     write_text,
 )
-from crasmra.data import ImageLoadError, build_transforms, create_dataset, load_image
+from crasmra.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ImageLoadError,
+    Preprocessing,
+    create_dataset,
+    load_image,
+)
 from crasmra.data.generic import IMAGE_EXTENSIONS
 from crasmra.layers import SMRAM
 from crasmra.metrics import classification_metrics, top_k_accuracy
@@ -130,7 +137,7 @@ def _check_classes(meta: dict[str, Any], num_classes: int, path: str | Path) -> 
     return list(classes)
 
 
-def _eval_transform(meta: dict[str, Any], path: str | Path) -> tuple[Callable, dict[str, Any]]:
+def _preprocessing(meta: dict[str, Any], path: str | Path) -> Preprocessing:
     config = meta.get("transform")
     if config is None:
         # Checkpoints written without a data module (e.g. a bare LightningModule) record only
@@ -140,14 +147,16 @@ def _eval_transform(meta: dict[str, Any], path: str | Path) -> tuple[Callable, d
         config = {
             "image_size": size,
             "resize_size": None,
-            "mean": list(data_config.get("mean", (0.485, 0.456, 0.406))),
-            "std": list(data_config.get("std", (0.229, 0.224, 0.225))),
+            "mean": list(data_config.get("mean", IMAGENET_DEFAULT_MEAN)),
+            "std": list(data_config.get("std", IMAGENET_DEFAULT_STD)),
         }
         log.warning("%s records no eval transform; using resize + centre crop to %s", path, size)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} has damaged metadata: 'transform' is not a dictionary.")
     try:
-        return build_transforms(train=False, **config), dict(config)
+        preprocessing = Preprocessing.from_config(config)
+        preprocessing.transform()  # a malformed config fails here, not at the first image
+        return preprocessing
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path} has an unusable eval transform {config}: {err}") from err
 
@@ -202,12 +211,11 @@ def load_model(
     safetensors export from ``crasmra export``. SMRAM is training-only and never loaded.
 
     The returned object is the plain :class:`~crasmra.model.CRASMRANet` (so ``model(x).probs``
-    and ``model(x).stage_logits`` work as in training) with these attributes added:
+    and ``model(x).stage_logits`` work as in training) with its inference attributes set:
 
     - ``classes``: class names in label order.
-    - ``transform``: the eval transform, PIL RGB image -> normalised ``(3, H, W)`` tensor.
-    - ``transform_config``: the plain values that rebuild ``transform``
-      (``crasmra.data.build_transforms(train=False, **transform_config)``).
+    - ``preprocessing``: a :class:`~crasmra.data.Preprocessing` (sizes, mean, std).
+    - ``transform``: its eval transform, PIL RGB image -> normalised ``(3, H, W)`` tensor.
     - ``checkpoint_path``: the file it was loaded from.
 
     Args:
@@ -241,18 +249,14 @@ def load_model(
             "true`."
         )
     classes = _check_classes(meta, skeleton.num_classes, path)
-    transform, transform_config = _eval_transform(meta, path)
+    preprocessing = _preprocessing(meta, path)
     state = network_state_dict(ckpt, path)
     _check_state(skeleton, state, path)
     net = _build_network(net_config, meta, path, torch.device("cpu"))
     net.load_state_dict(state)
     net.eval()
     net.to(device)
-    # Plain attributes (not submodules or buffers), so state_dict() and exports are unchanged.
-    net.classes = classes
-    net.transform = transform
-    net.transform_config = transform_config
-    net.checkpoint_path = str(path)
+    net.set_inference_info(classes, preprocessing, checkpoint_path=str(path))
     return net
 
 
@@ -292,8 +296,9 @@ def load_smram(path: str | Path, model: CRASMRANet) -> SMRAM:
 
 def model_metadata(model: CRASMRANet) -> dict[str, Any]:
     """The ``"crasmra"`` checkpoint entry that describes a loaded model (for exports)."""
-    return build_metadata(model.config, getattr(model, "classes", None),
-                          getattr(model, "transform_config", None), model.data_config)
+    preprocessing = model.preprocessing
+    return build_metadata(model.config, model.classes,
+                          preprocessing.as_config() if preprocessing else None, model.data_config)
 
 
 # ---------------------------------------------------------------------------------------------

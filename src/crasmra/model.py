@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -42,6 +42,7 @@ from crasmra.backbones import (
     StagedBackbone,
     check_backbone,
 )
+from crasmra.data.transforms import Preprocessing
 from crasmra.layers import (
     CONV_LAYERS,
     DEFAULT_DELTA,
@@ -303,6 +304,12 @@ class CRASMRANet(nn.Module):
             crop_pct, interpolation). The paper trains at 448 px; input_size is timm's.
         backbone: The :class:`~crasmra.backbones.StagedBackbone` (for ``"plain"`` the whole
             timm model, head included).
+        classes: Class names in label order; set for a loaded model
+            (:func:`crasmra.inference.load_model`), else None.
+        preprocessing: The :class:`~crasmra.data.Preprocessing` its images need; set for a
+            loaded model, else None.
+        transform: ``preprocessing``'s eval transform; set for a loaded model, else None.
+        checkpoint_path: The file a loaded model came from, else None.
         attention: One attention module per attended stage (empty for ``"plain"``).
         heads: One :class:`~crasmra.layers.ClassifierHead` per attended stage (empty for
             ``"plain"``).
@@ -352,6 +359,39 @@ class CRASMRANet(nn.Module):
         self.heads, self.concat_head = self._build_heads(num_classes)
         cfg.stage_indices = list(self.backbone.stage_indices)
         self.config: dict[str, Any] = cfg.as_dict()
+        # What inference needs besides the weights; plain attributes (not submodules or
+        # buffers), so state_dict() and exports are unchanged.
+        self.classes: list[str] | None = None
+        self.preprocessing: Preprocessing | None = None
+        self.transform: Callable | None = None
+        self.checkpoint_path: str | None = None
+
+    def resolved_preprocessing(self) -> Preprocessing:
+        """:attr:`preprocessing`, or for a network not loaded from a checkpoint the backbone's
+        own (timm's ``data_config``: its input size, mean and std)."""
+        if self.preprocessing is not None:
+            return self.preprocessing
+        config = self.data_config
+        return Preprocessing.from_config({
+            "image_size": list(config.get("input_size", (3, 448, 448)))[1:],
+            **{k: config[k] for k in ("mean", "std") if k in config},
+        })
+
+    def set_inference_info(
+        self,
+        classes: Sequence[str],
+        preprocessing: Preprocessing,
+        checkpoint_path: str | None = None,
+    ) -> None:
+        """Record the class names and the preprocessing of a trained network."""
+        if len(classes) != self.num_classes:
+            raise ValueError(
+                f"{len(classes)} class names for a network of {self.num_classes} classes."
+            )
+        self.classes = list(classes)
+        self.preprocessing = preprocessing
+        self.transform = preprocessing.transform()
+        self.checkpoint_path = checkpoint_path
 
     @property
     def head_names(self) -> tuple[str, ...]:

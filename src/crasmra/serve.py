@@ -386,10 +386,6 @@ def release_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
 class Predictor:
     """The model behind the API: one image in, a JSON-ready answer out.
 
@@ -403,30 +399,26 @@ class Predictor:
         self.max_pixels = int(max_pixels)
         self.device = next(model.parameters()).device
         self._lock = threading.Lock()
-        config = getattr(model, "transform_config", None) or {}
-        self.renderer = _Renderer(
-            config.get("mean", model.data_config.get("mean", (0.485, 0.456, 0.406))),
-            config.get("std", model.data_config.get("std", (0.229, 0.224, 0.225))))
+        self.preprocessing = model.resolved_preprocessing()
+        self.renderer = _Renderer(self.preprocessing.mean, self.preprocessing.std)
 
     def warm_up(self) -> None:
         """Run one blank image through the network, so the first user does not wait for
         PyTorch's lazy initialisation (about twice a normal request on a CPU)."""
-        config = getattr(self.model, "transform_config", None) or {}
-        h, w = _size_hw(config.get("image_size", self.model.data_config["input_size"][1:]))
+        h, w = self.preprocessing.image_size
         with self._lock:
             explain_tensor(self.model, torch.zeros(1, 3, h, w, device=self.device))
 
     def info(self) -> dict[str, Any]:
         """Model description for ``/api/info``."""
-        config = getattr(self.model, "transform_config", None) or {}
-        size = config.get("image_size")
+        size = list(self.preprocessing.image_size)
         return {
             "classes": list(self.model.classes),
             "num_classes": self.model.num_classes,
             "backbone": self.model.config["backbone"],
             "variant": self.model.variant,
             "stage_names": list(self.model.stage_names),
-            "image_size": list(size) if isinstance(size, list | tuple) else size,
+            "image_size": size,
             # The file name only: the page has no use for the server's folder layout.
             "checkpoint": Path(getattr(self.model, "checkpoint_path", "") or "model").name,
             "top_k": min(TOP_K, self.model.num_classes),

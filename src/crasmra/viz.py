@@ -449,7 +449,7 @@ def explain_image(
     """Write ``<name>_cam.png`` (Grad-CAM / activation / SMRAM grid) and ``<name>_importance.png``.
 
     Args:
-        model: A network from ``crasmra.load_model`` (uses ``transform``, ``transform_config``
+        model: A network from ``crasmra.load_model`` (uses ``transform``, ``preprocessing``
             and ``classes``).
         image: An image file or a PIL image.
         out_dir: Output folder (created).
@@ -492,10 +492,8 @@ def explain_image(
     if true_label is not None:
         title += f"\ntrue: {true_label}"
         color = "tab:green" if true_label == predicted else "tab:red"
-    config = getattr(model, "transform_config", None) or {}
-    mean = config.get("mean", model.data_config.get("mean", (0.485, 0.456, 0.406)))
-    std = config.get("std", model.data_config.get("std", (0.229, 0.224, 0.225)))
-    shown = _denormalize(x, mean, std)
+    preprocessing = model.resolved_preprocessing()
+    shown = _denormalize(x, preprocessing.mean, preprocessing.std)
     grid = plot_cam_grid(shown, rows, model.stage_names, out / f"{name}_cam.png",
                          title=title, title_color=color)
     importance_path = None

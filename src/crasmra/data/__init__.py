@@ -21,6 +21,7 @@ from crasmra.data.synthetic import SyntheticFGVC
 from crasmra.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    Preprocessing,
     build_transforms,
     normalization_for_backbone,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "FGVCDataModule",
     "FGVCImageDataset",
     "ImageLoadError",
+    "Preprocessing",
     "SyntheticFGVC",
     "build_transforms",
     "create_dataset",

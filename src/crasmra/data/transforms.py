@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -18,6 +20,7 @@ __all__ = [
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "CropThenResize",
+    "Preprocessing",
     "build_transforms",
     "default_resize_size",
     "normalization_for_backbone",
@@ -248,3 +251,61 @@ def normalization_for_backbone(
         logger.info("no pretrained config for backbone %r; using ImageNet mean/std", name)
         return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a trained network expects of an image: its eval transform's settings.
+
+    Carried by every loaded model (``model.preprocessing``, as timm's ``pretrained_cfg``), so
+    no consumer (cam, the web page, export) guesses sizes or normalisation.
+
+    Attributes:
+        image_size: (h, w) of the network's input, after the centre crop.
+        resize_size: (h, w) the image is resized to before the crop; None for the paper's
+            ratio (:func:`default_resize_size`).
+        mean: Per-channel normalisation mean.
+        std: Per-channel normalisation standard deviation.
+    """
+
+    image_size: tuple[int, int]
+    resize_size: tuple[int, int] | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Preprocessing:
+        """From the plain ``transform`` values a checkpoint stores (see ``transform_config``).
+
+        Raises:
+            ValueError: A size or the normalisation is malformed.
+        """
+        resize = config.get("resize_size")
+        mean = tuple(float(v) for v in config.get("mean", IMAGENET_DEFAULT_MEAN))
+        std = tuple(float(v) for v in config.get("std", IMAGENET_DEFAULT_STD))
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values, std > 0; got {mean} and {std}")
+        return cls(
+            image_size=to_hw(config.get("image_size", DEFAULT_IMAGE_SIZE), "image_size"),
+            resize_size=None if resize is None else to_hw(resize, "resize_size"),
+            mean=mean,  # type: ignore[arg-type]
+            std=std,  # type: ignore[arg-type]
+        )
+
+    def as_config(self) -> dict[str, Any]:
+        """Plain values: ``build_transforms(train=False, **config)`` rebuilds the transform."""
+        return {
+            "image_size": list(self.image_size),
+            "resize_size": None if self.resize_size is None else list(self.resize_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def transform(self) -> Callable:
+        """The eval transform: PIL RGB image -> normalised (3, H, W) tensor."""
+        return build_transforms(train=False, **self.as_config())
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) of one input image."""
+        return (3, *self.image_size)
