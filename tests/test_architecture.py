@@ -162,3 +162,23 @@ def test_no_consumer_guesses_the_preprocessing(tiny_checkpoint: Path) -> None:
             assert "0.485" not in text, path
         assert 'getattr(model, "transform_config"' not in text, path
         assert 'getattr(net, "classes"' not in text, path
+
+
+def test_an_installed_package_adds_an_attention_module_through_an_entry_point(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from importlib.metadata import EntryPoint
+
+    from crasmra.layers import registry
+    from crasmra.model import create_model, variant_names
+
+    declared = [
+        EntryPoint("toy-plugin", "test_architecture:ToyGainAttention", registry.ENTRY_POINT_GROUP),
+        EntryPoint("broken-plugin", "no_such_module:Nothing", registry.ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(registry, "entry_points", lambda group: declared)
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    assert "toy-plugin" in variant_names() and "broken-plugin" not in variant_names()
+    net = create_model("resnet10t", 3, variant="toy-plugin", head_channels=8, head_hidden=8)
+    assert all(isinstance(m, ToyGainAttention) for m in net.attention)

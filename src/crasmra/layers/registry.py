@@ -9,7 +9,10 @@ and one registration::
     @register_attention("toy")
     class ToyAttention(nn.Module): ...
 
-after which ``--model.variant toy`` trains it. Its constructor receives, of the network's
+after which ``--model.variant toy`` trains it. An installed package makes its modules known
+to the ``crasmra`` command through the entry-point group ``crasmra.attention`` (name ->
+``module:Class``); they are loaded the first time a name is looked up. Its constructor
+receives, of the network's
 settings, those its signature names (``conv_layer``, ``reduction``, ``omega``, ``delta``,
 ``suppress_source``), plus ``--model.attention_options``: options of its own reach the
 command line with no other edit.
@@ -18,15 +21,44 @@ command line with no other edit.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 from torch import nn
 
 __all__ = ["attention_names", "create_attention", "get_attention", "register_attention"]
 
+#: The entry-point group through which installed packages add attention modules.
+ENTRY_POINT_GROUP = "crasmra.attention"
+
+log = logging.getLogger(__name__)
 _REGISTRY: dict[str, type[nn.Module]] = {}
+_plugins_loaded = False
 _Module = TypeVar("_Module", bound=type[nn.Module])
+
+
+def _load_plugins() -> None:
+    """Register the attention modules that installed packages declare, once per process.
+
+    A plugin that cannot be imported is skipped with a warning: it must not break crasmra.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in _REGISTRY:
+            continue
+        try:
+            cls = entry.load()
+        except Exception as err:  # any import error of third-party code
+            log.warning("Attention module %r (%s) cannot be loaded: %s", entry.name, entry.value,
+                        err)
+            continue
+        if entry.name not in _REGISTRY:
+            _REGISTRY[entry.name] = cls
 
 
 def register_attention(name: str) -> Callable[[_Module], _Module]:
@@ -47,7 +79,8 @@ def register_attention(name: str) -> Callable[[_Module], _Module]:
 
 
 def attention_names() -> tuple[str, ...]:
-    """The registered attention modules, in registration order."""
+    """The registered attention modules, in registration order (installed plugins last)."""
+    _load_plugins()
     return tuple(_REGISTRY)
 
 
@@ -57,6 +90,7 @@ def get_attention(name: str) -> type[nn.Module]:
     Raises:
         ValueError: No module has that name; the message lists the registered ones.
     """
+    _load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
