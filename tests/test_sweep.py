@@ -183,7 +183,7 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(
             raise RuntimeError("boom")
         _write_metrics(root, 0.6)
 
-    monkeypatch.setattr(sw, "_run_in_process", fake_fit)
+    monkeypatch.setattr(sw.run, "_run_in_process", fake_fit)
     lines: list[str] = []
     summary = sw.run_sweep(spec, tmp_path, validate=False, echo=lines.append)
     assert summary["finished"] == 1 and summary["ran"] == 2
@@ -216,7 +216,7 @@ def test_runs_of_another_base_config_are_not_mixed_in(tmp_path: Path) -> None:
 
 def test_dry_run_lists_and_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = _spec(launcher="in-process")
-    monkeypatch.setattr(sw, "_run_in_process", lambda *a: pytest.fail("ran"))
+    monkeypatch.setattr(sw.run, "_run_in_process", lambda *a: pytest.fail("ran"))
     lines: list[str] = []
     summary = sw.run_sweep(spec, tmp_path / "out", validate=False, dry_run=True, echo=lines.append)
     assert summary["runs"] == 33 and summary["ran"] == 0
