@@ -242,7 +242,8 @@ def test_a_missing_extra_is_one_line_for_both_installs(
     # A fresh import of crasmra.serve, as in a process without the extra.
     import crasmra
 
-    monkeypatch.delitem(sys.modules, "crasmra.serve", raising=False)
+    for name in [m for m in sys.modules if m == "crasmra.serve" or m.startswith("crasmra.serve.")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.delattr(crasmra, "serve", raising=False)
     argv = [a.format(ckpt=tiny_checkpoint, tmp=tmp_path) for a in args]
     assert main(argv) == 2

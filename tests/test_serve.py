@@ -532,7 +532,7 @@ def test_decode_memory_is_estimated_from_the_header(mode: str, fmt: str,
 
 def test_gate_serves_in_order_and_passes_on_cancelled_turns() -> None:
     async def scenario() -> list[str]:
-        gate = serve._Gate(slots=2, queue=4)
+        gate = serve.app._Gate(slots=2, queue=4)
         order = []
         hold = {"first": asyncio.Event(), "big": asyncio.Event()}
 
@@ -569,7 +569,7 @@ def test_gate_serves_in_order_and_passes_on_cancelled_turns() -> None:
 
 def test_large_images_give_memory_back(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(serve, "release_memory", lambda: calls.append(1))
+    monkeypatch.setattr(serve.predictor, "release_memory", lambda: calls.append(1))
     predictor = serve.Predictor(model)
     small = png_bytes((64, 64), seed=0)
     buffer = io.BytesIO()

@@ -1,0 +1,126 @@
+"""A local web page to try a checkpoint: upload an image, see the top-5 and where each stage looks.
+
+``crasmra serve CKPT`` runs :func:`create_app` with uvicorn. The page (``crasmra/static/``, no
+external assets, so it works offline) talks to a small JSON API:
+
+- ``GET /api/info``: class names, model description and the server's limits.
+- ``POST /api/predict``: a multipart form with one ``image`` file ->
+  ``{"top_k": [{"rank", "index", "label", "probability"}], "input": JPEG data URL of the
+  image as the network saw it, "stages": [{"name", "gradcam", "activation"}] (JPEG data URLs
+  of the overlays), "image_size": [w, h], "elapsed_ms"}``. Errors are ``{"error": message}``
+  with a 4xx status (413: too large, 415: not an image, 422: a broken image), or 503 with
+  ``Retry-After`` when the server is busy.
+- ``GET /api/examples`` and ``GET /api/examples/{i}``: a few test-split images of the
+  dataset the checkpoint was trained on, when that dataset can be found (the synthetic set
+  is always regenerated).
+
+Safety: the CLI binds to loopback unless told otherwise, and then only answers requests whose
+``Host`` is a loopback name (a web page elsewhere cannot reach it through DNS rebinding); a
+``Host`` that is not ``host[:port]`` is refused in any case. Request bodies are limited in size
+while they stream in, before anything is parsed, and in time (408 when one stalls); the pixel
+count is read from the image header before decoding; errors never carry a traceback, and a
+client that leaves mid-upload costs one INFO line. Requests share nothing but the read-only
+model and examples, and the model is used by one request at a time.
+
+Memory: a decoded image is most of a request's memory. At its peak an RGB image takes about
+8 bytes per pixel (PIL stores 4, and the orientation step copies them), one with alpha 24, a
+32-bit one 40 (:meth:`ImageHeader.decode_bytes`). So decoding and the model run in
+``max_concurrent`` turns, each worth an RGB image at ``max_pixels`` plus a file at the size
+limit; an upload takes as many turns as its header says it needs (more than there are: 413),
+at most ``max_queue`` more uploads wait (their files spooled to disk past 1 MiB), and any
+further one is refused with 503 before its body is read. Whatever arrives, the server thus
+stays within its idle footprint plus ``max_concurrent * (8 * max_pixels + max_upload)`` bytes
+and 1 MiB per waiting upload: 0.69 GB with the defaults. After a large image the C heap is
+trimmed, so that the freed pixels go back to the system.
+
+Grad-CAM is computed here in one pass rather than with :func:`crasmra.viz.gradcam_maps` (one
+forward and one full backward pass per stage): see :func:`explain_tensor`.
+"""
+
+from crasmra.serve.app import (  # imports FastAPI: MissingExtraError without it
+    Guard,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    create_app,
+)
+from crasmra.serve.images import (
+    ImageHeader,
+    decode_image,
+    read_header,
+    release_memory,
+)
+from crasmra.serve.limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HOST,
+    DEFAULT_MAX_CONCURRENT,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_PORT,
+    EXAMPLE_MAX_SIDE,
+    JPEG_QUALITY,
+    LOOPBACK_NAMES,
+    MAX_EXAMPLES,
+    MULTIPART_SLACK,
+    RGB_DECODE_BYTES_PER_PIXEL,
+    SECURITY_HEADERS,
+    STATIC_TYPES,
+    TOP_K,
+    TRIM_MIN_PIXELS,
+    RequestError,
+)
+from crasmra.serve.predictor import (
+    Example,
+    Explanation,
+    Predictor,
+    explain_tensor,
+    load_examples,
+)
+from crasmra.serve.server import (
+    ServerThread,
+    bind_socket,
+    is_loopback,
+    run_server,
+)
+
+__all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_CONCURRENT",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_QUEUE",
+    "DEFAULT_MAX_UPLOAD_MB",
+    "DEFAULT_PORT",
+    "EXAMPLE_MAX_SIDE",
+    "JPEG_QUALITY",
+    "LOOPBACK_NAMES",
+    "MAX_EXAMPLES",
+    "MULTIPART_SLACK",
+    "RGB_DECODE_BYTES_PER_PIXEL",
+    "SECURITY_HEADERS",
+    "STATIC_TYPES",
+    "TOP_K",
+    "TRIM_MIN_PIXELS",
+    "Example",
+    "Explanation",
+    "Guard",
+    "ImageHeader",
+    "Message",
+    "Predictor",
+    "Receive",
+    "RequestError",
+    "Scope",
+    "Send",
+    "ServerThread",
+    "bind_socket",
+    "create_app",
+    "decode_image",
+    "explain_tensor",
+    "is_loopback",
+    "load_examples",
+    "read_header",
+    "release_memory",
+    "run_server",
+]
