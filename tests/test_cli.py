@@ -137,7 +137,7 @@ def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[
     blocker.write_text("not a folder")
     code = run_cli(tiny_fit_args(blocker / "run"))
     assert code == 2
-    assert "cannot be written" in capsys.readouterr().err
+    assert "Cannot write --trainer.default_root_dir" in capsys.readouterr().err
 
 
 def test_fit_refuses_to_replace_an_earlier_run(tiny_run: Path,

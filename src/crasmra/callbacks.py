@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from crasmra._version import __version__
-from crasmra.checkpoint import save_atomic, write_atomic
+from crasmra.files import save_atomic, write_atomic
 from crasmra.lightning_private import LastFollowsEverySave
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     scratch disk) the move is a copy onto the checkpoint's own name, so a ``kill -9`` during
     the copy leaves a truncated ``last.ckpt``; nothing is fsync'ed, and a killed write
     leaves a checkpoint-sized orphan in the temporary folder. This writer uses
-    :func:`crasmra.checkpoint.save_atomic` instead: temporary file next to the checkpoint,
+    :func:`crasmra.files.save_atomic` instead: temporary file next to the checkpoint,
     ``fsync``, ``os.replace``. Remote paths (``s3://``...) keep Lightning's behaviour.
     """
 

@@ -41,7 +41,7 @@ def run_demo(
             or ``epochs`` is below 1.
     """
     out = Path(out)
-    check_writable(out)
+    check_writable(out, "--out")
     if not overwrite:
         try:
             refuse_earlier_run(out)

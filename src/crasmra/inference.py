@@ -43,7 +43,6 @@ from crasmra.checkpoint import (
     load_checkpoint_file,
     network_state_dict,
     smram_state_dict,
-    write_text,
 )
 from crasmra.data import (
     IMAGENET_DEFAULT_MEAN,
@@ -54,6 +53,7 @@ from crasmra.data import (
     load_image,
 )
 from crasmra.data.generic import IMAGE_EXTENSIONS
+from crasmra.files import write_text
 from crasmra.layers import SMRAM
 from crasmra.metrics import classification_metrics, top_k_accuracy
 from crasmra.model import CRASMRANet, create_smram

@@ -10,10 +10,10 @@ import csv
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from crasmra import files
 from crasmra.errors import UsageError
 
 __all__ = [
@@ -32,17 +32,11 @@ __all__ = [
 log = logging.getLogger("crasmra")
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before any work when the run folder cannot be created or written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise UsageError(
-            f"The output folder {folder} cannot be written ({err.strerror or err}). Choose another "
-            "with --trainer.default_root_dir (or --out for `crasmra demo`)."
-        ) from err
+def check_writable(folder: Path, flag: str = "--trainer.default_root_dir") -> None:
+    """Create the run folder ``folder`` (named by ``flag``), or fail before any work when it
+    cannot be written; see :func:`crasmra.files.check_writable`."""
+    files.check_writable(folder, flag, folder=True)
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 #: Free space kept on top of the checkpoints' estimate, for logs, metrics and the filesystem.

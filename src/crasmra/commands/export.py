@@ -35,8 +35,9 @@ def register(subparsers: Any) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     """Handler of ``crasmra export``."""
-    from crasmra.checkpoint import check_checkpoint_argument, check_writable
+    from crasmra.checkpoint import check_checkpoint_argument
     from crasmra.export import check_export_arguments, export_model
+    from crasmra.files import check_writable
     from crasmra.inference import load_model
 
     # Arguments and the output are checked before the model is loaded.

@@ -111,14 +111,10 @@ def _test_folder_dataset(model: Any, root: Path) -> Any:
 
 def run(ns: argparse.Namespace) -> int:
     """Handler of ``crasmra report``."""
-    from crasmra.checkpoint import (
-        check_checkpoint_argument,
-        check_output,
-        check_writable,
-        replacing,
-    )
+    from crasmra.checkpoint import check_checkpoint_argument, check_output
     from crasmra.cpu import configure_cpu
     from crasmra.data import DatasetRootError, dataset_classes
+    from crasmra.files import check_writable, replacing
     from crasmra.inference import (
         build_eval_dataset,
         compute_report,

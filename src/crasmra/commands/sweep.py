@@ -78,7 +78,7 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
         summary = None
         if not ns.report_only:
             if not ns.dry_run:
-                check_writable(out)
+                check_writable(out, "--out")
             start = time.perf_counter()
             summary = run_sweep(spec, out, extra_args=extra, groups=ns.grid, seeds=ns.seeds,
                                 dry_run=ns.dry_run)
