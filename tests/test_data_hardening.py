@@ -216,7 +216,7 @@ def test_csv_that_is_not_utf8_is_named(tmp_path: Path, capsys: pytest.CaptureFix
     csv_path = _csv_set(tmp_path / "data", ["x"] * 6, data=text.encode("latin-1"))
     assert _fit(tmp_path / "run", "csv", csv_path) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert f"{csv_path}:2: the file is not UTF-8 text (byte 0xe9)" in line and "iconv" in line
+    assert f"{csv_path}:2: not UTF-8 text (byte 0xe9)" in line and "iconv" in line
 
 
 def test_csv_with_one_class_is_refused_by_us(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

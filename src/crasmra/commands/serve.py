@@ -9,14 +9,17 @@ from typing import Any
 
 from crasmra.cpu import add_threads_option
 
-#: Defaults, repeated from crasmra.serve so that `crasmra --help` does not import FastAPI.
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7860
-DEFAULT_MAX_UPLOAD_MB = 20.0
-DEFAULT_MAX_PIXELS = 40_000_000
-DEFAULT_MAX_CONCURRENT = 2
-DEFAULT_MAX_QUEUE = 8
-DEFAULT_BODY_TIMEOUT = 60.0
+# The limits module imports neither FastAPI nor torch: `crasmra --help` stays instant.
+from crasmra.serve.limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HOST,
+    DEFAULT_MAX_CONCURRENT,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_PORT,
+)
+
 #: Largest --max-upload-mb accepted: each upload being decoded is held in memory whole.
 MAX_UPLOAD_MB_CAP = 4096
 
@@ -87,10 +90,11 @@ def run(ns: argparse.Namespace) -> int:
                                ("--max-queue", ns.max_queue, 0)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}.")
-    # Without the serve extra this raises MissingExtraError, printed as one line.
+    # Without the serve extra this raises MissingExtraError (one line), before the port is taken.
     from crasmra import serve
     from crasmra.cpu import configure_cpu
     from crasmra.inference import load_model
+    from crasmra.serve.app import create_app
 
     loopback = serve.is_loopback(ns.host)
     try:
@@ -103,7 +107,7 @@ def run(ns: argparse.Namespace) -> int:
         configure_cpu(ns.device, 0, ns.threads)
         # Behind loopback only loopback names are answered (no DNS rebinding); a server
         # exposed on purpose is reached under whatever name the network gives it.
-        app = serve.create_app(
+        app = create_app(
             model, max_upload_mb=ns.max_upload_mb, max_pixels=ns.max_pixels,
             max_concurrent=ns.max_concurrent, max_queue=ns.max_queue,
             body_timeout=ns.body_timeout,

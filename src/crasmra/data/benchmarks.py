@@ -13,7 +13,7 @@ from typing import TypeVar
 import numpy as np
 
 from crasmra.data.base import Annotations, Record, check_files_exist, warn_count
-from crasmra.data.errors import DatasetRootError
+from crasmra.data.errors import DatasetRootError, read_utf8
 
 __all__ = ["BENCHMARKS", "OFFICIAL_COUNTS", "load_benchmark"]
 
@@ -100,15 +100,8 @@ def _require(name: str, root: Path, base: Path, files: list[str]) -> None:
 
 def _read_text(path: Path) -> str:
     """The text of an annotation file; a file that is not UTF-8 is refused naming it."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DatasetRootError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); the file is damaged "
-            "or not the original: re-extract it from the archive"
-        ) from err
+    return read_utf8(path, "the file is damaged or not the original: re-extract it from the "
+                     "archive")
 
 
 def _read_rows(path: Path) -> list[tuple[int, str, str]]:

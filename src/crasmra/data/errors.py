@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ast
 import re
+from pathlib import Path
 
 from crasmra.errors import CrasmraError
 
-__all__ = ["DatasetRootError", "ImageLoadError"]
+__all__ = ["DatasetRootError", "ImageLoadError", "read_utf8"]
 
 
 class DatasetRootError(CrasmraError, FileNotFoundError):
@@ -57,3 +58,25 @@ def _from_worker_text(text: str) -> tuple[str, str]:
     except (ValueError, SyntaxError):
         path = match.group(1)
     return path, match.group(2).strip()
+
+
+def read_utf8(path: Path, advice: str, *, prefix: str = "", bom: bool = False) -> str:
+    """The text of an annotation file; a file that is not UTF-8 is refused with file and line.
+
+    Args:
+        path: The file.
+        advice: What the user should do about a file that is not UTF-8.
+        prefix: Start of the message, e.g. ``"csv: "``.
+        bom: Accept (and drop) a UTF-8 byte-order mark, as spreadsheet programs write one.
+
+    Raises:
+        DatasetRootError: The file is not UTF-8 text.
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DatasetRootError(
+            f"{prefix}{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); {advice}"
+        ) from err

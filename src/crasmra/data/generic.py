@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from crasmra.data.base import Annotations, Record, check_files_exist
-from crasmra.data.errors import DatasetRootError, ImageLoadError
+from crasmra.data.errors import DatasetRootError, ImageLoadError, read_utf8
 from crasmra.data.image import file_problem
 
 __all__ = ["IMAGE_EXTENSIONS", "load_csv", "load_folder"]
@@ -190,15 +190,8 @@ def _read_csv_rows(path: Path) -> tuple[list[dict[str, str]], bool]:
 
     ``line`` is the row's line number in the file, for messages.
     """
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DatasetRootError(
-            f"csv: {path}:{line}: the file is not UTF-8 text (byte 0x{raw[err.start]:02x}); "
-            "save it as UTF-8, e.g. iconv -f latin1 -t utf-8 old.csv > new.csv"
-        ) from err
+    text = read_utf8(path, "save it as UTF-8, e.g. iconv -f latin1 -t utf-8 old.csv > new.csv",
+                     prefix="csv: ", bom=True)
     try:
         dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
     except csv.Error:

@@ -37,90 +37,63 @@ Grad-CAM is computed here in one pass rather than with :func:`crasmra.viz.gradca
 forward and one full backward pass per stage): see :func:`explain_tensor`.
 """
 
-from crasmra.serve.app import (  # imports FastAPI: MissingExtraError without it
-    Guard,
-    Message,
-    Receive,
-    Scope,
-    Send,
-    create_app,
-)
-from crasmra.serve.images import (
-    ImageHeader,
-    decode_image,
-    read_header,
-    release_memory,
-)
-from crasmra.serve.limits import (
-    DEFAULT_BODY_TIMEOUT,
-    DEFAULT_HOST,
-    DEFAULT_MAX_CONCURRENT,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MAX_QUEUE,
-    DEFAULT_MAX_UPLOAD_MB,
-    DEFAULT_PORT,
-    EXAMPLE_MAX_SIDE,
-    JPEG_QUALITY,
-    LOOPBACK_NAMES,
-    MAX_EXAMPLES,
-    MULTIPART_SLACK,
-    RGB_DECODE_BYTES_PER_PIXEL,
-    SECURITY_HEADERS,
-    STATIC_TYPES,
-    TOP_K,
-    TRIM_MIN_PIXELS,
-    RequestError,
-)
-from crasmra.serve.predictor import (
-    Example,
-    Explanation,
-    Predictor,
-    explain_tensor,
-    load_examples,
-)
-from crasmra.serve.server import (
-    ServerThread,
-    bind_socket,
-    is_loopback,
-    run_server,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFAULT_BODY_TIMEOUT",
-    "DEFAULT_HOST",
-    "DEFAULT_MAX_CONCURRENT",
-    "DEFAULT_MAX_PIXELS",
-    "DEFAULT_MAX_QUEUE",
-    "DEFAULT_MAX_UPLOAD_MB",
-    "DEFAULT_PORT",
-    "EXAMPLE_MAX_SIDE",
-    "JPEG_QUALITY",
-    "LOOPBACK_NAMES",
-    "MAX_EXAMPLES",
-    "MULTIPART_SLACK",
-    "RGB_DECODE_BYTES_PER_PIXEL",
-    "SECURITY_HEADERS",
-    "STATIC_TYPES",
-    "TOP_K",
-    "TRIM_MIN_PIXELS",
-    "Example",
-    "Explanation",
-    "Guard",
-    "ImageHeader",
-    "Message",
-    "Predictor",
-    "Receive",
-    "RequestError",
-    "Scope",
-    "Send",
-    "ServerThread",
-    "bind_socket",
-    "create_app",
-    "decode_image",
-    "explain_tensor",
-    "is_loopback",
-    "load_examples",
-    "read_header",
-    "release_memory",
-    "run_server",
-]
+#: Where each public name lives. They are imported on first use (PEP 562): the command line
+#: reads the limits' defaults without FastAPI or torch, and a missing FastAPI is reported
+#: (MissingExtraError) when the application is first needed.
+_PUBLIC = {
+    "DEFAULT_BODY_TIMEOUT": "limits",
+    "DEFAULT_HOST": "limits",
+    "DEFAULT_MAX_CONCURRENT": "limits",
+    "DEFAULT_MAX_PIXELS": "limits",
+    "DEFAULT_MAX_QUEUE": "limits",
+    "DEFAULT_MAX_UPLOAD_MB": "limits",
+    "DEFAULT_PORT": "limits",
+    "EXAMPLE_MAX_SIDE": "limits",
+    "Example": "predictor",
+    "Explanation": "predictor",
+    "Guard": "app",
+    "ImageHeader": "images",
+    "JPEG_QUALITY": "limits",
+    "LOOPBACK_NAMES": "limits",
+    "MAX_EXAMPLES": "limits",
+    "MULTIPART_SLACK": "limits",
+    "Message": "app",
+    "Predictor": "predictor",
+    "RGB_DECODE_BYTES_PER_PIXEL": "limits",
+    "Receive": "app",
+    "RequestError": "limits",
+    "SECURITY_HEADERS": "limits",
+    "STATIC_TYPES": "limits",
+    "Scope": "app",
+    "Send": "app",
+    "ServerThread": "server",
+    "TOP_K": "limits",
+    "TRIM_MIN_PIXELS": "limits",
+    "bind_socket": "server",
+    "create_app": "app",
+    "decode_image": "images",
+    "explain_tensor": "predictor",
+    "is_loopback": "server",
+    "load_examples": "predictor",
+    "read_header": "images",
+    "release_memory": "images",
+    "run_server": "server",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'crasmra.serve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"crasmra.serve.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
