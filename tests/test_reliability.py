@@ -417,3 +417,30 @@ def test_ddp_run_stops_when_a_worker_dies(tmp_path: Path) -> None:
     stopped_after = ended - float(stamp.read_text())
     print(f"rank 1 killed; the run exited with {proc.returncode} {stopped_after:.1f} s later")
     assert stopped_after < 30, f"rank 0 took {stopped_after:.1f} s to stop"
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_earlier_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import crasmra.files
+
+    real_save = torch.save
+    saves: list[int] = []
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) > 2:  # epoch 0's best.ckpt and last.ckpt fit; epoch 1's do not
+            real_save(obj, f, *args, **kwargs)
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos "
+                               "3145792 vs 3145728")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(crasmra.files.torch, "save", save_until_the_disk_fills)
+    code = run_cli(tiny_fit_args(tmp_path, "--trainer.max_epochs=2", "--test_after_fit=false"))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("crasmra: error:")]
+    assert len(errors) == 1 and "the disk is full" in errors[0] and "--ckpt_path last" in errors[0]
+    monkeypatch.setattr(crasmra.files.torch, "save", real_save)
+    assert _assert_loadable(tmp_path / "checkpoints" / "last.ckpt") == 0
+    assert not list((tmp_path / "checkpoints").glob(".*"))

@@ -6,8 +6,10 @@ over it, so a crash or ``kill -9`` at any moment leaves either the old file or t
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -17,10 +19,11 @@ from typing import IO, Any
 
 import torch
 
-from crasmra.errors import UsageError
+from crasmra.errors import CrasmraError, UsageError
 
 __all__ = [
     "TMP_SUFFIX",
+    "WriteError",
     "check_writable",
     "plain_permissions",
     "replacing",
@@ -165,10 +168,36 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(f.fileno())
         plain_permissions(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if _out_of_space(err):
+            free = shutil.disk_usage(path.parent).free
+            raise WriteError(
+                f"Could not write {path}: the disk is full ({free / 2**20:.0f} MiB free). "
+                f"The file there before is intact. Free some space and run the command again "
+                "(a training run: add --ckpt_path last to resume it)."
+            ) from err
         raise
     _fsync_dir(path.parent)
+
+
+class WriteError(CrasmraError, OSError):
+    """A file could not be written for lack of space; the previous file is intact.
+
+    The run failed rather than its input, hence exit status 1.
+    """
+
+    exit_code = 1
+
+
+def _out_of_space(err: BaseException) -> bool:
+    # OSError(ENOSPC) from plain writes and fsync; torch.save's zip writer reports the same
+    # failure as a RuntimeError ("unexpected pos ..." / "file write failed").
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, RuntimeError) and (
+        "unexpected pos" in str(err) or "file write failed" in str(err)
+    )
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
