@@ -182,3 +182,35 @@ def test_an_installed_package_adds_an_attention_module_through_an_entry_point(
     assert "toy-plugin" in variant_names() and "broken-plugin" not in variant_names()
     net = create_model("resnet10t", 3, variant="toy-plugin", head_channels=8, head_hidden=8)
     assert all(isinstance(m, ToyGainAttention) for m in net.attention)
+
+
+def test_a_registered_dataset_trains_through_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new dataset is one reader and one registration (``crasmra.data.register_dataset``)."""
+    from crasmra.data import SyntheticFGVC, factory, register_dataset
+    from crasmra.data.generic import load_folder
+
+    monkeypatch.setattr(factory, "_DATASETS", dict(factory._DATASETS))
+    root = tmp_path / "birds"
+    counts = {"train": {"samples_per_class": 6}, "test": {"test_samples_per_class": 2}}
+    for split, size in counts.items():
+        images = SyntheticFGVC(split, num_classes=3, image_size=64, **size)
+        for i in range(len(images)):
+            image, label = images[i]
+            folder = root / split / images.classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{i}.png")
+    seen: dict[str, str] = {}
+
+    def load_birds(root: Path, *, skip_bad_images: bool = False, level: str = "species"):
+        seen["level"] = level
+        return load_folder(root, skip_bad_images=skip_bad_images)
+
+    register_dataset("birds", load_birds, options={"level"})
+    args = tiny_fit_args(tmp_path / "run", "--data.dataset=birds", f"--data.root={root}",
+                         "--data.options={level: genus}", "--test_after_fit=false")
+    assert run_cli(args) == 0
+    assert seen["level"] == "genus"
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset("cub", load_birds)

@@ -15,7 +15,13 @@ Example::
 from crasmra.data.base import FGVCImageDataset, stratified_split
 from crasmra.data.datamodule import FGVCDataModule
 from crasmra.data.errors import DatasetRootError, ImageLoadError
-from crasmra.data.factory import DATASET_NAMES, create_dataset, dataset_classes
+from crasmra.data.factory import (
+    DATASET_NAMES,
+    create_dataset,
+    dataset_classes,
+    dataset_names,
+    register_dataset,
+)
 from crasmra.data.image import load_image, load_image_tensor
 from crasmra.data.synthetic import SyntheticFGVC
 from crasmra.data.transforms import (
@@ -39,8 +45,10 @@ __all__ = [
     "build_transforms",
     "create_dataset",
     "dataset_classes",
+    "dataset_names",
     "load_image",
     "load_image_tensor",
     "normalization_for_backbone",
+    "register_dataset",
     "stratified_split",
 ]

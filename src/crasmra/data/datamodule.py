@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader, Dataset
 from crasmra.data.base import Annotations, FGVCImageDataset
 from crasmra.data.errors import DatasetRootError
 from crasmra.data.factory import (
-    DATASET_NAMES,
     build_split,
     check_options,
     create_dataset,
     dataset_classes,
+    dataset_names,
     load_annotations,
 )
 from crasmra.data.sampling import EpochShuffleSampler
@@ -125,9 +125,9 @@ class FGVCDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         options = dict(options or {})
-        if dataset not in DATASET_NAMES:
+        if dataset not in dataset_names():
             raise ValueError(
-                f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_NAMES)}"
+                f"unknown dataset {dataset!r}; choose one of {', '.join(dataset_names())}"
             )
         check_options(dataset, options)
         if dataset != "synthetic" and root is None:

@@ -1,16 +1,28 @@
-"""``create_dataset``: one entry point for every dataset name."""
+"""``create_dataset``: one entry point for every dataset name, and the registry of datasets.
+
+A file-based dataset is one annotation reader and one registration::
+
+    def load_birds(root: Path, *, skip_bad_images: bool = False, level: str = "species"):
+        ...  # parse the files under root
+        return Annotations("birds", root, classes, train, test)
+
+    register_dataset("birds", load_birds, options={"level"})
+
+after which ``--data.dataset birds --data.options '{level: genus}'`` trains on it.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
 from crasmra.data.base import SPLITS, Annotations, FGVCImageDataset, select_split
-from crasmra.data.benchmarks import load_benchmark
+from crasmra.data.benchmarks import BENCHMARKS
 from crasmra.data.errors import DatasetRootError
 from crasmra.data.generic import CSV_LAYOUT, load_csv, load_folder
 from crasmra.data.synthetic import SyntheticFGVC
@@ -21,19 +33,57 @@ from crasmra.data.transforms import (
     build_transforms,
 )
 
-__all__ = ["DATASET_NAMES", "create_dataset", "dataset_classes", "load_annotations"]
+__all__ = [
+    "DATASET_NAMES",
+    "create_dataset",
+    "dataset_classes",
+    "dataset_names",
+    "load_annotations",
+    "register_dataset",
+]
 
+#: The built-in datasets; :func:`dataset_names` adds the registered ones.
 DATASET_NAMES = ("cub", "aircraft", "cars", "dogs", "folder", "csv", "synthetic")
 
-# Options each dataset's annotation reader understands (besides skip_bad_images).
-LOADER_OPTIONS: dict[str, frozenset[str]] = {
-    "cub": frozenset({"check_files"}),
-    "aircraft": frozenset({"level", "official_val", "check_files"}),
-    "cars": frozenset({"check_files"}),
-    "dogs": frozenset({"check_files"}),
-    "folder": frozenset(),
-    "csv": frozenset({"test_csv", "check_files"}),
-}
+
+@dataclass(frozen=True)
+class _Dataset:
+    reader: Callable[..., Annotations]
+    options: frozenset[str]
+    bbox: bool
+
+
+_DATASETS: dict[str, _Dataset] = {}
+
+
+def register_dataset(
+    name: str,
+    reader: Callable[..., Annotations],
+    *,
+    options: Iterable[str] = (),
+    bbox: bool = False,
+) -> None:
+    """Make a file-based dataset available under ``name``.
+
+    Args:
+        name: The name for ``--data.dataset``.
+        reader: ``reader(root: Path, *, skip_bad_images: bool, **options) -> Annotations``;
+            it parses and checks the annotation files under ``root``.
+        options: The keyword options the reader takes (``--data.options``).
+        bbox: The annotations carry bounding boxes (``bbox_crop`` is then available).
+
+    Raises:
+        ValueError: ``name`` is taken.
+    """
+    if name in _DATASETS or name == "synthetic":
+        raise ValueError(f"Dataset {name!r} is already registered.")
+    _DATASETS[name] = _Dataset(reader, frozenset(options), bbox)
+
+
+def dataset_names() -> tuple[str, ...]:
+    """Every dataset name ``create_dataset`` takes: the built-in ones, then registered ones."""
+    return (*DATASET_NAMES, *(n for n in _DATASETS if n not in DATASET_NAMES))
+
 SYNTHETIC_OPTIONS = frozenset(
     {
         "num_classes",
@@ -45,25 +95,25 @@ SYNTHETIC_OPTIONS = frozenset(
         "clutter",
     }
 )
-BBOX_DATASETS = frozenset({"cub", "aircraft", "cars"})
 SYNTHETIC_NATIVE_SIZE = 128
 
 
 def check_options(name: str, options: dict[str, Any]) -> None:
     """Raise ``ValueError`` for an unknown dataset name or an option it does not take."""
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
-    allowed = SYNTHETIC_OPTIONS if name == "synthetic" else LOADER_OPTIONS[name] | {"bbox_crop"}
+    if name not in dataset_names():
+        raise ValueError(
+            f"unknown dataset {name!r}; choose one of {', '.join(dataset_names())}"
+        )
+    allowed = SYNTHETIC_OPTIONS if name == "synthetic" else _DATASETS[name].options | {"bbox_crop"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(
             f"dataset {name!r} does not take option(s) {unknown}; it takes: "
             f"{', '.join(sorted(allowed)) or 'none'}"
         )
-    if options.get("bbox_crop") and name not in BBOX_DATASETS:
-        raise ValueError(
-            f"bbox_crop is available for {', '.join(sorted(BBOX_DATASETS))}, not {name!r}"
-        )
+    if options.get("bbox_crop") and (name == "synthetic" or not _DATASETS[name].bbox):
+        with_boxes = sorted(n for n, d in _DATASETS.items() if d.bbox)
+        raise ValueError(f"bbox_crop is available for {', '.join(with_boxes)}, not {name!r}")
 
 
 def load_annotations(
@@ -82,12 +132,8 @@ def load_annotations(
         raise ValueError(
             f"dataset {name!r} needs root= (the folder its archive was extracted into)"
         )
-    path = Path(root).expanduser()
-    if name == "folder":
-        return load_folder(path, skip_bad_images=skip_bad_images)
-    if name == "csv":
-        return load_csv(path, skip_bad_images=skip_bad_images, **options)
-    return load_benchmark(name, path, skip_bad_images=skip_bad_images, **options)
+    return _DATASETS[name].reader(Path(root).expanduser(), skip_bad_images=skip_bad_images,
+                                  **options)
 
 
 def dataset_classes(
@@ -217,3 +263,13 @@ def create_dataset(
         bbox_crop=bbox_crop,
         skip_bad_images=skip_bad_images,
     )
+
+
+# The built-in file-based datasets, registered as any other would be.
+register_dataset("cub", BENCHMARKS["cub"], options={"check_files"}, bbox=True)
+register_dataset("aircraft", BENCHMARKS["aircraft"],
+                 options={"level", "official_val", "check_files"}, bbox=True)
+register_dataset("cars", BENCHMARKS["cars"], options={"check_files"}, bbox=True)
+register_dataset("dogs", BENCHMARKS["dogs"], options={"check_files"})
+register_dataset("folder", load_folder)
+register_dataset("csv", load_csv, options={"test_csv", "check_files"})
