@@ -335,3 +335,69 @@ def test_plain_loads_local_weights_and_ignores_the_classifier(tmp_path) -> None:
     save_file({"foo.weight": torch.zeros(1)}, str(wrong))
     with pytest.raises(PretrainedWeightsError, match="do not fit"):
         create_model("resnet10t", 5, variant="plain", pretrained=wrong)
+
+
+# ---------------------------------------------------------------------------------------------
+# variants, registered attention modules and the network's configuration
+# ---------------------------------------------------------------------------------------------
+class _Scaled(torch.nn.Module):
+    """A registered attention module with an option of its own."""
+
+    def __init__(self, in_channels: int, out_channels: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.proj = torch.nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.proj(self.scale * x), x
+
+
+@pytest.fixture
+def scaled_registered(monkeypatch: pytest.MonkeyPatch) -> str:
+    from crasmra.layers import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_attention("scaled")(_Scaled)
+    return "scaled"
+
+
+def test_variants_name_their_attention_modules(scaled_registered: str) -> None:
+    from crasmra.model import attention_of, variant_names
+
+    assert [attention_of(v) for v in ("baseline", "cbam", "cram", "cra-smra")] == [
+        "identity", "cbam", "cram", "cram"]
+    assert attention_of("plain") is None
+    assert attention_of("scaled") == "scaled"  # a registered module is its own variant
+    # The built-in modules are not listed twice (identity is baseline, cram a paper variant).
+    assert variant_names() == (*VARIANTS, "scaled")
+
+
+def test_a_registered_module_gets_its_options(scaled_registered: str) -> None:
+    net = create_model("resnet10t", 3, variant="scaled", attention_options={"scale": 2.5},
+                       **TINY)
+    assert [type(m) for m in net.attention] == [_Scaled] * 3
+    assert {m.scale for m in net.attention} == {2.5}
+    assert net.config["attention_options"] == {"scale": 2.5}
+    with pytest.raises(ValueError, match="attention_options must be a mapping"):
+        create_model("resnet10t", 3, variant="scaled", attention_options=[2.5], **TINY)
+
+
+def test_a_network_not_loaded_from_a_checkpoint_has_no_inference_info() -> None:
+    net = create_model("resnet10t", 3, **TINY)
+    assert (net.classes, net.preprocessing, net.transform, net.checkpoint_path) == (
+        None, None, None, None)
+    # Its preprocessing is then the backbone's own (timm's data config).
+    assert net.resolved_preprocessing().image_size == tuple(net.data_config["input_size"][1:])
+    assert net.resolved_preprocessing().mean == tuple(net.data_config["mean"])
+
+
+def test_bad_pretrained_arguments_say_what_is_wrong(tmp_path) -> None:
+    from crasmra.model import validate_hparams
+
+    with pytest.raises(ValueError, match="pretrained must be a bool or a file path, got 3"):
+        validate_hparams("resnet10t", 3, pretrained=3)
+    missing = tmp_path / "weights.pth"
+    with pytest.raises(FileNotFoundError, match=r"weights\.pth"):
+        validate_hparams("resnet10t", 3, pretrained=str(missing))
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1, got 0"):
+        create_model("resnet10t", 3, **TINY).reset_classifier(0)
