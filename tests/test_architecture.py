@@ -119,6 +119,14 @@ def test_an_option_the_module_does_not_take_is_refused(
     assert "takes no option(s) ['gian']" in err and "gain" in err
 
 
+def test_the_channel_arguments_are_not_options() -> None:
+    from crasmra.layers import create_attention
+
+    for name in ("in_channels", "out_channels"):
+        with pytest.raises(ValueError, match=rf"takes no option\(s\) \['{name}'\]"):
+            create_attention("cram", 8, 4, options={name: 3})
+
+
 def test_a_taken_name_cannot_be_registered_twice() -> None:
     with pytest.raises(ValueError, match="already registered"):
 
@@ -172,14 +180,20 @@ def test_an_installed_package_adds_an_attention_module_through_an_entry_point(
     from crasmra.layers import registry
     from crasmra.model import create_model, variant_names
 
+    group = registry.ENTRY_POINT_GROUP
+    # A name crasmra already has is not loaded again, and a plugin that cannot be imported
+    # does not stop the ones after it.
     declared = [
-        EntryPoint("toy-plugin", "test_architecture:ToyGainAttention", registry.ENTRY_POINT_GROUP),
-        EntryPoint("broken-plugin", "no_such_module:Nothing", registry.ENTRY_POINT_GROUP),
+        EntryPoint("cram", "no_such_module:Cram", group),
+        EntryPoint("broken-plugin", "no_such_module:Nothing", group),
+        EntryPoint("toy-plugin", "test_architecture:ToyGainAttention", group),
     ]
-    monkeypatch.setattr(registry, "entry_points", lambda group: declared)
+    monkeypatch.setattr(registry, "entry_points",
+                        lambda group: declared if group == registry.ENTRY_POINT_GROUP else [])
     monkeypatch.setattr(registry, "_plugins_loaded", False)
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     assert "toy-plugin" in variant_names() and "broken-plugin" not in variant_names()
+    assert registry.get_attention("cram").__name__ == "CRAM"
     net = create_model("resnet10t", 3, variant="toy-plugin", head_channels=8, head_hidden=8)
     assert all(isinstance(m, ToyGainAttention) for m in net.attention)
 

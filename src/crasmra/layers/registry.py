@@ -121,7 +121,7 @@ def create_attention(
     """
     cls = get_attention(name)
     parameters = inspect.signature(cls).parameters
-    accepted = {p for p in parameters if p not in ("self", "in_channels", "out_channels")}
+    accepted = {p for p in parameters if p not in ("in_channels", "out_channels")}
     options = dict(options or {})
     unknown = sorted(set(options) - accepted)
     if unknown:
