@@ -239,14 +239,25 @@ def test_a_missing_extra_is_one_line_for_both_installs(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setitem(sys.modules, missing, None)
-    # A fresh import of crasmra.serve, as in a process without the extra.
+    # A fresh import of crasmra.serve, as in a process without the extra; afterwards the
+    # modules as they were, so that no half-imported copy stays behind for later tests.
     import crasmra
 
-    for name in [m for m in sys.modules if m == "crasmra.serve" or m.startswith("crasmra.serve.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.delattr(crasmra, "serve", raising=False)
-    argv = [a.format(ckpt=tiny_checkpoint, tmp=tmp_path) for a in args]
-    assert main(argv) == 2
+    def serve_modules() -> list[str]:
+        return [m for m in sys.modules if m == "crasmra.serve" or m.startswith("crasmra.serve.")]
+
+    saved = {name: sys.modules.pop(name) for name in serve_modules()}
+    saved_attribute = crasmra.__dict__.pop("serve", None)
+    try:
+        argv = [a.format(ckpt=tiny_checkpoint, tmp=tmp_path) for a in args]
+        assert main(argv) == 2
+    finally:
+        for name in serve_modules():
+            del sys.modules[name]
+        sys.modules.update(saved)
+        crasmra.__dict__.pop("serve", None)
+        if saved_attribute is not None:
+            crasmra.serve = saved_attribute
     err = capsys.readouterr().err
     errors = _error_lines(err)
     assert "Traceback" not in err and len(errors) == 1, err
