@@ -55,7 +55,7 @@ from crasmra.data import (
 from crasmra.data.generic import IMAGE_EXTENSIONS
 from crasmra.files import write_text
 from crasmra.layers import SMRAM
-from crasmra.metrics import classification_metrics, top_k_accuracy
+from crasmra.metrics import calibration, confusion_matrix, top_k_accuracy
 from crasmra.model import CRASMRANet, create_smram
 
 __all__ = [
@@ -649,8 +649,7 @@ def expected_calibration_error(
     """
     if n_bins < 1:
         raise ValueError(f"the number of calibration bins must be >= 1, got {n_bins}.")
-    metrics = classification_metrics(torch.as_tensor(probs), torch.as_tensor(targets), n_bins)
-    return {"ece": metrics["ece"], "n_bins": n_bins, "bins": metrics["bins"]}
+    return calibration(torch.as_tensor(probs), torch.as_tensor(targets), n_bins)
 
 
 def compute_report(
@@ -677,8 +676,7 @@ def compute_report(
             "top1": top_k_accuracy(p, targets, 1),
             "top5": top_k_accuracy(p, targets, 5) if num_classes >= 5 else None,
         }
-    combined = classification_metrics(outputs.probs[COMBINED], targets, n_bins)
-    confusion = combined["confusion"]  # (K, K), rows: true class
+    confusion = confusion_matrix(outputs.probs[COMBINED], targets)  # (K, K), rows: true class
     support = confusion.sum(dim=1)
     per_class = [
         {
@@ -712,7 +710,7 @@ def compute_report(
         "heads": heads,
         "per_class": per_class,
         "confused_pairs": pairs,
-        "calibration": {"ece": combined["ece"], "n_bins": n_bins, "bins": combined["bins"]},
+        "calibration": expected_calibration_error(outputs.probs[COMBINED], targets, n_bins),
         "confusion_matrix": confusion.tolist(),
     }
 

@@ -1,8 +1,8 @@
 """Classification metrics, computed with torchmetrics, for training and for reports alike.
 
 The training engine logs :func:`accuracy_metrics` on every validation and test pass, and
-``crasmra report`` computes its figures with :func:`classification_metrics`: one definition of
-top-k accuracy, the confusion matrix and the calibration error serves both.
+``crasmra report`` computes its figures with :func:`top_k_accuracy`, :func:`confusion_matrix`
+and :func:`calibration`: one definition of top-k accuracy serves both.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from torchmetrics.classification import (
     MulticlassConfusionMatrix,
 )
 
-__all__ = ["accuracy_metrics", "calibration_bins", "classification_metrics", "top_k_accuracy"]
+__all__ = [
+    "accuracy_metrics",
+    "calibration",
+    "calibration_bins",
+    "confusion_matrix",
+    "top_k_accuracy",
+]
 
 
 def accuracy_metrics(head_names: Sequence[str], num_classes: int, prefix: str) -> MetricCollection:
@@ -61,21 +67,20 @@ def calibration_bins(probs: Tensor, targets: Tensor, n_bins: int) -> list[dict[s
     return bins
 
 
-def classification_metrics(probs: Tensor, targets: Tensor, n_bins: int = 15) -> dict[str, Any]:
-    """Top-1/top-5 accuracy, confusion matrix and expected calibration error of (N, K) scores.
+def confusion_matrix(probs: Tensor, targets: Tensor) -> Tensor:
+    """(K, K) long counts of (N, K) scores' top-1 predictions; rows are the true class."""
+    return MulticlassConfusionMatrix(probs.shape[1])(probs.float(), targets).long()
+
+
+def calibration(probs: Tensor, targets: Tensor, n_bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error of the top-1 confidence, and the bins it sums over.
+
+    ``ECE = sum_b (n_b / N) * |accuracy_b - confidence_b|`` over ``n_bins`` equal-width bins
+    of (0, 1], computed by torchmetrics' ``MulticlassCalibrationError(norm="l1")``.
 
     Returns:
-        ``{"top1", "top5" (None below five classes), "confusion" (K, K) long tensor with rows
-        the true class, "ece", "bins"}``.
+        ``{"ece", "n_bins", "bins"}`` (see :func:`calibration_bins`).
     """
-    num_classes = probs.shape[1]
     probs = probs.float()
-    confusion = MulticlassConfusionMatrix(num_classes)(probs, targets).long()
-    ece = MulticlassCalibrationError(num_classes, n_bins=n_bins, norm="l1")(probs, targets)
-    return {
-        "top1": top_k_accuracy(probs, targets, 1),
-        "top5": top_k_accuracy(probs, targets, 5) if num_classes >= 5 else None,
-        "confusion": confusion,
-        "ece": float(ece),
-        "bins": calibration_bins(probs, targets, n_bins),
-    }
+    ece = MulticlassCalibrationError(probs.shape[1], n_bins=n_bins, norm="l1")(probs, targets)
+    return {"ece": float(ece), "n_bins": n_bins, "bins": calibration_bins(probs, targets, n_bins)}
