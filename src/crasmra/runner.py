@@ -66,6 +66,7 @@ def make_cli_class() -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             # No flag abbreviations, and one-line errors (see crasmra.flags).
             kwargs.setdefault("parser_class", lightning_parser_class())
+            self._start_global_step: int | None = None
             super().__init__(*args, **kwargs)
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -127,7 +128,7 @@ def make_cli_class() -> type:
                         f"--ckpt_path last: no checkpoint at {last}. Resume with the same "
                         "--trainer.default_root_dir (or --config) as the interrupted run."
                     )
-                load_checkpoint_file(last)
+                self._read_start_checkpoint(last)
             init_from = config.model.get("init_from")
             if init_from:
                 # Before the data module is built: a bad file must fail before any other work.
@@ -172,20 +173,19 @@ def make_cli_class() -> type:
                 kwargs["logger"] = default_loggers(
                     log_root,
                     append=bool(resuming) or self.subcommand != "fit",
-                    resume_step=self._resume_step(Path(root)) if resuming else None,
+                    resume_step=self._start_global_step if resuming else None,
                 )
             kwargs["default_root_dir"] = root
             kwargs["plugins"] = with_atomic_checkpoint_io(trainer_config.get("plugins"))
             return super().instantiate_trainer(**kwargs)
 
-        def _resume_step(self, root: Path) -> int | None:
-            ckpt_path = self.config.fit.get("ckpt_path")
-            if ckpt_path == "last":
-                ckpt_path = root / "checkpoints" / "last.ckpt"
-            if ckpt_path in ("best", "hpc") or not Path(ckpt_path).is_file():
-                return None
-            step = load_checkpoint_file(ckpt_path).get("global_step")
-            return step if isinstance(step, int) else None
+        def _read_start_checkpoint(self, path: str | Path) -> dict[str, Any]:
+            # The checkpoint a run starts from is read once, here, for its checks; its global
+            # step is kept for the loggers (see default_loggers' resume_step).
+            checkpoint = load_checkpoint_file(path)
+            step = checkpoint.get("global_step")
+            self._start_global_step = step if isinstance(step, int) else None
+            return checkpoint
 
         def before_checkpoint_hparams(self) -> None:
             # LightningCLI reads --ckpt_path with a bare torch.load to recover hyperparameters,
@@ -194,7 +194,7 @@ def make_cli_class() -> type:
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
             if ckpt_path and Path(ckpt_path).is_file():
-                checkpoint = load_checkpoint_file(ckpt_path)
+                checkpoint = self._read_start_checkpoint(ckpt_path)
                 if subcommand in ("validate", "test"):
                     self._data_from_checkpoint(subcommand, checkpoint)
 
