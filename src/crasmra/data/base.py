@@ -23,6 +23,8 @@ __all__ = [
     "FGVCImageDataset",
     "Record",
     "check_files_exist",
+    "check_train_per_class",
+    "few_shot_subset",
     "select_split",
     "stratified_split",
 ]
@@ -103,24 +105,113 @@ def stratified_split(
     return train, sorted(val)
 
 
-def select_split(
-    ann: Annotations, split: str, val_fraction: float = 0.1, split_seed: int = 0
+def check_train_per_class(train_per_class: object, subset_seed: object = 0) -> None:
+    """Raise ``ValueError`` unless ``train_per_class`` is None or an int >= 1 and
+    ``subset_seed`` an int >= 0, saying which option to change."""
+    if train_per_class is not None and (
+        isinstance(train_per_class, bool)
+        or not isinstance(train_per_class, (int, np.integer))
+        or train_per_class < 1
+    ):
+        raise ValueError(
+            "train_per_class must be an integer >= 1 (photos per class), got "
+            f"{train_per_class!r}; change --data.train_per_class (or leave it unset for "
+            "the whole training split)"
+        )
+    if (
+        isinstance(subset_seed, bool)
+        or not isinstance(subset_seed, (int, np.integer))
+        or subset_seed < 0
+    ):
+        raise ValueError(
+            f"subset_seed must be an integer >= 0, got {subset_seed!r}; "
+            "change --data.subset_seed"
+        )
+
+
+def few_shot_subset(
+    records: Sequence[Record], per_class: int, seed: int = 0, *, name: str = "train"
 ) -> list[Record]:
-    """The records of one split: train/val carved from the official train set, or test."""
+    """Keep ``per_class`` seeded records of every class, in their original order.
+
+    Each class draws its own permutation from ``numpy.random.default_rng((seed, label))``
+    over its records in the order given (the annotation order) and keeps the first
+    ``per_class``. The permutation depends neither on ``per_class`` nor on the other
+    classes, so subsets are nested: for one seed, the 1-per-class subset is inside the
+    2-per-class one, and so on. A class with fewer records keeps all of them (one warning
+    says how many classes fell short).
+
+    Args:
+        records: The candidate records (e.g. the training split after val was carved out).
+        per_class: Records kept per class, >= 1.
+        seed: Subset seed, >= 0.
+        name: Named in the warning.
+
+    Returns:
+        The kept records, in the order of ``records``.
+    """
+    check_train_per_class(per_class, seed)
+    by_class: dict[int, list[int]] = {}
+    for i, r in enumerate(records):
+        by_class.setdefault(r.label, []).append(i)
+    keep: list[int] = []
+    short = 0
+    for label in sorted(by_class):
+        idx = by_class[label]
+        if len(idx) < per_class:
+            short += 1
+        order = np.random.default_rng((int(seed), int(label))).permutation(len(idx))
+        keep.extend(idx[j] for j in order[:per_class])
+    if short:
+        logger.warning(
+            "%s: %d of %d classes have fewer than train_per_class=%d training photos and "
+            "keep all of theirs",
+            name, short, len(by_class), per_class,
+        )
+    return [records[i] for i in sorted(keep)]
+
+
+def select_split(
+    ann: Annotations,
+    split: str,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    train_per_class: int | None = None,
+    subset_seed: int = 0,
+) -> list[Record]:
+    """The records of one split: train/val carved from the official train set, or test.
+
+    Args:
+        ann: Parsed annotations.
+        split: "train", "val" or "test".
+        val_fraction: Share of the official training set held out as val (0: none).
+        split_seed: Seed of the train/val split.
+        train_per_class: Only for "train": keep this many seeded photos per class (see
+            :func:`few_shot_subset`), drawn after val was carved out, so val photos never
+            enter it; None keeps the whole training split.
+        subset_seed: Seed of that subset.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_train_per_class(train_per_class, subset_seed)
     if split == "test":
         return list(ann.test)
     if ann.val is not None:  # an official val list was requested (e.g. Aircraft)
-        return list(ann.val if split == "val" else ann.official_val_train or [])
-    if split == "val" and val_fraction == 0:
-        raise ValueError(
-            "split='val' was requested but val_fraction=0 disables the validation split; "
-            "set val_fraction > 0 (default 0.1) or do not ask for 'val'"
+        records = list(ann.val if split == "val" else ann.official_val_train or [])
+    else:
+        if split == "val" and val_fraction == 0:
+            raise ValueError(
+                "split='val' was requested but val_fraction=0 disables the validation split; "
+                "set val_fraction > 0 (default 0.1) or do not ask for 'val'"
+            )
+        train_idx, val_idx = stratified_split(
+            [r.label for r in ann.train], val_fraction, split_seed
         )
-    train_idx, val_idx = stratified_split([r.label for r in ann.train], val_fraction, split_seed)
-    chosen = val_idx if split == "val" else train_idx
-    return [ann.train[i] for i in chosen]
+        chosen = val_idx if split == "val" else train_idx
+        records = [ann.train[i] for i in chosen]
+    if split == "train" and train_per_class is not None:
+        records = few_shot_subset(records, train_per_class, subset_seed, name=f"{ann.name}/train")
+    return records
 
 
 def check_files_exist(

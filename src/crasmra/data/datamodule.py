@@ -11,9 +11,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from crasmra.data.base import Annotations, FGVCImageDataset
+from crasmra.data.base import Annotations, FGVCImageDataset, check_train_per_class
 from crasmra.data.errors import DatasetRootError
 from crasmra.data.factory import (
+    SYNTHETIC_SUBSET_ERROR,
     build_split,
     check_options,
     create_dataset,
@@ -96,6 +97,16 @@ class FGVCDataModule(L.LightningDataModule):
             of the bytes to pin and copy) and :meth:`on_after_batch_transfer` converts them
             to normalised float32 on the device. The batches then reach the model through
             the trainer only; a loader iterated by hand yields ``uint8`` images.
+        train_per_class: Few-shot training: keep this many photos per class of the
+            training split (``--data.train_per_class N``), drawn with ``subset_seed`` after
+            the validation split was carved out, so validation photos never enter it (with
+            ``val_fraction`` 0, from the whole official training split). For one seed the
+            subsets are nested (the 1-photo subset is inside the 2-photo one), so a few-shot
+            curve adds photos rather than redrawing them. A class with fewer photos keeps
+            all of them (one warning). None (default) trains on the whole split. Validation
+            and test splits are unchanged. Not for "synthetic" (use
+            ``options: {samples_per_class: N}``).
+        subset_seed: Seed of the ``train_per_class`` subset (``--data.subset_seed``).
     """
 
     def __init__(
@@ -121,6 +132,8 @@ class FGVCDataModule(L.LightningDataModule):
         options: dict[str, Any] | None = None,
         decode_backend: str = "pil",
         normalize_on_device: bool = False,
+        train_per_class: int | None = None,
+        subset_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -161,6 +174,9 @@ class FGVCDataModule(L.LightningDataModule):
                 "normalize_on_device=True needs decode_backend='tensor' (the PIL pipeline "
                 "normalises in the workers); set decode_backend: tensor or turn it off"
             )
+        check_train_per_class(train_per_class, subset_seed)
+        if dataset == "synthetic" and train_per_class is not None:
+            raise ValueError(SYNTHETIC_SUBSET_ERROR)
         crop = to_hw(image_size, "image_size")
         resize = (
             default_resize_size(crop) if resize_size is None else to_hw(resize_size, "resize_size")
@@ -196,6 +212,8 @@ class FGVCDataModule(L.LightningDataModule):
         self.options = options
         self.decode_backend = decode_backend
         self.normalize_on_device = bool(normalize_on_device)
+        self.train_per_class = None if train_per_class is None else int(train_per_class)
+        self.subset_seed = int(subset_seed)
         self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
         self._annotations: Annotations | None = None
@@ -280,6 +298,8 @@ class FGVCDataModule(L.LightningDataModule):
             split_seed=self.split_seed,
             bbox_crop=bool(self.options.get("bbox_crop", False)),
             skip_bad_images=self.skip_bad_images,
+            train_per_class=self.train_per_class,
+            subset_seed=self.subset_seed,
         )
         # The synthetic set renders PIL images, which the tensor transforms convert; file
         # sets decode straight to tensors.

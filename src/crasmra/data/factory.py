@@ -21,7 +21,13 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from crasmra.data.base import SPLITS, Annotations, FGVCImageDataset, select_split
+from crasmra.data.base import (
+    SPLITS,
+    Annotations,
+    FGVCImageDataset,
+    check_train_per_class,
+    select_split,
+)
 from crasmra.data.benchmarks import BENCHMARKS
 from crasmra.data.errors import DatasetRootError
 from crasmra.data.generic import CSV_LAYOUT, load_csv, load_folder
@@ -96,6 +102,10 @@ SYNTHETIC_OPTIONS = frozenset(
     }
 )
 SYNTHETIC_NATIVE_SIZE = 128
+SYNTHETIC_SUBSET_ERROR = (
+    "train_per_class is for file-based datasets; the synthetic set generates its training "
+    "images: use --data.options '{samples_per_class: N}' instead"
+)
 
 
 def check_options(name: str, options: dict[str, Any]) -> None:
@@ -162,14 +172,27 @@ def build_split(
     split_seed: int = 0,
     bbox_crop: bool = False,
     skip_bad_images: bool = False,
+    train_per_class: int | None = None,
+    subset_seed: int = 0,
 ) -> FGVCImageDataset:
-    """The :class:`FGVCImageDataset` of one split of parsed annotations."""
+    """The :class:`FGVCImageDataset` of one split of parsed annotations.
+
+    ``train_per_class``/``subset_seed`` keep a seeded few-shot subset of the "train" split
+    (see :func:`~crasmra.data.base.select_split`); other splits ignore them.
+    """
     if split == "test" and not ann.test:
         raise DatasetRootError(
             f"{ann.name}: no test set found for {ann.root}"
             + (f"\n{CSV_LAYOUT}" if ann.name == "csv" else "")
         )
-    records = select_split(ann, split, val_fraction, split_seed)
+    records = select_split(
+        ann,
+        split,
+        val_fraction,
+        split_seed,
+        train_per_class=train_per_class,
+        subset_seed=subset_seed,
+    )
     return FGVCImageDataset(
         records,
         ann.classes,
@@ -195,6 +218,8 @@ def create_dataset(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     skip_bad_images: bool = False,
+    train_per_class: int | None = None,
+    subset_seed: int = 0,
     **options: Any,
 ) -> Dataset:
     """Create one split of a dataset; items are ``(image tensor (3, H, W), label)``.
@@ -214,6 +239,11 @@ def create_dataset(
         split_seed: Seed of the train/val split.
         skip_bad_images: Skip unreadable or missing images with one warning per file
             instead of raising.
+        train_per_class: Keep this many seeded photos per class of the "train" split,
+            drawn after val was carved out (nested across sizes for one ``subset_seed``);
+            None keeps them all. Other splits ignore it. File-based sets only: for
+            "synthetic" set ``samples_per_class`` instead.
+        subset_seed: Seed of the ``train_per_class`` subset.
         **options: Dataset-specific: ``bbox_crop`` (cub, aircraft, cars), ``level``
             ("variant"/"family"/"manufacturer") and ``official_val`` (aircraft),
             ``test_csv`` (csv), ``check_files`` (file sets: stat every listed image,
@@ -232,6 +262,9 @@ def create_dataset(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_train_per_class(train_per_class, subset_seed)
+    if name == "synthetic" and train_per_class is not None:
+        raise ValueError(SYNTHETIC_SUBSET_ERROR)
     if image_size is None:
         image_size = (
             options.get("native_size", SYNTHETIC_NATIVE_SIZE)
@@ -262,6 +295,8 @@ def create_dataset(
         split_seed=split_seed,
         bbox_crop=bbox_crop,
         skip_bad_images=skip_bad_images,
+        train_per_class=train_per_class,
+        subset_seed=subset_seed,
     )
 
 
