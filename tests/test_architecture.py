@@ -24,7 +24,7 @@ FLOORS: list[set[str]] = [
     # the network, its loss, its files
     {"model", "losses", "checkpoint"},
     # training and inference
-    {"engine", "callbacks", "inference", "export", "viz"},
+    {"engine", "finetune", "callbacks", "inference", "export", "viz"},
     # running commands
     {"runner", "serve", "demo"},
     {"sweep"},

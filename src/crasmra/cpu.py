@@ -9,10 +9,21 @@ order of magnitude instead of by the factor of the competing load. A single thre
 process, with the loader in its own process, degrades in proportion to the load.
 
 The rule (:func:`plan_cpu`): the usable cores are the affinity mask capped by the cgroup CPU
-quota; loader workers get at most half of them; the intra-op threads get the cores the workers
-leave, less one when there are no workers (that core stays free for the main process's Python
-work and for whatever else runs on the machine). Both numbers can be set explicitly
-(``--threads``, ``--data.num_workers`` or the command's ``--num-workers``).
+quota. On an idle machine (less than half a core busy with other work when the command
+starts, :func:`busy_cores`) every core computes: loader workers get a quarter of the cores
+(none on two or three: decoding a batch costs a few percent of a CPU training step, less than
+a core left to the loader wastes) and intra-op threads the rest. On a busy machine, loader
+workers get at most half of the cores and the threads the cores the workers leave, less one
+when there are no workers (that core stays free for the main process's Python work and for
+the other jobs), so that the competing load slows the run in proportion. Both numbers can be
+set explicitly (``--threads``, ``--data.num_workers`` or the command's ``--num-workers``).
+
+The arithmetic (:func:`plan_compute`): the memory format and the precision that train a
+backbone fastest on this CPU, from a table per backbone family measured with
+``benchmarks/cpu_formats.py`` (BENCHMARKS.md, "CPU memory format and precision"). bf16
+autocast is chosen only where the CPU computes bf16 natively (AVX512-BF16 or AMX): elsewhere
+oneDNN emulates it at a fraction of fp32's speed. Both can be set explicitly
+(``--model.channels_last``, ``--trainer.precision``).
 """
 
 from __future__ import annotations
@@ -25,11 +36,21 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BF16_FLAGS",
+    "FAMILY_FORMATS",
     "CPUPlan",
+    "ComputePlan",
+    "FamilyFormat",
     "add_threads_option",
     "apply_cpu_plan",
+    "busy_cores",
     "cgroup_cpu_limit",
     "configure_cpu",
+    "cpu_autocast",
+    "cpu_bf16_support",
+    "cpu_flags",
+    "cpu_flags_summary",
+    "plan_compute",
     "plan_cpu",
     "runs_on_cpu",
     "usable_cpus",
@@ -121,6 +142,50 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
+#: Cores busy with other work below which the machine counts as idle (:func:`plan_cpu`).
+IDLE_BELOW = 0.5
+
+
+def _cpu_times(stat: Path) -> tuple[int, int, int] | None:
+    """(busy, total, cpus) jiffies of the machine from ``/proc/stat``."""
+    text = _read(stat)
+    if not text:
+        return None
+    lines = text.splitlines()
+    fields = lines[0].split()
+    if not fields or fields[0] != "cpu" or len(fields) < 5:
+        return None
+    try:
+        values = [int(v) for v in fields[1:]]
+    except ValueError:
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    cpus = sum(1 for line in lines[1:] if line.startswith("cpu") and line[3:4].isdigit())
+    return sum(values) - idle, sum(values), max(1, cpus)
+
+
+def busy_cores(interval: float = 0.25, stat: str | Path = "/proc/stat") -> float | None:
+    """How many cores other work keeps busy right now, sampled over ``interval`` seconds.
+
+    This process sleeps while it samples, so what is busy is the rest of the machine. None
+    where ``/proc/stat`` cannot be read (not Linux).
+    """
+    import time
+
+    stat = Path(stat)
+    first = _cpu_times(stat)
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = _cpu_times(stat)
+    if second is None:
+        return None
+    busy, total = second[0] - first[0], second[1] - first[1]
+    if total <= 0:
+        return None
+    return busy / total * second[2]
+
+
 @dataclass(frozen=True)
 class CPUPlan:
     """Threads and workers chosen for one command.
@@ -130,16 +195,32 @@ class CPUPlan:
         threads: Intra-op threads of this process (``torch.set_num_threads``).
         workers: Data-loader worker processes.
         source: ``"auto"`` or ``"--threads"``: where ``threads`` came from.
+        busy: Cores busy with other work when the plan was made (None: not measured, which
+            plans as for a busy machine).
     """
 
     cpus: int
     threads: int
     workers: int
     source: str = "auto"
+    busy: float | None = None
+
+    @property
+    def idle_machine(self) -> bool:
+        """Whether the plan was made for an idle machine (every core computes)."""
+        return self.busy is not None and self.busy < IDLE_BELOW
 
     def describe(self) -> str:
         """One line for the log."""
-        how = "chosen for" if self.source == "auto" else "set by --threads on"
+        if self.source != "auto":
+            how = "set by --threads on"
+        elif self.idle_machine:
+            how = "chosen for an idle machine (every core computes) with"
+        elif self.busy is not None:
+            how = (f"chosen for a machine with {self.busy:.1f} core(s) busy with other work "
+                   "(a core left free) with")
+        else:
+            how = "chosen for"
         return (
             f"CPU: {self.threads} intra-op thread(s) and {self.workers} loader worker(s), "
             f"{how} {self.cpus} usable core(s); change with --threads N and the command's "
@@ -147,21 +228,26 @@ class CPUPlan:
         )
 
 
-def plan_cpu(cpus: int, workers: int, threads: int | None = None) -> CPUPlan:
+def plan_cpu(
+    cpus: int, workers: int, threads: int | None = None, busy: float | None = None
+) -> CPUPlan:
     """Split ``cpus`` between loader workers and intra-op threads without oversubscribing.
 
     Args:
         cpus: Usable cores.
         workers: Loader workers asked for (a config value or a command-line option).
         threads: Intra-op threads asked for; None chooses them.
+        busy: Cores busy with other work (:func:`busy_cores`); None plans as for a busy
+            machine.
 
     Returns:
-        With ``threads=None``: at most ``cpus // 2`` workers, and ``cpus - workers`` threads,
-        or ``cpus - 1`` without workers (at least one): a core stays free for the main
-        process's Python work and for other jobs, so that a competing load slows the run in
-        proportion instead of stalling every parallel operator. With ``threads`` given: those
-        threads, and at most ``cpus - threads`` workers (the threads were asked for; the
-        workers yield).
+        With ``threads=None`` on an idle machine (``busy`` below :data:`IDLE_BELOW`): at most
+        ``cpus // 4`` workers and the other cores as threads. Otherwise at most ``cpus // 2``
+        workers, and ``cpus - workers`` threads, or ``cpus - 1`` without workers (at least
+        one): a core stays free for the main process's Python work and for other jobs, so
+        that a competing load slows the run in proportion instead of stalling every parallel
+        operator. With ``threads`` given: those threads, and at most ``cpus - threads``
+        workers (the threads were asked for; the workers yield).
 
     Raises:
         ValueError: ``cpus``, ``workers`` or ``threads`` out of range.
@@ -173,9 +259,12 @@ def plan_cpu(cpus: int, workers: int, threads: int | None = None) -> CPUPlan:
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
-        return CPUPlan(cpus, threads, min(workers, max(0, cpus - threads)), "--threads")
+        return CPUPlan(cpus, threads, min(workers, max(0, cpus - threads)), "--threads", busy)
+    if busy is not None and busy < IDLE_BELOW:
+        workers = min(workers, cpus // 4)
+        return CPUPlan(cpus, max(1, cpus - workers), workers, "auto", busy)
     workers = min(workers, cpus // 2)
-    return CPUPlan(cpus, max(1, cpus - max(1, workers)), workers)
+    return CPUPlan(cpus, max(1, cpus - max(1, workers)), workers, "auto", busy)
 
 
 def apply_cpu_plan(plan: CPUPlan, announce: bool = True) -> None:
@@ -222,7 +311,7 @@ def configure_cpu(
 
     cpus = usable_cpus()
     if runs_on_cpu(device):
-        plan = plan_cpu(cpus, workers, threads)
+        plan = plan_cpu(cpus, workers, threads, busy_cores() if threads is None else None)
     elif threads is None:
         return CPUPlan(cpus, torch.get_num_threads(), workers)
     else:
@@ -242,3 +331,170 @@ def add_threads_option(parser: Any) -> None:
         help="intra-op CPU threads (default: chosen from the usable cores so that threads and "
         "loader workers do not oversubscribe them; see BENCHMARKS.md)",
     )
+
+
+# ------------------------------------------------------------------------------------------
+# memory format and precision
+# ------------------------------------------------------------------------------------------
+#: /proc/cpuinfo flags of a CPU that computes bf16 natively (oneDNN's bf16 kernels).
+BF16_FLAGS: tuple[str, ...] = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
+    text = _read(Path(cpuinfo)) or ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_bf16_support(flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16).
+
+    Args:
+        flags: The CPU's flags; None reads them (:func:`cpu_flags`).
+    """
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in BF16_FLAGS)
+
+
+def cpu_flags_summary(flags: frozenset[str] | None = None) -> str:
+    """The flags that decide the plan, e.g. ``"avx2 avx512f avx512_bf16 amx_bf16"``."""
+    flags = cpu_flags() if flags is None else flags
+    wanted = ("avx2", "avx512f", "avx512_vnni", *BF16_FLAGS, "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
+
+
+@dataclass(frozen=True)
+class FamilyFormat:
+    """What pays for one backbone family on a CPU (measured, BENCHMARKS.md).
+
+    Attributes:
+        name: The family, as the log names it.
+        prefixes: timm model-name prefixes of the family.
+        channels_last_fp32: Channels-last is faster than NCHW in fp32 (any x86 CPU).
+        bf16: bf16 autocast is faster than fp32 where the CPU has native bf16.
+        channels_last_bf16: Channels-last is faster than NCHW under bf16 autocast.
+    """
+
+    name: str
+    prefixes: tuple[str, ...]
+    channels_last_fp32: bool
+    bf16: bool
+    channels_last_bf16: bool
+
+
+#: Per family, from ``benchmarks/cpu_formats.py`` on an AVX2 CPU (AMD EPYC) and on an
+#: AVX-512/AMX Xeon. A backbone of no listed family keeps NCHW fp32.
+FAMILY_FORMATS: tuple[FamilyFormat, ...] = (
+    FamilyFormat(
+        "EfficientNet/MobileNet (depthwise)",
+        ("tf_efficientnet", "efficientnet", "mobilenet", "tf_mobilenet", "mnasnet", "lcnet",
+         "fbnet", "ghostnet", "tinynet", "mixnet", "tf_mixnet"),
+        channels_last_fp32=True, bf16=False, channels_last_bf16=True,
+    ),
+    FamilyFormat(
+        "ResNet",
+        ("resnet", "resnext", "wide_resnet", "seresnet", "seresnext", "resnetrs", "ecaresnet",
+         "skresnet", "resnest", "res2net"),
+        channels_last_fp32=False, bf16=True, channels_last_bf16=True,
+    ),
+    FamilyFormat(
+        "DenseNet", ("densenet",),
+        channels_last_fp32=False, bf16=True, channels_last_bf16=True,
+    ),
+    FamilyFormat(
+        "ConvNeXt", ("convnext",),
+        channels_last_fp32=False, bf16=True, channels_last_bf16=True,
+    ),
+)
+
+
+def _family(backbone: str) -> FamilyFormat | None:
+    name = backbone.split(".", 1)[0].lower()
+    matches = [f for f in FAMILY_FORMATS for p in f.prefixes if name.startswith(p)]
+    return matches[0] if matches else None
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """Memory format and precision for one backbone on this CPU.
+
+    Attributes:
+        backbone: The timm model name.
+        channels_last: Run the network in channels-last memory format.
+        precision: Lightning precision, ``"32-true"`` or ``"bf16-mixed"``.
+        family: The family row that decided it (None: not listed, NCHW fp32).
+        native_bf16: Whether the CPU computes bf16 natively.
+        flags: :func:`cpu_flags_summary` of the CPU.
+    """
+
+    backbone: str
+    channels_last: bool
+    precision: str
+    family: str | None
+    native_bf16: bool
+    flags: str
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the plan computes under bf16 autocast."""
+        return self.precision.startswith("bf16")
+
+    def describe_choice(self) -> str:
+        """E.g. ``"channels_last fp32"``."""
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{layout} {'bf16' if self.bf16 else 'fp32'}"
+
+    def describe(self, channels_last: bool | None = None, precision: str | None = None) -> str:
+        """One line for the log; ``channels_last``/``precision`` as actually set, if given."""
+        chosen_cl = self.channels_last if channels_last is None else channels_last
+        chosen_precision = self.precision if precision is None else str(precision)
+        overridden = (chosen_cl, chosen_precision) != (self.channels_last, self.precision)
+        family = self.family or "no measured family"
+        cpu = f"{'native' if self.native_bf16 else 'no native'} bf16 ({self.flags})"
+        how = "set on the command line or in the config" if overridden else "chosen"
+        return (
+            f"CPU compute: {'channels_last' if chosen_cl else 'NCHW'}, precision "
+            f"{chosen_precision}, {how} for {self.backbone} ({family}; CPU with {cpu}); change "
+            "with --model.channels_last and --trainer.precision"
+        )
+
+
+def plan_compute(backbone: str, flags: frozenset[str] | None = None) -> ComputePlan:
+    """The fastest measured memory format and precision for ``backbone`` on this CPU.
+
+    Args:
+        backbone: timm model name (a pretrained tag after a dot is ignored).
+        flags: The CPU's flags; None reads them (:func:`cpu_flags`).
+
+    Returns:
+        bf16 autocast only where the family gains from it and the CPU has native bf16; the
+        memory format that is fastest in the chosen precision. A backbone of no listed family
+        keeps NCHW fp32 (the behaviour of a plain PyTorch run).
+    """
+    flags = cpu_flags() if flags is None else flags
+    native = cpu_bf16_support(flags)
+    family = _family(backbone)
+    if family is None:
+        channels_last, bf16 = False, False
+    else:
+        bf16 = native and family.bf16
+        channels_last = family.channels_last_bf16 if bf16 else family.channels_last_fp32
+    return ComputePlan(
+        backbone=backbone,
+        channels_last=channels_last,
+        precision="bf16-mixed" if bf16 else "32-true",
+        family=family.name if family else None,
+        native_bf16=native,
+        flags=cpu_flags_summary(flags),
+    )
+
+
+def cpu_autocast(enabled: bool) -> Any:
+    """bf16 autocast on the CPU when ``enabled`` (as Lightning's ``bf16-mixed``), else a no-op."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)

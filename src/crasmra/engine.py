@@ -21,7 +21,14 @@ from torchmetrics import MetricCollection
 
 from crasmra._version import __version__
 from crasmra.checkpoint import FORMAT_VERSION, read_network_state
+from crasmra.cpu import plan_compute
 from crasmra.errors import CrasmraError
+from crasmra.finetune import (
+    HEAD_INITS,
+    SuppressionWarmup,
+    fit_head_weights,
+    imprint_classifiers,
+)
 from crasmra.layers import SMRAM
 from crasmra.losses import (
     DEFAULT_ALPHA,
@@ -116,6 +123,9 @@ class CRASMRAModule(L.LightningModule):
         stage_indices: Feature stages that get attention and a head (default: the last three).
         attention_options: Further options of the attention module (for registered modules
             with options of their own), e.g. ``{gain: 2.0}``.
+        head_weights: Weights of the heads in the combined prediction (stage heads, then
+            concat), e.g. ``[0, 0, 1, 0]``; None for the paper's mean of the softmaxes.
+            ``combine: fitted`` sets them.
 
     The network's arguments (``backbone`` to ``attention_options``) take their defaults from
     :class:`~crasmra.model.NetConfig`, which also checks them.
@@ -140,7 +150,29 @@ class CRASMRAModule(L.LightningModule):
             otherwise replaces the pretrained statistics with noisy per-batch ones. Not part of
             the paper's recipe (False, the default).
         min_lr_ratio: Final learning rate of the cosine decay, as a fraction of each group's rate.
-        channels_last: Run the network in channels-last memory format (faster on GPUs with AMP).
+        head_init: ``"random"`` (PyTorch's initialisation, the paper's) or ``"imprint"``: before
+            the first step, every head's last linear layer becomes the nearest-class-mean
+            classifier of its own input features on the training data, after the added
+            modules' BatchNorm statistics are set to the data's
+            (:func:`crasmra.finetune.imprint_classifiers`). Not part of the paper's recipe.
+        imprint_logit_scale: With ``"imprint"``, the logits' scale for a feature of average
+            norm (the softmax's inverse temperature on the cosine); None (the default) fits
+            it per head to the training images' leave-one-out cross-entropy, so that every
+            head starts calibrated.
+        combine: How the heads combine into the test-time prediction: ``"mean"`` (the
+            paper's mean of the softmaxes, or ``head_weights`` when given) or ``"fitted"``:
+            with ``head_init: imprint``, the heads' weights that maximise the likelihood of the
+            training images' leave-one-out predictions at imprinting
+            (:func:`crasmra.finetune.fit_head_weights`), so that heads whose features
+            separate the classes poorly cannot drag the combined prediction below the good
+            ones. Not part of the paper's recipe.
+        suppression_warmup_epochs: CRAM's omega rises linearly from 1 (no suppression) to
+            ``omega`` over this many epochs (:class:`crasmra.finetune.SuppressionWarmup`);
+            validation, test and checkpoints always use ``omega``. Not part of the paper's
+            recipe (0, the default).
+        channels_last: Run the network in channels-last memory format. None (the default)
+            chooses: on a CPU what :func:`crasmra.cpu.plan_compute` measured fastest for the
+            backbone, on a GPU channels-last (what AMP convolutions are fastest in).
         compile: Wrap the network with ``torch.compile``.
         nonfinite_loss: ``"stop"`` raises on a NaN/Inf loss naming the step and the loss terms;
             ``"skip"`` skips that batch's optimiser step and counts it (``train/skipped_batches``,
@@ -177,6 +209,7 @@ class CRASMRAModule(L.LightningModule):
         suppress_source: Literal["input", "enhanced"] = NetConfig.suppress_source,
         stage_indices: Sequence[int] | None = NetConfig.stage_indices,
         attention_options: dict[str, Any] | None = NetConfig.attention_options,
+        head_weights: list[float] | None = NetConfig.head_weights,
         lr_backbone: float = 2e-4,
         lr_attention: float = 6e-3,
         lr_heads: float = 6e-3,
@@ -188,7 +221,11 @@ class CRASMRAModule(L.LightningModule):
         freeze_backbone_epochs: int = 0,
         freeze_backbone_bn: bool = False,
         min_lr_ratio: float = 0.0,
-        channels_last: bool = False,
+        head_init: Literal["random", "imprint"] = "random",
+        imprint_logit_scale: float | None = None,
+        combine: Literal["mean", "fitted"] = "mean",
+        suppression_warmup_epochs: float = 0.0,
+        channels_last: bool | None = None,
         compile: bool = False,
         nonfinite_loss: NonFinitePolicy = "stop",
         nonfinite_check_interval: int = 1,
@@ -220,6 +257,23 @@ class CRASMRAModule(L.LightningModule):
                 f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}; "
                 "change --model.min_lr_ratio."
             )
+        if head_init not in HEAD_INITS:
+            raise ValueError(
+                f"head_init must be one of {HEAD_INITS}, got {head_init!r}; change "
+                "--model.head_init."
+            )
+        if combine not in ("mean", "fitted"):
+            raise ValueError(
+                f"combine must be 'mean' or 'fitted', got {combine!r}; change --model.combine."
+            )
+        if combine == "fitted" and head_init != "imprint":
+            raise ValueError(
+                "--model.combine fitted fits the heads' weights when they are imprinted; add "
+                "--model.head_init imprint, or use --model.combine mean."
+            )
+        if imprint_logit_scale is not None:
+            _check_positive("imprint_logit_scale", imprint_logit_scale, maximum=1e4)
+        _check_positive("suppression_warmup_epochs", suppression_warmup_epochs, allow_zero=True)
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(
                 f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}; "
@@ -249,8 +303,10 @@ class CRASMRAModule(L.LightningModule):
         )
         if init_from is not None:
             self._init_from(init_from, reinit_heads)
+        # None is resolved in setup(), once the device is known.
+        self._channels_last = False
         if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self._use_channels_last()
         self.classes = list(classes) if classes is not None else None
         self.transform_config = dict(transform_config) if transform_config is not None else None
         self.head_names: tuple[str, ...] = (*self.net.head_names, COMBINED)
@@ -270,6 +326,8 @@ class CRASMRAModule(L.LightningModule):
         # freeze_backbone_epochs: whether the backbone is frozen now, and which parameters.
         self._backbone_frozen = False
         self._frozen_params: list[nn.Parameter] = []
+        # suppression_warmup_epochs, in optimiser steps once the trainer knows them.
+        self._suppression = SuppressionWarmup(float(omega), 0)
 
     # ------------------------------------------------------------------ construction helpers
     def _make_metrics(self, prefix: str) -> MetricCollection:
@@ -307,6 +365,21 @@ class CRASMRAModule(L.LightningModule):
         }
         return {key for key in self.net.state_dict() if key.rsplit(".", 1)[0] in head_modules}
 
+    def _use_channels_last(self) -> None:
+        self._channels_last = True
+        self.net = self.net.to(memory_format=torch.channels_last)
+
+    @property
+    def uses_channels_last(self) -> bool:
+        """Whether the network runs in channels-last memory format (``channels_last`` resolved)."""
+        return self._channels_last
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.channels_last is None and not self._channels_last:
+            on_cpu = self.trainer.strategy.root_device.type == "cpu"
+            if not on_cpu or plan_compute(self.hparams.backbone).channels_last:
+                self._use_channels_last()
+
     def configure_model(self) -> None:
         """Compile the network once the trainer has placed it (``--model.compile true``)."""
         # nn.Module.compile compiles in place, so state-dict keys (and checkpoints) are unchanged.
@@ -317,7 +390,7 @@ class CRASMRAModule(L.LightningModule):
     # ------------------------------------------------------------------ forward and losses
     def forward(self, images: Tensor) -> ModelOutput:
         """Run the inference network (no SMRAM)."""
-        if self.hparams.channels_last:
+        if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
@@ -423,6 +496,51 @@ class CRASMRAModule(L.LightningModule):
         # No point validating weights that a non-finite loss has already updated.
         if self.trainer.state.fn == "fit":
             self.check_nonfinite()
+        # Validation measures the network that checkpoints record: the configured omega.
+        self._suppression.apply(self.net, self._suppression.steps)
+
+    def on_test_start(self) -> None:
+        self._suppression.apply(self.net, self._suppression.steps)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._suppression.steps > 0:
+            self._suppression.apply(self.net, self.global_step)
+
+    def on_train_start(self) -> None:
+        self._suppression.apply(self.net, self.global_step)
+        # A resumed run restores imprinted (and trained) weights from its checkpoint.
+        if self.hparams.head_init == "imprint" and self.global_step == 0:
+            self._imprint_heads()
+
+    def _imprint_heads(self) -> None:
+        trainer = self.trainer
+        loader = trainer.train_dataloader
+
+        def batches() -> Any:
+            for batch in loader:
+                images, target = trainer.strategy.batch_to_device(batch)
+                if self._channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                yield images, target
+
+        report = imprint_classifiers(
+            self.net, batches, self.hparams.num_classes, self.hparams.imprint_logit_scale
+        )
+        log.info(
+            "Imprinted the heads with the class means of their features (nearest class mean "
+            "on the training images, logit scale): %s.",
+            report.describe(),
+        )
+        if self.hparams.combine == "fitted" and len(self.net.head_names) > 1:
+            weights = fit_head_weights(report.loo_probs, report.loo_labels)
+            self.net.set_head_weights(weights)
+            log.info(
+                "Combined prediction: the heads weighted %s (fitted to the leave-one-out "
+                "predictions of the training images).",
+                ", ".join(
+                    f"{n} {w:.2f}" for n, w in zip(self.net.head_names, weights, strict=True)
+                ),
+            )
 
     def on_train_epoch_start(self) -> None:
         self._skipped_at_epoch_start = int(self.skipped_batches)
@@ -537,6 +655,9 @@ class CRASMRAModule(L.LightningModule):
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(total_steps - 1, round(hp.warmup_epochs * steps_per_epoch))
         scheduler = build_scheduler(optimizer, total_steps, warmup_steps, hp.min_lr_ratio)
+        self._suppression = SuppressionWarmup(
+            float(hp.omega), round(hp.suppression_warmup_epochs * steps_per_epoch)
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -562,6 +683,11 @@ class CRASMRAModule(L.LightningModule):
         if meta is None:
             raise ValueError("This checkpoint was not written by crasmra (no 'crasmra' entry).")
         saved = meta["net_config"]
+        # Fitted head weights live in the network's config, not in its state dict.
+        if saved.get("head_weights") is not None and saved.get("num_classes") == (
+            self.hparams.num_classes
+        ):
+            self.net.set_head_weights(saved["head_weights"])
         trainer = self._trainer
         evaluating = trainer is not None and trainer.state.fn in ("validate", "test")
         if saved.get("num_classes") != self.hparams.num_classes and evaluating:

@@ -28,6 +28,7 @@ inference carries no SMRAM weights.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def normalized_head_weights(weights: Sequence[float]) -> list[float]:
+    """``weights`` divided by their sum; ValueError unless finite, >= 0 and summing above 0."""
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"head_weights must be a list of numbers, got {weights!r}.") from err
+    if not values or any(not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
+        raise ValueError(
+            f"head_weights must be finite numbers >= 0 with a positive sum, got {weights!r}."
+        )
+    total = sum(values)
+    return [w / total for w in values]
+
+
 @dataclass
 class NetConfig:
     """Every hyperparameter of :class:`CRASMRANet`, its default and its check, in one place.
@@ -142,6 +157,11 @@ class NetConfig:
             ``x_s = S * (I * X)``. See :class:`~crasmra.layers.CRAM`.
         attention_options: Further keyword options of the attention module, for modules
             registered with options of their own (see :mod:`crasmra.layers.registry`).
+        head_weights: Weights of the heads (stage heads, then concat; plain: its one head)
+            in the combined prediction, non-negative, normalised to sum 1; None for the
+            paper's mean of the softmaxes. Set by ``--model.combine fitted``
+            (:func:`crasmra.finetune.fit_head_weights`) or given by hand, e.g.
+            ``[0, 0, 1, 0]`` for the stage-5 head alone.
     """
 
     backbone: str = "resnet50"
@@ -158,6 +178,7 @@ class NetConfig:
     delta: float = DEFAULT_DELTA
     suppress_source: str = "input"
     attention_options: dict[str, Any] | None = None
+    head_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.stage_indices is not None:
@@ -207,6 +228,8 @@ class NetConfig:
                 f"{self.suppress_source!r}: 'input' gives CRAM's x_s = S * X (default), "
                 "'enhanced' gives x_s = S * (I * X)."
             )
+        if self.head_weights is not None:
+            self.head_weights = normalized_head_weights(self.head_weights)
         if self.attention_options is not None and not isinstance(self.attention_options, dict):
             raise ValueError(
                 f"attention_options must be a mapping, got {self.attention_options!r}."
@@ -359,6 +382,9 @@ class CRASMRANet(nn.Module):
         self.heads, self.concat_head = self._build_heads(num_classes)
         cfg.stage_indices = list(self.backbone.stage_indices)
         self.config: dict[str, Any] = cfg.as_dict()
+        self.head_weights: tuple[float, ...] | None = None
+        if cfg.head_weights is not None:
+            self.set_head_weights(cfg.head_weights)
         # What inference needs besides the weights; plain attributes (not submodules or
         # buffers), so state_dict() and exports are unchanged.
         self.classes: list[str] | None = None
@@ -393,6 +419,25 @@ class CRASMRANet(nn.Module):
         self.transform = preprocessing.transform()
         self.checkpoint_path = checkpoint_path
 
+    def set_head_weights(self, weights: Sequence[float] | None) -> None:
+        """Weight the heads in the combined prediction (None: the paper's equal weights).
+
+        Args:
+            weights: One non-negative weight per head of :attr:`head_names`; normalised to
+                sum 1 and recorded in :attr:`config`, so checkpoints and exports keep them.
+        """
+        if weights is None:
+            self.head_weights = None
+            self.config["head_weights"] = None
+            return
+        if len(weights) != len(self.head_names):
+            raise ValueError(
+                f"head_weights needs one weight per head {self.head_names}, got {len(weights)}."
+            )
+        normalized = normalized_head_weights(weights)
+        self.head_weights = tuple(normalized)
+        self.config["head_weights"] = normalized
+
     @property
     def head_names(self) -> tuple[str, ...]:
         """Names of the heads, in the order of ``ModelOutput.logits``.
@@ -416,6 +461,8 @@ class CRASMRANet(nn.Module):
         """Replace every head (stage and concat, or plain's classifier) with a fresh one for K."""
         if not _is_int(num_classes) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}.")
+        # Weights fitted to the old heads say nothing of the new ones.
+        self.set_head_weights(None)
         if self.variant == PLAIN:
             self.backbone.reset_classifier(num_classes)
             self.num_classes = num_classes
@@ -483,6 +530,7 @@ class CRASMRANet(nn.Module):
                 features=features,
                 stage_names=self.stage_names,
                 classifier_logits=self.backbone.forward_head(features[0]),
+                head_weights=self.head_weights,
             )
         pooled = [head.pool_features(f) for head, f in zip(self.heads, features, strict=True)]
         stage_logits = tuple(head.classify(p) for head, p in zip(self.heads, pooled, strict=True))
@@ -492,6 +540,7 @@ class CRASMRANet(nn.Module):
             concat_logits=concat_logits,
             features=features,
             stage_names=self.stage_names,
+            head_weights=self.head_weights,
         )
 
 

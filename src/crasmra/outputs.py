@@ -33,6 +33,8 @@ class ModelOutput:
         stage_names: Names of the attended stages, e.g. ``("stage3", "stage4", "stage5")``
             (for ``"plain"`` the last stage's, naming ``features``).
         classifier_logits: (B, K) logits of timm's own classifier (``"plain"`` only).
+        head_weights: Weights of the heads in the combined prediction, in the order of
+            :attr:`logits`, summing to 1; None for the paper's equal weights.
     """
 
     stage_logits: tuple[Tensor, ...]
@@ -40,6 +42,7 @@ class ModelOutput:
     features: tuple[Tensor, ...]
     stage_names: tuple[str, ...] = ()
     classifier_logits: Tensor | None = None
+    head_weights: tuple[float, ...] | None = None
 
     @property
     def head_names(self) -> tuple[str, ...]:
@@ -60,8 +63,13 @@ class ModelOutput:
 
     @property
     def probs(self) -> Tensor:
-        """The paper's test-time prediction: the mean of every head's softmax, (B, K) float32.
+        """The combined prediction, (B, K) float32: the paper's mean of every head's softmax,
+        or their weighted mean with :attr:`head_weights`.
 
         For ``"plain"`` this is the softmax of its one classifier.
         """
-        return torch.stack([lg.float().softmax(dim=-1) for lg in self.logits]).mean(dim=0)
+        stacked = torch.stack([lg.float().softmax(dim=-1) for lg in self.logits])  # (H, B, K)
+        if self.head_weights is None:
+            return stacked.mean(dim=0)
+        weights = torch.tensor(self.head_weights, dtype=stacked.dtype, device=stacked.device)
+        return (weights.view(-1, 1, 1) * stacked).sum(dim=0)

@@ -1,0 +1,322 @@
+"""Weight imprinting of the heads and CRAM's suppression warm-up (crasmra.finetune)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crasmra.data import FGVCDataModule
+from crasmra.engine import CRASMRAModule
+from crasmra.finetune import (
+    SuppressionWarmup,
+    calibrate_batchnorm,
+    classifier_layers,
+    imprint_classifiers,
+    imprint_linear,
+)
+from crasmra.layers import CRAM
+from crasmra.model import create_model
+from test_engine import TINY_DATA as ENGINE_TINY_DATA
+
+TINY_DATA = {**ENGINE_TINY_DATA, "val_fraction": 0.0}
+
+
+def _batches(num_classes: int = 3, per_class: int = 4, size: int = 32, seed: int = 0):
+    """Fixed labelled batches of noise images, two batches per call."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(num_classes * per_class, 3, size, size, generator=g)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    # Give every class its own colour shift, so that the features separate them.
+    images += labels.view(-1, 1, 1, 1).float() * 0.8
+    half = images.shape[0] // 2
+    perm = torch.randperm(images.shape[0], generator=g)
+    images, labels = images[perm], labels[perm]
+    return lambda: [(images[:half], labels[:half]), (images[half:], labels[half:])]
+
+
+def _net(variant: str = "cra-smra", num_classes: int = 3):
+    torch.manual_seed(0)
+    return create_model("resnet10t", num_classes, variant=variant, head_channels=16, head_hidden=16)
+
+
+def test_imprint_linear_is_the_centred_cosine_nearest_class_mean() -> None:
+    torch.manual_seed(0)
+    means = torch.randn(4, 6)
+    center = torch.randn(6)
+    layer = nn.Linear(6, 4)
+    with torch.no_grad():
+        imprint_linear(layer, means, center, scale=3.0)
+    expected = 3.0 * F.normalize(means - center, dim=1)
+    assert torch.allclose(layer.weight, expected, atol=1e-6)
+    assert torch.allclose(layer.bias, -(expected @ center), atol=1e-5)
+    h = torch.randn(50, 6)
+    cos = F.normalize(h - center, dim=1) @ F.normalize(means - center, dim=1).T
+    assert torch.equal(layer(h).argmax(1), cos.argmax(1))
+
+
+def test_imprint_linear_gives_absent_classes_zero_logits() -> None:
+    layer = nn.Linear(3, 2)
+    present = torch.tensor([True, False])
+    with torch.no_grad():
+        imprint_linear(layer, torch.randn(2, 3), torch.zeros(3), 1.0, present)
+    assert torch.count_nonzero(layer.weight[1]) == 0 and float(layer.bias[1].detach()) == 0.0
+
+
+@pytest.mark.parametrize("variant", ["cra-smra", "baseline", "plain"])
+def test_imprinted_weights_are_the_normalised_class_means_of_each_heads_input(
+    variant: str,
+) -> None:
+    net = _net(variant)
+    batches = _batches()
+    scale = 7.0
+    imprint_classifiers(net, batches, num_classes=3, logit_scale=scale)
+    layers = classifier_layers(net)
+    assert set(layers) == set(net.head_names)
+    # Recompute each head's input features independently, in eval mode.
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, a, n=name: captured[n].append(a[0]))
+        for name, layer in layers.items()
+    ]
+    net.eval()
+    labels = []
+    with torch.no_grad():
+        for images, target in batches():
+            net(images)
+            labels.append(target)
+    for h in hooks:
+        h.remove()
+    y = torch.cat(labels)
+    for name, layer in layers.items():
+        feats = torch.cat(captured[name])
+        means = torch.stack([feats[y == k].mean(0) for k in range(3)])
+        center = means.mean(0)
+        direction = F.normalize(means - center, dim=1)
+        weight = layer.weight.detach()
+        # Every row has the same norm (the scale) and points along its centred class mean.
+        norms = weight.norm(dim=1)
+        assert torch.allclose(norms, norms[0].expand_as(norms), rtol=1e-4), name
+        assert torch.allclose(F.normalize(weight, dim=1), direction, atol=1e-4), name
+        centred_norm = (feats - center).norm(dim=1).mean()
+        assert float(norms[0] * centred_norm) == pytest.approx(scale, rel=1e-3), name
+
+
+def test_calibration_sets_the_added_batchnorm_statistics_and_leaves_the_backbones() -> None:
+    net = _net("cra-smra")
+    backbone_before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    head_bn = net.heads[0].mlp[0]
+    momentum = head_bn.momentum
+    calibrate_batchnorm(net, lambda: (images for images, _ in _batches()()))
+    assert not torch.equal(head_bn.running_mean, torch.zeros_like(head_bn.running_mean))
+    assert head_bn.momentum == momentum
+    for key, value in net.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[key]), key
+    # The running mean is the average over the whole pass of what the layer normalised
+    # (a cumulative average, not an exponential one that would favour the last batch).
+    pooled = []
+    hook = head_bn.register_forward_pre_hook(lambda _m, a: pooled.append(a[0]))
+    net.eval()
+    added = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    added = [m for m in added if not any(m is b for b in net.backbone.modules())]
+    for m in added:
+        m.train()
+        m.momentum = 0.0  # normalise with the batch's statistics, update nothing
+    with torch.no_grad():
+        for images, _ in _batches()():
+            net(images)
+    hook.remove()
+    assert torch.allclose(torch.cat(pooled).mean(0), head_bn.running_mean, atol=1e-4)
+
+
+def test_imprinted_heads_classify_their_training_data() -> None:
+    net = _net("cra-smra")
+    report = imprint_classifiers(net, _batches(), num_classes=3)
+    net.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, target in _batches()():
+            correct += int((net(images).probs.argmax(1) == target).sum())
+            total += len(target)
+    assert correct / total >= 0.9
+    assert min(report.train_accuracy.values()) >= 0.9
+    # Fitted scales: every head's scale is one of the grid's, not the fallback by default.
+    assert set(report.logit_scale) == set(net.head_names)
+
+
+def test_suppression_warmup_schedule() -> None:
+    warmup = SuppressionWarmup(omega=0.5, steps=10)
+    assert warmup.omega_at(0) == 1.0
+    assert warmup.omega_at(5) == pytest.approx(0.75)
+    assert warmup.omega_at(10) == 0.5 and warmup.omega_at(100) == 0.5
+    assert SuppressionWarmup(0.5, 0).omega_at(0) == 0.5
+    net = _net("cra-smra")
+    assert warmup.apply(net, 4) == pytest.approx(0.8)
+    assert all(m.omega == pytest.approx(0.8) for m in net.attention if isinstance(m, CRAM))
+
+
+class _Recorder(L.Callback):
+    def __init__(self) -> None:
+        self.first_weight: torch.Tensor | None = None
+        self.omegas: list[float] = []
+        self.val_omegas: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self.first_weight is None:
+            self.first_weight = module.net.heads[-1].mlp[-1].weight.detach().clone()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.omegas.append(module.net.attention[0].omega)  # the step's omega
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.val_omegas.append(module.net.attention[0].omega)
+
+
+def _fit(tmp_path: Path, epochs: int = 1, val: float = 0.0, **model_kwargs) -> _Recorder:
+    L.seed_everything(0)
+    dm = FGVCDataModule(**{**TINY_DATA, "val_fraction": val})
+    module = CRASMRAModule(
+        backbone="resnet10t", pretrained=False, num_classes=dm.num_classes,
+        head_channels=16, head_hidden=16, **model_kwargs,
+    )
+    recorder = _Recorder()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=epochs, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
+        callbacks=[recorder],
+    )
+    trainer.fit(module, datamodule=dm)
+    return recorder
+
+
+def test_engine_imprints_before_the_first_step(tmp_path: Path) -> None:
+    imprinted = _fit(tmp_path, head_init="imprint").first_weight
+    rows = imprinted.norm(dim=1)
+    assert torch.allclose(rows, rows[0].expand_as(rows), rtol=1e-4)
+    random = _fit(tmp_path / "r", head_init="random").first_weight
+    rows = random.norm(dim=1)
+    assert not torch.allclose(rows, rows[0].expand_as(rows), rtol=1e-2)
+
+
+def test_engine_warms_the_suppression_up_and_validates_with_the_configured_omega(
+    tmp_path: Path,
+) -> None:
+    recorder = _fit(tmp_path, epochs=2, val=0.25, suppression_warmup_epochs=1.0)
+    assert recorder.omegas[0] == 1.0
+    assert recorder.omegas[1] == pytest.approx(0.75)  # 2 steps per epoch
+    assert recorder.omegas[2:] == [0.5, 0.5]
+    assert recorder.val_omegas == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"head_init": "zeros"}, "--model.head_init"),
+        ({"imprint_logit_scale": 0.0}, "--model.imprint_logit_scale"),
+        ({"suppression_warmup_epochs": -1.0}, "--model.suppression_warmup_epochs"),
+    ],
+)
+def test_bad_finetune_options_name_their_flag(kwargs: dict, flag: str) -> None:
+    with pytest.raises(ValueError, match=flag):
+        CRASMRAModule(backbone="resnet10t", num_classes=3, **kwargs)
+
+
+def test_fit_head_weights_prefers_the_head_that_predicts_held_out_images() -> None:
+    from crasmra.finetune import fit_head_weights
+
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    good = torch.eye(3)[y] * 0.9 + 0.1 / 3
+    flat = torch.full((6, 3), 1 / 3)
+    wrong = torch.eye(3)[(y + 1) % 3] * 0.9 + 0.1 / 3
+    weights = fit_head_weights({"good": good, "flat": flat, "wrong": wrong}, y)
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights[0] > 0.99 and weights[2] < weights[1] + 1e-6
+    # Two equally good heads share the weight; nothing to fit on gives equal weights.
+    assert fit_head_weights({"a": good, "b": good.clone()}, y) == pytest.approx([0.5, 0.5])
+    assert fit_head_weights({"a": good, "b": flat}, y[:0]) == [0.5, 0.5]
+
+
+def test_leave_one_out_logits_leave_the_image_out_of_its_own_class_mean() -> None:
+    from crasmra.finetune import leave_one_out_logits
+
+    h = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0], [5.0, 5.0]])
+    y = torch.tensor([0, 0, 1, 1, 2])  # class 2 has one image: it has no left-out mean
+    counts = torch.bincount(y, minlength=3).float()
+    sums = torch.zeros(3, 2).index_add_(0, y, h)
+    center = torch.zeros(2)
+    logits, kept = leave_one_out_logits(h, y, sums, counts, center)
+    assert kept.tolist() == [True, True, True, True, False]
+    # Image 0's own class mean without it is image 1 (3, 0): same direction, logit |h| = 1.
+    assert float(logits[0, 0]) == pytest.approx(1.0)
+    # Its logit for class 1 uses class 1's full mean (0, 3): orthogonal.
+    assert float(logits[0, 1]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_head_weights_weigh_the_combined_prediction_and_travel_with_the_config() -> None:
+    from crasmra.model import CRASMRANet
+    from crasmra.outputs import ModelOutput
+
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    out = ModelOutput(stage_logits=(a,), concat_logits=b, features=(), head_weights=(0.25, 0.75))
+    expected = 0.25 * a.softmax(-1) + 0.75 * b.softmax(-1)
+    assert torch.allclose(out.probs, expected)
+    plain_mean = ModelOutput(stage_logits=(a,), concat_logits=b, features=())
+    assert torch.allclose(plain_mean.probs, (a.softmax(-1) + b.softmax(-1)) / 2)
+
+    net = _net("cra-smra")
+    with pytest.raises(ValueError, match="one weight per head"):
+        net.set_head_weights([1.0, 1.0])
+    net.set_head_weights([0, 0, 2, 2])
+    assert net.head_weights == (0.0, 0.0, 0.5, 0.5)
+    assert net.config["head_weights"] == [0.0, 0.0, 0.5, 0.5]
+    rebuilt = CRASMRANet(**net.config)
+    assert rebuilt.head_weights == net.head_weights
+    x = torch.randn(2, 3, 32, 32)
+    net.eval()
+    output = net(x)
+    assert output.head_weights == (0.0, 0.0, 0.5, 0.5)
+    expected = (output.logits[2].softmax(-1) + output.logits[3].softmax(-1)) / 2
+    assert torch.allclose(output.probs, expected)
+    net.reset_classifier(5)
+    assert net.head_weights is None and net.config["head_weights"] is None
+
+
+@pytest.mark.parametrize("bad", [[1.0, -1.0, 1.0, 1.0], [0, 0, 0, 0], [float("nan"), 1, 1, 1]])
+def test_bad_head_weights_are_refused(bad: list[float]) -> None:
+    from crasmra.model import NetConfig
+
+    with pytest.raises(ValueError, match="head_weights"):
+        NetConfig(backbone="resnet10t", num_classes=3, head_weights=bad)
+
+
+def test_engine_fits_the_combination_at_imprinting_and_checkpoints_it(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    dm = FGVCDataModule(**TINY_DATA)
+    module = CRASMRAModule(
+        backbone="resnet10t", pretrained=False, num_classes=dm.num_classes, head_channels=16,
+        head_hidden=16, head_init="imprint", combine="fitted",
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_train_batches=1,
+    )
+    trainer.fit(module, datamodule=dm)
+    weights = module.net.head_weights
+    assert weights is not None and sum(weights) == pytest.approx(1.0)
+    assert weights != (0.25,) * 4
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["crasmra"]["net_config"]["head_weights"] == list(weights)
+    # A resumed module gets them back from the checkpoint.
+    fresh = CRASMRAModule(backbone="resnet10t", num_classes=dm.num_classes, head_channels=16,
+                          head_hidden=16, head_init="imprint", combine="fitted")
+    fresh.on_load_checkpoint(checkpoint)
+    assert fresh.net.head_weights == weights
+    with pytest.raises(ValueError, match=r"--model\.head_init imprint"):
+        CRASMRAModule(backbone="resnet10t", num_classes=3, combine="fitted")
