@@ -320,3 +320,24 @@ def test_engine_fits_the_combination_at_imprinting_and_checkpoints_it(tmp_path: 
     assert fresh.net.head_weights == weights
     with pytest.raises(ValueError, match=r"--model\.head_init imprint"):
         CRASMRAModule(backbone="resnet10t", num_classes=3, combine="fitted")
+
+
+def test_imprinting_leaves_the_training_loaders_epochs_alone(tmp_path: Path) -> None:
+    """With loader workers, the run trains every epoch it was asked for, numbered from 0."""
+    L.seed_everything(0)
+    dm = FGVCDataModule(**{**TINY_DATA, "num_workers": 1})
+    module = CRASMRAModule(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
+                           head_hidden=8, head_init="imprint")
+    epochs: list[int] = []
+
+    class Epochs(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            epochs.append(trainer.current_epoch)
+
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_train_batches=2, callbacks=[Epochs()],
+    )
+    trainer.fit(module, datamodule=dm)
+    assert epochs == [0, 1] and trainer.global_step == 4

@@ -514,7 +514,17 @@ class CRASMRAModule(L.LightningModule):
 
     def _imprint_heads(self) -> None:
         trainer = self.trainer
-        loader = trainer.train_dataloader
+        train_loader = trainer.train_dataloader
+        # A loader of its own over the training set, in order and in this process: iterating
+        # the trainer's loader here would start its (persistent) workers and its sampler's
+        # epoch out of turn.
+        loader = torch.utils.data.DataLoader(
+            train_loader.dataset,
+            batch_size=train_loader.batch_size or 1,
+            shuffle=False,
+            num_workers=0,
+            collate_fn=train_loader.collate_fn,
+        )
 
         def batches() -> Any:
             for batch in loader:
@@ -523,9 +533,11 @@ class CRASMRAModule(L.LightningModule):
                     images = images.contiguous(memory_format=torch.channels_last)
                 yield images, target
 
-        report = imprint_classifiers(
-            self.net, batches, self.hparams.num_classes, self.hparams.imprint_logit_scale
-        )
+        # The training transform's random draws must not shift the training run's own.
+        with torch.random.fork_rng(devices=[]):
+            report = imprint_classifiers(
+                self.net, batches, self.hparams.num_classes, self.hparams.imprint_logit_scale
+            )
         log.info(
             "Imprinted the heads with the class means of their features (nearest class mean "
             "on the training images, logit scale): %s.",
