@@ -103,3 +103,60 @@ def test_frozen_batchnorm_statistics_with_a_training_backbone(tmp_path: Path) ->
     # The heads' own BatchNorm layers are not the backbone's: they keep training mode.
     heads = _changed(initial.net.heads, trained.net.heads)
     assert any(v for k, v in heads.items() if k.endswith("running_mean"))
+
+
+def test_the_paper_recipe_updates_the_backbones_batchnorm_statistics(tmp_path: Path) -> None:
+    """By default (the paper's recipe) the backbone's BatchNorm layers train: their running
+    statistics follow the batches, as in any fine-tune that does not freeze them."""
+    module = CRASMRAModule(backbone="resnet10t", num_classes=3)
+    assert module.hparams.freeze_backbone_bn is False
+    module.train()
+    norms = [m for m in module.net.backbone.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(m.training for m in norms)
+    initial, trained = _fit(tmp_path, epochs=1)
+    backbone = _changed(initial.net.backbone, trained.net.backbone)
+    stats = {k: v for k, v in backbone.items() if k.endswith(("running_mean", "running_var"))}
+    assert stats and all(stats.values()), [k for k, v in stats.items() if not v]
+
+
+class _BackboneModes(L.Callback):
+    """The training flags of the backbone's BatchNorm layers and its requires_grad, per batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool, bool]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        norms = [m for m in module.net.backbone.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        conv = next(p for n, p in module.net.backbone.named_parameters() if "conv" in n)
+        self.seen.append((trainer.global_step, any(m.training for m in norms), conv.requires_grad))
+
+
+def test_a_run_resumed_inside_an_epoch_keeps_the_freezing_and_batchnorm_policies(
+    tmp_path: Path,
+) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(ckpt_path: str | None, max_steps: int) -> _BackboneModes:
+        L.seed_everything(0)
+        dm = FGVCDataModule(**TINY_DATA)
+        module = CRASMRAModule(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
+                               head_hidden=8, freeze_backbone_bn=True, freeze_backbone_epochs=1)
+        modes = _BackboneModes()
+        trainer = L.Trainer(
+            default_root_dir=tmp_path, max_epochs=2, max_steps=max_steps, accelerator="cpu",
+            logger=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, num_sanity_val_steps=0,
+            callbacks=[modes, ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1,
+                                              save_top_k=-1, filename="{step}")],
+        )
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return modes
+
+    fit(None, max_steps=1)  # one step of the first (frozen) epoch, then "killed"
+    resumed = fit(str(tmp_path / "ck" / "step=1.ckpt"), max_steps=3)
+    # The resumed steps of the first epoch still have the backbone frozen and its BatchNorm
+    # layers in eval mode.
+    assert resumed.seen[0][0] == 1
+    assert resumed.seen[0][1:] == (False, False)

@@ -507,6 +507,10 @@ class CRASMRAModule(L.LightningModule):
             self._suppression.apply(self.net, self.global_step)
 
     def on_train_start(self) -> None:
+        # A run resumed inside an epoch (step-interval checkpoints) continues it without an
+        # epoch-start hook: the freezing and BatchNorm policies must be in force from here.
+        self._set_backbone_frozen(self.current_epoch < self.hparams.freeze_backbone_epochs)
+        self.train()
         self._suppression.apply(self.net, self.global_step)
         # A resumed run restores imprinted (and trained) weights from its checkpoint.
         if self.hparams.head_init == "imprint" and self.global_step == 0:
