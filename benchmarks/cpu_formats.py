@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from benchlib import Candidate, environment, markdown_table, time_alternating
-from crasmra.cpu import cpu_bf16_support, cpu_flags_summary, plan_compute
+from crasmra.cpu import cpu_bf16_support, cpu_flags_summary, keep_freed_memory, plan_compute
 from train_step import StepConfig, TrainStep
 
 #: backbone:size:batch, as each is trained here (lite0 and resnet50 at the real-data recipes'
@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bf16", choices=("auto", "always", "never"), default="auto",
                         help="time bf16 autocast: where the CPU has it natively (auto), "
                         "always, or never")
+    parser.add_argument("--allocator", choices=("keep", "default"), default="keep",
+                        help="keep freed memory for reuse as crasmra's commands do "
+                        "(crasmra.cpu.keep_freed_memory), or glibc's defaults")
     parser.add_argument("--infer-batch", type=int, default=32)
     parser.add_argument("--num-classes", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=1)
@@ -148,6 +151,7 @@ def tables(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    kept = keep_freed_memory() if args.allocator == "keep" else False
     native = cpu_bf16_support()
     dtypes = ["fp32"] + (["bf16"] if args.bf16 == "always" or (args.bf16 == "auto" and native)
                          else [])
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     text = (
         "; ".join(f"{k}: {v}" for k, v in env.items())
-        + f"; CPU flags: {cpu_flags_summary()}; native bf16: {native}; load average at the "
+        + f"; CPU flags: {cpu_flags_summary()}; native bf16: {native}; allocator: "
+        f"{'freed memory kept' if kept else 'glibc defaults'}; load average at the "
         f"end: {load}; {time.time() - start:.0f} s\n\n{tables(rows)}\n"
     )
     print(text)

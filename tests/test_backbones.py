@@ -144,3 +144,42 @@ def test_pretrained_true_uses_timm_loader(monkeypatch) -> None:
     monkeypatch.setattr("timm.models._builder.load_pretrained", lambda *a, **k: calls.append(1))
     StagedBackbone("resnet18", pretrained=True)
     assert calls == [1]
+
+
+def test_final_features_run_the_last_stage_to_timms_feature_map() -> None:
+    """EfficientNet's last stage then ends after conv_head and bn2, as forward_features does."""
+    import timm
+
+    torch.manual_seed(0)
+    staged = StagedBackbone("tf_efficientnet_lite0", final_features=True).eval()
+    reference = timm.create_model("tf_efficientnet_lite0").eval()
+    reference.load_state_dict(staged.model.state_dict(), strict=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        last = staged(x)[-1]
+        expected = reference.forward_features(x)
+    assert staged.stage_channels[-1] == reference.num_features == 1280
+    assert last.shape == expected.shape and torch.allclose(last, expected, atol=1e-5)
+    # Without the switch the last stage is the last block's output (320 channels).
+    assert StagedBackbone("tf_efficientnet_lite0").stage_channels[-1] == 320
+    # A ResNet's last stage already is its feature map; a MobileNetV3 pools first.
+    assert StagedBackbone("resnet10t", final_features=True).stage_channels[-1] == 512
+    assert StagedBackbone("mobilenetv3_small_050", final_features=True).stage_channels[-1] == 288
+
+
+def test_final_features_need_the_last_feature_stage() -> None:
+    with pytest.raises(ValueError, match="final_features"):
+        StagedBackbone("tf_efficientnet_lite0", stage_indices=[1, 2, 3], final_features=True)
+
+
+def test_final_features_weights_load_from_a_timm_file(tmp_path) -> None:
+    """conv_head and bn2 are part of the network now: a weights file's values reach them."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = timm.create_model("tf_efficientnet_lite0")
+    path = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(path))
+    staged = StagedBackbone("tf_efficientnet_lite0", pretrained=str(path), final_features=True)
+    assert torch.equal(staged.model.conv_head.weight, source.conv_head.weight)

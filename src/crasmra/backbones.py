@@ -188,6 +188,29 @@ def _plan_segments(
     return tuple(segments), tuple(paths[start:])
 
 
+#: Names of timm's pooling and classifier modules: where ``forward_features`` ends.
+_HEAD_MODULES = frozenset({
+    "global_pool", "head", "fc", "classifier", "head_drop", "flatten", "fc_norm",
+    "pre_logits", "last_linear",
+})
+
+
+def _feature_tail(tail: Sequence[str]) -> tuple[str, ...]:
+    """The modules after the last feature stage that timm's ``forward_features`` still runs.
+
+    Those before the first pooling or classifier module: EfficientNet's ``conv_head`` and
+    ``bn2`` (the 1x1 convolution to the 1280 features its classifier reads), ConvNeXt's
+    ``norm_pre``, RegNet's ``final_conv``; nothing for ResNet or MobileNetV3, whose pooling
+    comes first.
+    """
+    kept = []
+    for path in tail:
+        if path.rsplit(".", 1)[-1] in _HEAD_MODULES:
+            break
+        kept.append(path)
+    return tuple(kept)
+
+
 def _create_timm_model(name: str, pretrained: PretrainedArg) -> nn.Module:
     if pretrained is True:
         try:
@@ -289,6 +312,11 @@ class StagedBackbone(nn.Module):
         stage_indices: 0-based feature_info indices to expose; default the last three.
         num_classes: None (default) to drop timm's head; an int to keep timm's own head
             (``forward_head``) with its classifier reset to that many classes.
+        final_features: The last selected stage (which must be the model's last feature
+            stage) runs on to where timm's ``forward_features`` ends, so that it gives the
+            features timm's classifier reads: EfficientNet's 1280 channels after ``conv_head``
+            and ``bn2`` instead of its last block's 320 (see :func:`_feature_tail`). No change
+            for models whose last stage is already that (ResNet).
 
     Attributes:
         model: The (trimmed) timm model; its state dict keys are timm's.
@@ -306,6 +334,7 @@ class StagedBackbone(nn.Module):
         pretrained: PretrainedArg = False,
         stage_indices: Sequence[int] | None = None,
         num_classes: int | None = None,
+        final_features: bool = False,
     ) -> None:
         super().__init__()
         check_backbone_name(name)
@@ -314,6 +343,18 @@ class StagedBackbone(nn.Module):
         indices = resolve_stage_indices(len(info), stage_indices, name)
         taps = [info[i]["module"] for i in indices]
         self._segments, tail = _plan_segments(model, taps, name)
+        channels = [int(info[i]["num_chs"]) for i in indices]
+        if final_features and num_classes is None:
+            if indices[-1] != len(info) - 1:
+                raise ValueError(
+                    f"final_features needs the last attended stage to be {name!r}'s last "
+                    f"feature stage (index {len(info) - 1}); stage_indices are {list(indices)}."
+                )
+            extra = _feature_tail(tail)
+            if extra:
+                self._segments = (*self._segments[:-1], (*self._segments[-1], *extra))
+                tail = tuple(p for p in tail if p not in extra)
+                channels[-1] = int(model.num_features)
         self.keeps_head = num_classes is not None
         # Module paths of timm's classifier: their keys in a weights file never have to fit.
         self._classifier: tuple[str, ...] = ()
@@ -333,7 +374,7 @@ class StagedBackbone(nn.Module):
         self.num_feature_stages = len(info)
         self.stage_indices = indices
         self.stage_names = tuple(f"stage{i + 1}" for i in indices)
-        self.stage_channels = tuple(int(info[i]["num_chs"]) for i in indices)
+        self.stage_channels = tuple(channels)
         self.stage_reductions = tuple(int(info[i]["reduction"]) for i in indices)
         cfg = timm.data.resolve_model_data_config(model)
         self.data_config: dict[str, Any] = {

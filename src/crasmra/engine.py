@@ -123,6 +123,10 @@ class CRASMRAModule(L.LightningModule):
         stage_indices: Feature stages that get attention and a head (default: the last three).
         attention_options: Further options of the attention module (for registered modules
             with options of their own), e.g. ``{gain: 2.0}``.
+        final_features: The last attended stage ends where timm's ``forward_features`` ends
+            (EfficientNet: after its final 1x1 convolution to 1280 channels), so that its head
+            reads what the pretrained classifier reads. Not part of the paper's recipe (whose
+            ResNets it does not change).
         head_weights: Weights of the heads in the combined prediction (stage heads, then
             concat), e.g. ``[0, 0, 1, 0]``; None for the paper's mean of the softmaxes.
             ``combine: fitted`` sets them.
@@ -209,6 +213,7 @@ class CRASMRAModule(L.LightningModule):
         suppress_source: Literal["input", "enhanced"] = NetConfig.suppress_source,
         stage_indices: Sequence[int] | None = NetConfig.stage_indices,
         attention_options: dict[str, Any] | None = NetConfig.attention_options,
+        final_features: bool = NetConfig.final_features,
         head_weights: list[float] | None = NetConfig.head_weights,
         lr_backbone: float = 2e-4,
         lr_attention: float = 6e-3,

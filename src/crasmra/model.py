@@ -157,6 +157,11 @@ class NetConfig:
             ``x_s = S * (I * X)``. See :class:`~crasmra.layers.CRAM`.
         attention_options: Further keyword options of the attention module, for modules
             registered with options of their own (see :mod:`crasmra.layers.registry`).
+        final_features: The last attended stage runs on to where timm's ``forward_features``
+            ends, so that its head reads the features the pretrained classifier reads
+            (EfficientNet: 1280 channels after its final 1x1 convolution, instead of the last
+            block's 320); no change for ResNets. Ours, for backbones whose last feature stage
+            is not their final feature map.
         head_weights: Weights of the heads (stage heads, then concat; plain: its one head)
             in the combined prediction, non-negative, normalised to sum 1; None for the
             paper's mean of the softmaxes. Set by ``--model.combine fitted``
@@ -178,6 +183,7 @@ class NetConfig:
     delta: float = DEFAULT_DELTA
     suppress_source: str = "input"
     attention_options: dict[str, Any] | None = None
+    final_features: bool = False
     head_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
@@ -228,6 +234,8 @@ class NetConfig:
                 f"{self.suppress_source!r}: 'input' gives CRAM's x_s = S * X (default), "
                 "'enhanced' gives x_s = S * (I * X)."
             )
+        if not isinstance(self.final_features, bool):
+            raise ValueError(f"final_features must be true or false, got {self.final_features!r}.")
         if self.head_weights is not None:
             self.head_weights = normalized_head_weights(self.head_weights)
         if self.attention_options is not None and not isinstance(self.attention_options, dict):
@@ -362,6 +370,7 @@ class CRASMRANet(nn.Module):
             stage_indices=cfg.stage_indices,
             # "plain" keeps timm's own head, its classifier reset to K classes.
             num_classes=num_classes if plain else None,
+            final_features=bool(cfg.final_features),
         )
         self.variant = variant
         self.num_classes = num_classes
