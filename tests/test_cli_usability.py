@@ -263,3 +263,29 @@ def test_a_missing_extra_is_one_line_for_both_installs(
     assert "Traceback" not in err and len(errors) == 1, err
     assert f'pip install "crasmra[{extra}]"' in errors[0]
     assert f'pip install -e ".[{extra}]"' in errors[0]
+
+
+def test_own_warnings_are_one_log_line_without_a_source_line(capsys) -> None:
+    import os
+    import warnings
+
+    from crasmra import cli
+    from crasmra.data import base
+
+    cli._configure_logging()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        base.warn_counts("cub", [("classes", 10, 200), ("training images", 148, 5994),
+                                 ("test images", 145, 145)])
+    assert len(caught) == 1  # the mismatching counts together, the matching one left out
+    w = caught[0]
+    message = str(w.message)
+    assert "found 10 classes" in message and "found 148 training images" in message
+    assert "test images" not in message
+    inside = os.path.join(cli._PACKAGE_DIR, "data", "benchmarks.py")  # where a dataset warns
+    cli._show_warning(w.message, w.category, inside, 1)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("WARNING crasmra") and "cub: found" in err
+    # Warnings from elsewhere keep Python's format (file, line number and category).
+    cli._show_warning(UserWarning("x"), UserWarning, os.path.abspath(__file__), 1)
+    assert "UserWarning" in capsys.readouterr().err

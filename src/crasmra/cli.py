@@ -135,6 +135,28 @@ def _configure_logging() -> None:
     )
     # Raised inside Lightning's own utilities on current torch; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # crasmra's own warnings are messages to the user: one log line each, without Python's
+    # file name and source line.
+    warnings.showwarning = _show_warning
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+        log.warning("%s", message)
+        return
+    # Python's own format, as warnings.showwarning writes it.
+    stream = file if file is not None else sys.stderr
+    stream.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -289,12 +289,19 @@ def _listing(paths: Sequence[str]) -> str:
     return shown + (f"\n  ... and {more} more" if more > 0 else "")
 
 
-def warn_count(dataset: str, what: str, found: int, official: int) -> None:
-    """Warn when a split's size differs from the official count."""
-    if found != official:
+def warn_counts(dataset: str, counts: Sequence[tuple[str, int, int]]) -> None:
+    """One warning naming every split whose size differs from the official count.
+
+    Args:
+        dataset: The dataset's name.
+        counts: ``(what, found, official)`` per count, e.g. ``("test images", 145, 5794)``.
+    """
+    differ = [f"found {found} {what}, the official count is {official}"
+              for what, found, official in counts if found != official]
+    if differ:
         warnings.warn(
-            f"{dataset}: found {found} {what}, the official count is {official}; "
-            "the annotation files may be modified or from another release",
+            f"{dataset}: " + "; ".join(differ)
+            + "; the annotation files may be a subset, modified or from another release",
             stacklevel=3,
         )
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from crasmra.data.base import Annotations, Record, check_files_exist, warn_count
+from crasmra.data.base import Annotations, Record, check_files_exist, warn_counts
 from crasmra.data.errors import DatasetRootError, read_utf8
 
 __all__ = ["BENCHMARKS", "OFFICIAL_COUNTS", "load_benchmark"]
@@ -225,9 +225,11 @@ def _finish(
 ) -> Annotations:
     """Count warnings and the image-existence check shared by the four benchmarks."""
     official = OFFICIAL_COUNTS[name]
-    warn_count(name, "classes", len(classes), official_classes or official["classes"])
-    warn_count(name, "training images", len(train), official["train"])
-    warn_count(name, "test images", len(test), official["test"])
+    warn_counts(name, [
+        ("classes", len(classes), official_classes or official["classes"]),
+        ("training images", len(train), official["train"]),
+        ("test images", len(test), official["test"]),
+    ])
     if check_files:
         if not image_dir.is_dir():
             raise _layout_error(name, root, [f"the image folder {image_dir}"])
