@@ -119,7 +119,8 @@ def normalized_head_weights(weights: Sequence[float]) -> list[float]:
         raise ValueError(f"head_weights must be a list of numbers, got {weights!r}.") from err
     if not values or any(not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
         raise ValueError(
-            f"head_weights must be finite numbers >= 0 with a positive sum, got {weights!r}."
+            f"head_weights must be finite numbers >= 0 with a positive sum, got {weights!r}; "
+            "change --model.head_weights."
         )
     total = sum(values)
     return [w / total for w in values]
@@ -210,23 +211,35 @@ class NetConfig:
         """Validate everything that does not need the backbone; raise ValueError with a fix."""
         variants = variant_names()
         if self.variant not in variants:
-            raise ValueError(f"Unknown variant {self.variant!r}; choose one of {variants}.")
+            raise ValueError(
+                f"Unknown variant {self.variant!r}; choose one of {variants} (--model.variant)."
+            )
         if not _is_int(self.num_classes) or self.num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, got {self.num_classes!r}.")
         for key in ("head_channels", "head_hidden", "reduction"):
             value = getattr(self, key)
             if not _is_int(value) or value < 1:
-                raise ValueError(f"{key} must be an int >= 1, got {value!r}.")
+                raise ValueError(f"{key} must be an int >= 1, got {value!r}; change --model.{key}.")
         omega, delta = self.omega, self.delta
         if not isinstance(omega, Real) or isinstance(omega, bool) or not 0.0 <= omega <= 1.0:
-            raise ValueError(f"omega must be a number in [0, 1] (paper: 0.5), got {omega!r}.")
+            raise ValueError(
+                f"omega must be a number in [0, 1] (paper: 0.5), got {omega!r}; change "
+                "--model.omega."
+            )
         if not isinstance(delta, Real) or isinstance(delta, bool) or not 0.0 < delta <= 1.0:
-            raise ValueError(f"delta must be a number in (0, 1] (paper: 0.9), got {delta!r}.")
+            raise ValueError(
+                f"delta must be a number in (0, 1] (paper: 0.9), got {delta!r}; change "
+                "--model.delta."
+            )
         if self.head_pool not in HEAD_POOLS:
-            raise ValueError(f"head_pool must be one of {HEAD_POOLS}, got {self.head_pool!r}.")
+            raise ValueError(
+                f"head_pool must be one of {HEAD_POOLS}, got {self.head_pool!r}; change "
+                "--model.head_pool."
+            )
         if self.conv_layer not in CONV_LAYERS:
             raise ValueError(
-                f"conv_layer must be one of {CONV_LAYERS}, got {self.conv_layer!r}."
+                f"conv_layer must be one of {CONV_LAYERS}, got {self.conv_layer!r}; change "
+                "--model.conv_layer."
             )
         if self.suppress_source not in SUPPRESS_SOURCES:
             raise ValueError(
@@ -235,7 +248,10 @@ class NetConfig:
                 "'enhanced' gives x_s = S * (I * X)."
             )
         if not isinstance(self.final_features, bool):
-            raise ValueError(f"final_features must be true or false, got {self.final_features!r}.")
+            raise ValueError(
+                f"final_features must be true or false, got {self.final_features!r}; change "
+                "--model.final_features."
+            )
         if self.head_weights is not None:
             self.head_weights = normalized_head_weights(self.head_weights)
         if self.attention_options is not None and not isinstance(self.attention_options, dict):
