@@ -289,3 +289,18 @@ def test_own_warnings_are_one_log_line_without_a_source_line(capsys) -> None:
     # Warnings from elsewhere keep Python's format (file, line number and category).
     cli._show_warning(UserWarning("x"), UserWarning, os.path.abspath(__file__), 1)
     assert "UserWarning" in capsys.readouterr().err
+
+
+def test_options_of_another_dataset_say_how_to_clear_them(tmp_path, capsys) -> None:
+    """configs/demo.yaml's synthetic options with --data.dataset folder: one line that says
+    --data.options '{}' clears them."""
+    from conftest import REPO, run_cli
+
+    root = tmp_path / "photos"
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+    code = run_cli(["fit", f"--config={REPO / 'configs/demo.yaml'}", "--data.dataset=folder",
+                    f"--data.root={root}", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "does not take option(s)" in err[-1] and "--data.options '{}'" in err[-1]

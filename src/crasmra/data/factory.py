@@ -117,9 +117,12 @@ def check_options(name: str, options: dict[str, Any]) -> None:
     allowed = SYNTHETIC_OPTIONS if name == "synthetic" else _DATASETS[name].options | {"bbox_crop"}
     unknown = sorted(set(options) - allowed)
     if unknown:
+        # The usual cause: a config written for another dataset (the demo's synthetic
+        # options) with only --data.dataset changed on the command line.
         raise ValueError(
             f"dataset {name!r} does not take option(s) {unknown}; it takes: "
-            f"{', '.join(sorted(allowed)) or 'none'}"
+            f"{', '.join(sorted(allowed)) or 'none'}. Options set by a config for another "
+            "dataset are cleared with --data.options '{}'"
         )
     if options.get("bbox_crop") and (name == "synthetic" or not _DATASETS[name].bbox):
         with_boxes = sorted(n for n, d in _DATASETS.items() if d.bbox)
