@@ -239,6 +239,7 @@ def test_fit_head_weights_prefers_the_head_that_predicts_held_out_images() -> No
     # Two equally good heads share the weight; nothing to fit on gives equal weights.
     assert fit_head_weights({"a": good, "b": good.clone()}, y) == pytest.approx([0.5, 0.5])
     assert fit_head_weights({"a": good, "b": flat}, y[:0]) == [0.5, 0.5]
+    assert fit_head_weights({"a": good, "b": flat}, y[:0], fallback=[0, 2]) == [0.0, 1.0]
 
 
 def test_leave_one_out_logits_leave_the_image_out_of_its_own_class_mean() -> None:
@@ -341,3 +342,18 @@ def test_imprinting_leaves_the_training_loaders_epochs_alone(tmp_path: Path) -> 
     )
     trainer.fit(module, datamodule=dm)
     assert epochs == [0, 1] and trainer.global_step == 4
+
+
+def test_with_one_image_per_class_the_last_stages_head_decides(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    dm = FGVCDataModule(**{**TINY_DATA, "options": {**TINY_DATA["options"],
+                                                    "samples_per_class": 1}})
+    module = CRASMRAModule(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
+                           head_hidden=8, head_init="imprint", combine="fitted")
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_train_batches=1,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert module.net.head_weights == (0.0, 0.0, 1.0, 0.0)

@@ -169,7 +169,8 @@ class CRASMRAModule(L.LightningModule):
             training images' leave-one-out predictions at imprinting
             (:func:`crasmra.finetune.fit_head_weights`), so that heads whose features
             separate the classes poorly cannot drag the combined prediction below the good
-            ones. Not part of the paper's recipe.
+            ones; with a single image per class (nothing to hold out) the last stage's head
+            alone. Not part of the paper's recipe.
         suppression_warmup_epochs: CRAM's omega rises linearly from 1 (no suppression) to
             ``omega`` over this many epochs (:class:`crasmra.finetune.SuppressionWarmup`);
             validation, test and checkpoints always use ``omega``. Not part of the paper's
@@ -553,7 +554,12 @@ class CRASMRAModule(L.LightningModule):
             report.describe(),
         )
         if self.hparams.combine == "fitted" and len(self.net.head_names) > 1:
-            weights = fit_head_weights(report.loo_probs, report.loo_labels)
+            # With a single photo per class nothing can be held out: the head that reads the
+            # backbone's last stage then decides alone (with final_features it is the nearest
+            # class mean of the pretrained classifier's features).
+            last_stage = [0.0] * len(self.net.head_names)
+            last_stage[len(self.net.stage_names) - 1] = 1.0
+            weights = fit_head_weights(report.loo_probs, report.loo_labels, fallback=last_stage)
             self.net.set_head_weights(weights)
             log.info(
                 "Combined prediction: the heads weighted %s (fitted to the leave-one-out "

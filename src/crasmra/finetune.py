@@ -17,7 +17,7 @@ Not part of the paper's recipe; each is a switch of the training engine, off by 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -325,7 +325,10 @@ def fit_logit_scale(
 
 
 def fit_head_weights(
-    probs: dict[str, Tensor], labels: Tensor, iterations: int = 200
+    probs: dict[str, Tensor],
+    labels: Tensor,
+    iterations: int = 200,
+    fallback: Sequence[float] | None = None,
 ) -> list[float]:
     """Mixture weights of the heads that maximise the likelihood of held-out predictions.
 
@@ -333,12 +336,14 @@ def fit_head_weights(
     log-likelihood is concave in ``w`` on the simplex, and the EM update
     ``w_h <- mean_i w_h p_h(y_i | x_i) / sum_g w_g p_g(y_i | x_i)`` climbs to its maximum.
     Fitted on leave-one-out predictions (:class:`ImprintReport`), a head that separates
-    the classes poorly gets a small weight. Equal weights when there is nothing to fit on.
+    the classes poorly gets a small weight.
 
     Args:
         probs: Per head, (M, K) probabilities of M held-out images (in head order).
         labels: (M,) their classes.
         iterations: EM steps.
+        fallback: The weights when there is nothing to fit on (every class has a single
+            image); None gives equal weights.
 
     Returns:
         One weight per head of ``probs``, in its order, summing to 1.
@@ -347,6 +352,9 @@ def fit_head_weights(
     if not names:
         return []
     if labels.numel() == 0:
+        if fallback is not None:
+            total = float(sum(fallback))
+            return [float(w) / total for w in fallback]
         return [1.0 / len(names)] * len(names)
     rows = torch.arange(labels.numel())
     # (H, M): each head's probability of the true class, floored so that no image has none.
