@@ -178,3 +178,26 @@ def test_plain_checkpoint_exports_to_every_format(plain_checkpoint: Path, batch:
     assert reloaded.variant == "plain" and reloaded.classes == plain.classes
     with torch.inference_mode():
         assert torch.equal(reloaded(batch).probs, reference.probs)
+
+
+def test_head_weights_reach_every_export(model: CRASMRANet, batch: torch.Tensor,
+                                         tmp_path: Path) -> None:
+    """A fitted combination is part of the exported prediction and of a re-loaded model."""
+    import onnxruntime as ort
+
+    model.set_head_weights([0.0, 0.0, 1.0, 0.0])  # the stage-5 head alone
+    try:
+        with torch.inference_mode():
+            output = model(batch)
+        stage5 = output.logits[2].float().softmax(-1)
+        torch.testing.assert_close(output.probs, stage5)
+        onnx = export_model(model, "onnx", tmp_path / "model.onnx")
+        session = ort.InferenceSession(str(onnx.path), providers=["CPUExecutionProvider"])
+        got = session.run(["probs"], {"images": batch.numpy()})[0]
+        np.testing.assert_allclose(got, stage5.numpy(), atol=1e-4)
+        scripted = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.pt").path))
+        torch.testing.assert_close(scripted(batch), stage5, atol=1e-4, rtol=0)
+        saved = export_model(model, "safetensors", tmp_path / "m.safetensors").path
+        assert load_model(saved).head_weights == (0.0, 0.0, 1.0, 0.0)
+    finally:
+        model.set_head_weights(None)

@@ -68,8 +68,8 @@ class ModelOutput:
 
         For ``"plain"`` this is the softmax of its one classifier.
         """
-        stacked = torch.stack([lg.float().softmax(dim=-1) for lg in self.logits])  # (H, B, K)
+        probs = [lg.float().softmax(dim=-1) for lg in self.logits]  # H x (B, K)
         if self.head_weights is None:
-            return stacked.mean(dim=0)
-        weights = torch.tensor(self.head_weights, dtype=stacked.dtype, device=stacked.device)
-        return (weights.view(-1, 1, 1) * stacked).sum(dim=0)
+            return torch.stack(probs).mean(dim=0)
+        # Python floats, not a tensor: a traced or exported graph keeps them as constants.
+        return sum(w * p for w, p in zip(self.head_weights, probs, strict=True))
