@@ -11,10 +11,115 @@ from typing import Any
 
 from crasmra.errors import UsageError
 
-__all__ = ["BASE_KEY", "deep_merge", "expand_config_args", "load_config"]
+__all__ = [
+    "BASE_KEY",
+    "MAX_YAML_NODES",
+    "check_yaml_text",
+    "config_files",
+    "deep_merge",
+    "expand_config_args",
+    "load_config",
+    "load_yaml",
+]
 
 
 BASE_KEY = "__base__"
+#: The most nodes a YAML document may hold once its aliases (``*name``) are expanded. A real
+#: config or sweep file has a few hundred; ten aliases of ten aliases of ... (a "billion
+#: laughs" file of a few hundred bytes) expand to billions, which every reader of the parsed
+#: value (merging, checking, printing) would walk.
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_size(root: Any, where: str) -> int:
+    """The number of nodes of a composed YAML node graph with every alias expanded.
+
+    Iterative, and each node's size is computed once, so a bomb costs no more than its text.
+
+    Raises:
+        UsageError: The expansion exceeds :data:`MAX_YAML_NODES`, or an alias refers to a node
+            that contains it (a recursive structure, infinite once expanded).
+    """
+    import yaml
+
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+            else:
+                children = []
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[key] > MAX_YAML_NODES:
+                raise UsageError(
+                    f"{where} expands to more than {MAX_YAML_NODES:,} values through its YAML "
+                    "aliases (*name), the mark of a YAML bomb: refused. Write the values out, or "
+                    "use fewer aliases."
+                )
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise UsageError(f"{where} holds a YAML alias (*name) inside the value it names "
+                             "(a recursive structure); write the values out instead.")
+        on_path.add(key)
+        stack.append((node, True))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, False) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend((part, False) for pair in node.value for part in pair)
+    return sizes.get(id(root), 0)
+
+
+def check_yaml_text(text: str, where: str) -> None:
+    """Refuse YAML text whose aliases expand to a huge document, or that is nested too deeply.
+
+    Only the node graph is built, by PyYAML's Python composer (each alias is a reference, so
+    this is fast for any file; nesting deeper than the recursion limit allows, a few hundred
+    levels, is refused here rather than left to a C reader that may exhaust its stack);
+    nothing is constructed.
+
+    Raises:
+        UsageError: A YAML bomb (see :data:`MAX_YAML_NODES`) or a recursive alias, or nesting
+            deeper than Python's recursion limit allows to read.
+    """
+    import yaml
+
+    try:
+        for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
+            if node is not None:
+                _expanded_size(node, where)
+    except yaml.YAMLError:
+        return  # not valid YAML: the reader that follows says why
+    except RecursionError:
+        raise UsageError(f"{where} is nested too deeply to read as YAML.") from None
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``, refusing YAML bombs and too deep nesting first.
+
+    Args:
+        text: The YAML text.
+        where: What it is, for messages (a file name, ``--set data.root=...``).
+
+    Raises:
+        UsageError: See :func:`check_yaml_text`.
+        yaml.YAMLError: The text is not valid YAML.
+    """
+    import yaml
+
+    check_yaml_text(text, where)
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise UsageError(f"{where} is nested too deeply to read as YAML.") from None
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -41,7 +146,7 @@ def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
             f"Config {path} includes itself through {BASE_KEY}: {[str(p) for p in _chain]}"
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text(), str(path)) or {}
     except yaml.YAMLError as err:
         raise UsageError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -81,7 +186,28 @@ def expand_config_args(args: Sequence[str]) -> list[str]:
             is_file = "\n" not in value and Path(value).is_file()
         except OSError:  # a YAML string rather than a path
             is_file = False
-        if is_file and BASE_KEY in (Path(value).read_text()):
+        text = Path(value).read_text() if is_file else value
+        check_yaml_text(text, f"--config {value}" if is_file else "--config")
+        if is_file and BASE_KEY in text:
             value = yaml.safe_dump(load_config(value), sort_keys=False)
         out.append(f"--config={value}")
     return out
+
+
+def config_files(args: Sequence[str]) -> list[Path]:
+    """The files named by ``--config`` in a command line (not YAML text given inline)."""
+    files: list[Path] = []
+    items = list(args)
+    for i, arg in enumerate(items):
+        if arg in ("--config", "-c") and i + 1 < len(items):
+            value = items[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        try:
+            if "\n" not in value and Path(value).is_file():
+                files.append(Path(value))
+        except OSError:
+            continue
+    return files

@@ -22,9 +22,12 @@ from typing import Any, NoReturn
 
 __all__ = [
     "CrasmraArgumentParser",
+    "allowed_class_packages",
+    "apply_parsing_rules",
     "check_class_paths",
     "did_you_mean",
     "lightning_parser_class",
+    "refused_class_path",
     "unknown_flags",
 ]
 
@@ -119,8 +122,10 @@ class CrasmraArgumentParser(argparse.ArgumentParser):
 def lightning_parser_class() -> type:
     """A ``LightningArgumentParser`` without abbreviations and with one-line errors.
 
-    Built on first use because it imports Lightning.
+    Built on first use because it imports Lightning. Building it applies
+    :func:`apply_parsing_rules` (the class-path allow-list and the YAML reader).
     """
+    apply_parsing_rules()
     from jsonargparse import ArgumentParser
     from lightning.pytorch.cli import LightningArgumentParser
 
@@ -130,6 +135,10 @@ def lightning_parser_class() -> type:
             super().__init__(*args, **kwargs)
 
         def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+            denied = _DENIED.search(message)
+            if denied:
+                # jsonargparse's own refusal, worded for its settings, not for crasmra's users.
+                message = refused_class_path(denied.group(1) or denied.group(2))
             if not self.exit_on_error:
                 ArgumentParser.error(self, message, ex)
             parser = getattr(ex, "subcommand_parser", None) or self
@@ -139,35 +148,138 @@ def lightning_parser_class() -> type:
     return CrasmraLightningArgumentParser
 
 
-#: Packages whose classes a config may name in ``class_path`` (callbacks, loggers, plugins,
-#: optimisers). jsonargparse imports a class path's module to resolve it, so an arbitrary one
-#: would run that module's code before the config is even refused.
+#: Packages whose classes and functions a config may name: in ``class_path`` (callbacks,
+#: loggers, plugins, optimisers), as a bare import path (``--trainer.callbacks=pkg.Cb``), in
+#: ``--x.help pkg.Cb``, or as a callable value (e.g. LambdaCallback's ``on_fit_start``).
+#: jsonargparse imports a path's module to resolve it, so an arbitrary one would run that
+#: module's code before anything could refuse it.
 CLASS_PATH_PACKAGES = ("crasmra", "lightning", "pytorch_lightning", "torch", "torchmetrics", "timm")
 #: Environment variable naming further packages (comma-separated), e.g. your own callbacks'.
 CLASS_PATH_ENV = "CRASMRA_CLASS_PACKAGES"
 #: Options that take a class (by path or as ``{class_path: ..., init_args: ...}``).
 _CLASS_OPTIONS = ("trainer.callbacks", "trainer.logger", "trainer.plugins", "trainer.strategy",
                   "trainer.profiler", "trainer.accelerator", "optimizer", "lr_scheduler")
+#: jsonargparse's refusal of an import path (see apply_parsing_rules).
+_DENIED = re.compile(
+    r"Importing '([\w.]+)' is not allowed|class_path '([\w.]+)' is outside the packages")
 _DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
+#: The oldest jsonargparse that enforces an import-path allow-list on parsed values.
+_POLICY_JSONARGPARSE = "4.53"
+#: Packages of $CRASMRA_CLASS_PACKAGES allowed earlier in this process (see apply_parsing_rules).
+_allowed_before: set[str] = set()
 
 
-def _walk_class_paths(node: Any) -> Iterable[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "class_path" and isinstance(value, str):
-                yield value
-            else:
-                yield from _walk_class_paths(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _walk_class_paths(item)
+def allowed_class_packages() -> tuple[str, ...]:
+    """:data:`CLASS_PATH_PACKAGES` and the packages listed in ``$CRASMRA_CLASS_PACKAGES``.
+
+    Raises:
+        UsageError: An entry of the variable is not a module name.
+    """
+    import os
+
+    from crasmra.errors import UsageError
+
+    extra = [p.strip() for p in os.environ.get(CLASS_PATH_ENV, "").split(",") if p.strip()]
+    for entry in extra:
+        if not all(part.isidentifier() for part in entry.split(".")) or \
+                entry.split(".", 1)[0] == "jsonargparse":
+            raise UsageError(f"${CLASS_PATH_ENV} lists {entry!r}, which is not the name of a "
+                             "package or module (e.g. mypackage or mypackage.callbacks).")
+    return (*CLASS_PATH_PACKAGES, *extra)
+
+
+def apply_parsing_rules() -> None:
+    """Make every jsonargparse parser of this process follow crasmra's two input rules.
+
+    - **Imports.** An import path given as a value, wherever jsonargparse resolves one (a
+      ``class_path``, a bare path in a list of callbacks or plugins, ``--x.help PATH``, a
+      callable such as LambdaCallback's hooks, a nested ``--trainer='{...}'``), must lie in
+      :func:`allowed_class_packages`; any other is refused before its module is imported. This
+      is jsonargparse's own import-path policy (deny ``*``, allow these packages), checked
+      where it imports, so no spelling of a value gets around it.
+    - **YAML.** Every YAML text jsonargparse reads (config files, flag values) is first checked
+      by :func:`crasmra.config.check_yaml_text`: a YAML bomb or absurd nesting is refused in
+      milliseconds instead of expanding for minutes.
+
+    Raises:
+        UsageError: The installed jsonargparse is too old to enforce the allow-list, or
+            ``$CRASMRA_CLASS_PACKAGES`` is malformed.
+    """
+    import jsonargparse
+
+    from crasmra.errors import UsageError
+
+    allowed = allowed_class_packages()
+    try:
+        # Packages allowed by an earlier value of the variable are denied again (an entry in
+        # both lists is allowed, so only those no longer listed are named in the denylist).
+        stale = sorted(_allowed_before - set(allowed))
+        jsonargparse.set_parsing_settings(import_path_denylist=["*", *stale],
+                                          import_path_allowlist=list(allowed))
+    except TypeError as err:
+        raise UsageError(
+            f"crasmra needs jsonargparse >= {_POLICY_JSONARGPARSE} to refuse class paths outside "
+            f"the allowed packages (installed: {jsonargparse.__version__}); run: pip install -U "
+            "jsonargparse"
+        ) from err
+    _allowed_before.clear()
+    _allowed_before.update(a for a in allowed if a not in CLASS_PATH_PACKAGES)
+    _install_yaml_check()
+
+
+def _install_yaml_check() -> None:
+    from jsonargparse import get_loader, set_loader
+
+    loader = get_loader("yaml")
+    if getattr(loader, "crasmra_checked", False):
+        return
+
+    def checked_yaml_load(text: str) -> Any:
+        from crasmra.config import check_yaml_text
+
+        if isinstance(text, str):
+            check_yaml_text(text, "a YAML value or config")
+        return loader(text)
+
+    checked_yaml_load.crasmra_checked = True  # type: ignore[attr-defined]
+    import yaml
+
+    set_loader("yaml", checked_yaml_load, exceptions=(yaml.YAMLError,))
+
+
+def _walk_class_paths(node: Any, listed: bool = False) -> Iterable[str]:
+    """Class paths in a parsed value: ``class_path`` entries, and with ``listed`` (the value of
+    an option that takes classes) the bare dotted strings it holds or lists."""
+    if listed and isinstance(node, str):
+        if _DOTTED.match(node.strip()):
+            yield node.strip()
+        return
+    stack: list[tuple[Any, bool]] = [(node, listed)]
+    while stack:
+        item, bare = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key == "class_path" and isinstance(value, str):
+                    yield value
+                elif key == "trainer" and isinstance(value, dict):
+                    # --trainer='{callbacks: [...]}' or a config's trainer section.
+                    for option, classes in value.items():
+                        stack.append((classes, f"trainer.{option}" in _CLASS_OPTIONS))
+                else:
+                    stack.append((value, False))
+        elif isinstance(item, list):
+            stack.extend((child, bare) for child in item)
+        elif bare and isinstance(item, str) and _DOTTED.match(item.strip()):
+            yield item.strip()
 
 
 def _yaml(text: str) -> Any:
     import yaml
 
+    from crasmra.config import load_yaml
+
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text, "a config")
     except yaml.YAMLError:
         return None  # the parser reports it
 
@@ -190,18 +302,24 @@ def _class_paths_in_args(args: Sequence[str]) -> Iterable[str]:
                 is_file = False
             text = Path(value).read_text() if is_file else value
             yield from _walk_class_paths(_yaml(text))
-        elif key.endswith(".class_path") or key == "class_path":
-            yield value
+        elif key.endswith(".class_path") or key == "class_path" or key.endswith(".help"):
+            yield value.strip()
+        elif key == "trainer":
+            yield from _walk_class_paths({"trainer": _yaml(value)})
         elif key.split(".", 1)[-1] in _CLASS_OPTIONS or key in _CLASS_OPTIONS:
             if _DOTTED.match(value.strip()):
                 yield value.strip()
             else:
-                yield from _walk_class_paths(_yaml(value))
+                yield from _walk_class_paths(_yaml(value), listed=True)
 
 
 def check_class_paths(args: Sequence[str] | dict[str, Any]) -> None:
-    """Refuse a ``class_path`` outside the allowed packages, before anything imports it.
+    """Refuse a class path outside the allowed packages early, with a message that says how
+    to allow one.
 
+    A first, friendly check of the command line (or a parsed config): jsonargparse itself
+    enforces the same allow-list wherever it imports (see :func:`apply_parsing_rules`), so a
+    path this scan does not recognise is still refused there, before its module is imported.
     Bare class names (``ModelCheckpoint``) are resolved by jsonargparse among the classes
     Lightning registers, and pass.
 
@@ -209,17 +327,19 @@ def check_class_paths(args: Sequence[str] | dict[str, Any]) -> None:
         UsageError: A class path names a module outside :data:`CLASS_PATH_PACKAGES` and the
             packages listed in ``$CRASMRA_CLASS_PACKAGES``.
     """
-    import os
-
     from crasmra.errors import UsageError
 
-    extra = [p.strip() for p in os.environ.get(CLASS_PATH_ENV, "").split(",") if p.strip()]
-    allowed = (*CLASS_PATH_PACKAGES, *extra)
-    paths = _walk_class_paths(args) if isinstance(args, dict) else _class_paths_in_args(args)
+    allowed = allowed_class_packages()
+    paths = (_walk_class_paths(args) if isinstance(args, dict)
+             else _class_paths_in_args(args))
     for path in paths:
-        if "." in path and path.split(".", 1)[0] not in allowed:
-            raise UsageError(
-                f"class_path {path!r} is outside the packages a config may load classes from "
-                f"({', '.join(allowed)}). To use a class of your own package, add the package "
-                f"to ${CLASS_PATH_ENV} (comma-separated)."
-            )
+        if "." in path and not any(path == a or path.startswith(f"{a}.") for a in allowed):
+            raise UsageError(refused_class_path(path, allowed))
+
+
+def refused_class_path(path: str, allowed: Sequence[str] | None = None) -> str:
+    """The one-line message refusing ``path`` (a class path or another import path)."""
+    allowed = allowed_class_packages() if allowed is None else allowed
+    return (f"class_path {path!r} is outside the packages a config may load classes and "
+            f"functions from ({', '.join(allowed)}); it was not imported. To use a class of your "
+            f"own package, add the package to ${CLASS_PATH_ENV} (comma-separated).")

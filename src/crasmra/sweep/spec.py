@@ -375,10 +375,15 @@ def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {path} not found.")
+    from crasmra.config import load_yaml
+    from crasmra.errors import UsageError
+
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(), str(path))
     except yaml.YAMLError as err:
         raise SweepError(f"{path} is not valid YAML: {err}") from err
+    except UsageError as err:  # a YAML bomb or absurd nesting
+        raise SweepError(str(err)) from None
     return parse_sweep(data, source=path)
 
 
