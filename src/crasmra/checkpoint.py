@@ -139,6 +139,9 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
             result["crasmra"] = json.loads(metadata[SAFETENSORS_META_KEY])
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{path} has damaged crasmra metadata ({err}).") from err
+        except RecursionError:
+            raise CheckpointError(f"{path} has damaged crasmra metadata: it is nested too "
+                                  "deeply to read (a crafted file).") from None
     return result
 
 
@@ -162,7 +165,10 @@ def checkpoint_metadata(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "(a value nested too deeply to show)"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -205,6 +211,98 @@ def _check_transform(config: Any, where: str, path: str | Path) -> None:
     for key in ("image_size", "resize_size"):
         if config.get(key) is not None:
             _check_size(config[key], f"{where}.{key}", path)
+    _check_normalization(config, where, path)
+
+
+def _check_normalization(config: dict[str, Any], where: str, path: str | Path) -> None:
+    # A NaN, an infinite or an absurd mean or std would make every prediction NaN (predict
+    # printing "nan%") or meaningless while the run exits 0.
+    from crasmra.data.transforms import (
+        IMAGENET_DEFAULT_MEAN,
+        IMAGENET_DEFAULT_STD,
+        check_normalization,
+    )
+
+    if config.get("mean") is None and config.get("std") is None:
+        return
+    try:
+        check_normalization(config.get("mean", IMAGENET_DEFAULT_MEAN),
+                            config.get("std", IMAGENET_DEFAULT_STD))
+    except ValueError as err:
+        raise _damaged(path, f"{where}: {err}") from None
+
+
+#: Data settings that select a checkpoint's evaluation images and their transform, the ones
+#: an evaluation takes from the checkpoint (``crasmra test``/``validate`` without data
+#: options, ``report``, ``serve``'s examples). Loading settings (batch size, workers) are not
+#: taken from a file: they are the command's own.
+STORED_DATA_KEYS = ("dataset", "root", "val_fraction", "split_seed", "options", "image_size",
+                    "resize_size", "mean", "std", "decode_backend", "normalize_on_device",
+                    "skip_bad_images", "train_per_class", "subset_seed")
+
+
+def check_data_settings(settings: Any, path: str | Path) -> dict[str, Any]:
+    """The data settings stored with a checkpoint (or in its run folder's ``config.yaml``),
+    checked as the command line checks the same values.
+
+    Types, ranges and finiteness are checked for every key of :data:`STORED_DATA_KEYS` (the
+    others are dropped); the synthetic set's options with
+    :func:`crasmra.data.synthetic.check_synthetic_options`, sizes within ``MAX_IMAGE_SIDE``,
+    the normalisation with :func:`crasmra.data.transforms.check_normalization`. So a file
+    cannot make an evaluation allocate without bound, hang or fail in a loader worker.
+
+    Returns:
+        The checked settings, with only the keys of :data:`STORED_DATA_KEYS`.
+
+    Raises:
+        CheckpointError: A setting has the wrong type or an absurd value.
+    """
+    from crasmra.data import dataset_names
+    from crasmra.data.synthetic import check_synthetic_options
+
+    if not isinstance(settings, dict):
+        raise _damaged(path, f"its data settings are {type(settings).__name__}, not a "
+                             "dictionary")
+    out = {k: settings[k] for k in STORED_DATA_KEYS if k in settings}
+    where = "data settings"
+    dataset = out.get("dataset")
+    if not isinstance(dataset, str) or dataset not in dataset_names():
+        raise _damaged(path, f"{where}: dataset is {_short(dataset)}, expected one of "
+                             f"{', '.join(dataset_names())}")
+    root = out.get("root")
+    if root is not None and (not isinstance(root, str) or len(root) > 4096 or "\0" in root):
+        raise _damaged(path, f"{where}: root is {_short(root)}, expected a path")
+    fraction = out.get("val_fraction")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, int | float)
+                                 or not 0 <= fraction < 1):
+        raise _damaged(path, f"{where}: val_fraction is {_short(fraction)}, expected a number "
+                             "in [0, 1)")
+    for key in ("split_seed", "subset_seed"):
+        value = out.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < 2**63):
+            raise _damaged(path, f"{where}: {key} is {_short(value)}, expected an integer >= 0")
+    per_class = out.get("train_per_class")
+    if per_class is not None:
+        _check_int(per_class, f"{where}.train_per_class", 10**9, path)
+    for key in ("normalize_on_device", "skip_bad_images"):
+        if key in out and not isinstance(out[key], bool):
+            raise _damaged(path, f"{where}: {key} is {_short(out[key])}, expected true or false")
+    if "decode_backend" in out and not isinstance(out["decode_backend"], str):
+        raise _damaged(path, f"{where}: decode_backend is {_short(out['decode_backend'])}")
+    _check_transform({k: out[k] for k in ("image_size", "resize_size", "mean", "std")
+                      if out.get(k) is not None}, where, path)
+    options = out.get("options")
+    if options is not None:
+        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+            raise _damaged(path, f"{where}: options is {_short(options)}, expected a mapping of "
+                                 "option names to values")
+        if dataset == "synthetic":
+            try:
+                check_synthetic_options(options)
+            except ValueError as err:
+                raise _damaged(path, f"{where}: {str(err).split('; change')[0]}") from None
+    return out
 
 
 def validate_metadata(ckpt: dict[str, Any], path: str | Path) -> None:
@@ -488,7 +586,7 @@ def _safetensors_metadata(path: Path) -> dict[str, Any] | None:
         with path.open("rb") as f:
             length = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(length)) if length <= 100 * 2**20 else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else None

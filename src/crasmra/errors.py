@@ -8,7 +8,7 @@ from the package, so every layer may raise these errors.
 
 from __future__ import annotations
 
-__all__ = ["CrasmraError", "MissingExtraError", "UsageError"]
+__all__ = ["CrasmraError", "MissingExtraError", "UsageError", "printable"]
 
 
 class CrasmraError(Exception):
@@ -45,3 +45,13 @@ class MissingExtraError(CrasmraError, ImportError):
             f'pip install "crasmra[{extra}]" (in a clone of the repository: '
             f'pip install -e ".[{extra}]")'
         )
+
+
+def printable(text: object) -> str:
+    """``text`` with its control characters escaped as ``repr`` does (``\\n``, ``\\x1b``).
+
+    Class names, file names and paths come from files and folders that anyone may have named;
+    printed as they are, a newline forges an output line and an ESC sequence drives the
+    terminal. Every other character is kept.
+    """
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))

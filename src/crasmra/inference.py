@@ -39,11 +39,13 @@ from crasmra._version import __version__
 from crasmra.checkpoint import (
     CheckpointError,
     build_metadata,
+    check_data_settings,
     checkpoint_metadata,
     load_checkpoint_file,
     network_state_dict,
     smram_state_dict,
 )
+from crasmra.config import load_yaml
 from crasmra.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -53,6 +55,7 @@ from crasmra.data import (
     load_image,
 )
 from crasmra.data.generic import IMAGE_EXTENSIONS
+from crasmra.errors import printable
 from crasmra.files import write_text
 from crasmra.layers import SMRAM
 from crasmra.metrics import calibration, confusion_matrix, top_k_accuracy
@@ -65,6 +68,7 @@ __all__ = [
     "Prediction",
     "PredictionResult",
     "build_eval_dataset",
+    "check_report_size",
     "compute_report",
     "evaluate",
     "expected_calibration_error",
@@ -502,6 +506,7 @@ def run_dataset_config(checkpoint_path: str | Path) -> dict[str, Any] | None:
     """
     path = Path(checkpoint_path)
     source: dict[str, Any] | None = None
+    origin: Path = path
     if path.suffix != ".safetensors":
         # A file that cannot be read is reported as such: "records no dataset" would send the
         # user looking for the wrong problem.
@@ -514,16 +519,18 @@ def run_dataset_config(checkpoint_path: str | Path) -> dict[str, Any] | None:
         import yaml
 
         try:
-            config = yaml.safe_load(config_file.read_text())
+            config = load_yaml(config_file.read_text(), str(config_file))
         except yaml.YAMLError as err:
             log.warning("Cannot read %s: %s", config_file, err)
             config = None
         data = config.get("data") if isinstance(config, dict) else None
         if isinstance(data, dict) and "dataset" in data:
-            source = data
+            source, origin = data, config_file
     if source is None:
         return None
-    return {k: source[k] for k in DATA_KEYS if source.get(k) is not None}
+    # Settings from a file are input like any other: checked as the command line checks them.
+    checked = check_data_settings(source, origin)
+    return {k: checked[k] for k in DATA_KEYS if checked.get(k) is not None}
 
 
 def build_eval_dataset(
@@ -634,6 +641,39 @@ def evaluate(
     )
 
 
+#: The most classes ``crasmra report`` takes: it writes the K x K confusion matrix into
+#: ``report.json`` and draws it, which for K = 1,000 is a million cells (8 MB in memory,
+#: about 10 MB of JSON) and beyond that unreadable anyway. ``crasmra test`` has no such limit.
+MAX_REPORT_CLASSES = 1_000
+#: The most memory the per-head probabilities of a report may take (images x classes x
+#: (heads + combined) x 4 bytes), checked before any image is read.
+MAX_REPORT_BYTES = 2 * 2**30
+
+
+def check_report_size(num_images: int, num_classes: int, num_heads: int) -> None:
+    """Refuse a report whose confusion matrix or probabilities would be too large, before
+    anything is allocated for them (see :data:`MAX_REPORT_CLASSES`, :data:`MAX_REPORT_BYTES`).
+
+    Raises:
+        CheckpointError: More than :data:`MAX_REPORT_CLASSES` classes (the checkpoint sets it).
+        ValueError: The split's probabilities would take more than :data:`MAX_REPORT_BYTES`.
+    """
+    if num_classes > MAX_REPORT_CLASSES:
+        raise CheckpointError(
+            f"crasmra report handles at most {MAX_REPORT_CLASSES:,} classes (it writes and "
+            f"draws the K x K confusion matrix); this model has {num_classes:,}. Use `crasmra "
+            "test --ckpt_path CHECKPOINT` for its accuracies."
+        )
+    needed = num_images * num_classes * (num_heads + 1) * 4 + num_classes**2 * 8
+    if needed > MAX_REPORT_BYTES:
+        raise ValueError(
+            f"A report of {num_images:,} images x {num_classes:,} classes would hold "
+            f"{needed / 2**30:.1f} GiB of probabilities, more than crasmra report's "
+            f"{MAX_REPORT_BYTES / 2**30:.0f} GiB; evaluate a smaller split, or use `crasmra "
+            "test --ckpt_path CHECKPOINT`, which keeps no per-image probabilities."
+        )
+
+
 def expected_calibration_error(
     probs: Tensor | np.ndarray, targets: Tensor | np.ndarray, n_bins: int = 15
 ) -> dict[str, Any]:
@@ -721,8 +761,17 @@ def _pct(value: float | None) -> str:
     return f"{100 * value:.2f}%"
 
 
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+#: Characters Markdown gives a meaning to, escaped with a backslash in report.md (CommonMark
+#: lets any ASCII punctuation be escaped): a class name must not become a link, an image, a
+#: table column, emphasis or raw HTML such as <script>.
+_MD_SPECIAL = set("\\`*_{}[]()#+!|<>~")
+
+
+def _md_cell(text: object) -> str:
+    """``text`` as literal Markdown: control characters escaped as ``predict`` prints them
+    (ESC, BEL, CR, newline), Markdown punctuation backslash-escaped and ``&`` as ``&amp;``."""
+    return "".join("&amp;" if ch == "&" else f"\\{ch}" if ch in _MD_SPECIAL else ch
+                   for ch in printable(text))
 
 
 def write_report(
@@ -752,7 +801,7 @@ def write_report(
                                       "figures": figures}, indent=2) + "\n")
 
     lines = ["# crasmra evaluation report", ""]
-    lines += [f"- {k}: `{v}`" for k, v in context.items() if v is not None]
+    lines += [f"- {k}: {_md_cell(v)}" for k, v in context.items() if v is not None]
     lines += [f"- images evaluated: {report['num_images']} ({report['num_skipped']} unreadable, "
               "skipped)", f"- classes: {report['num_classes']}", ""]
     lines += ["## Accuracy by head", "",

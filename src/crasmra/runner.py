@@ -46,6 +46,7 @@ def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
 def make_cli_class() -> type:
     """The LightningCLI subclass of ``crasmra fit``, ``validate`` and ``test``."""
     # Lightning is imported here, not at module import, so `crasmra --help` stays instant.
+    import torch
     from lightning.pytorch.cli import LightningArgumentParser
 
     from crasmra.callbacks import (
@@ -54,7 +55,11 @@ def make_cli_class() -> type:
         RunInfoCallback,
         keep_final_epoch_without_validation,
     )
-    from crasmra.checkpoint import load_checkpoint_file
+    from crasmra.checkpoint import (
+        CheckpointError,
+        check_data_settings,
+        load_checkpoint_file,
+    )
     from crasmra.cpu import configure_cpu, runs_on_cpu
     from crasmra.cpu import log as cpu_log
     from crasmra.engine import MONITOR, RNGStateCallback
@@ -67,6 +72,10 @@ def make_cli_class() -> type:
             # No flag abbreviations, and one-line errors (see crasmra.flags).
             kwargs.setdefault("parser_class", lightning_parser_class())
             self._start_global_step: int | None = None
+            # Tensor shapes and path of the checkpoint the run starts from (--ckpt_path).
+            self._start_shapes: dict[str, tuple[int, ...]] | None = None
+            self._start_path: str | None = None
+            self._start_classes: int | None = None
             super().__init__(*args, **kwargs)
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -129,6 +138,13 @@ def make_cli_class() -> type:
                         "--trainer.default_root_dir (or --config) as the interrupted run."
                     )
                 self._read_start_checkpoint(last)
+            if self._start_shapes is not None and self._start_classes is not None:
+                # Before anything is allocated: the network the options describe must be the
+                # one whose weights the file holds. The class count comes from the data when
+                # the classes are instantiated; until then, the checkpoint's own stands in (a
+                # dataset of another class count is explained when the checkpoint is loaded).
+                self._check_against_checkpoint(
+                    self._skeleton(config, num_classes=self._start_classes), "the options")
             init_from = config.model.get("init_from")
             if init_from:
                 # Before the data module is built: a bad file must fail before any other work.
@@ -181,11 +197,69 @@ def make_cli_class() -> type:
 
         def _read_start_checkpoint(self, path: str | Path) -> dict[str, Any]:
             # The checkpoint a run starts from is read once, here, for its checks; its global
-            # step is kept for the loggers (see default_loggers' resume_step).
+            # step is kept for the loggers (see default_loggers' resume_step), and its tensors'
+            # shapes for the comparison with the network before anything is built.
             checkpoint = load_checkpoint_file(path)
             step = checkpoint.get("global_step")
             self._start_global_step = step if isinstance(step, int) else None
+            state = checkpoint.get("state_dict")
+            if isinstance(state, dict):
+                self._start_shapes = {k: tuple(v.shape) for k, v in state.items()
+                                      if isinstance(v, torch.Tensor)}
+                self._start_path = str(path)
+            hparams = checkpoint.get("hyper_parameters")
+            classes = hparams.get("num_classes") if isinstance(hparams, dict) else None
+            self._start_classes = classes if isinstance(classes, int) else None
             return checkpoint
+
+        def _skeleton(self, model: Any, num_classes: int | None = None) -> Any:
+            """The training module with ``model``'s arguments (a config's ``model`` section or
+            a checkpoint's hyperparameters) on the meta device: its shapes, without memory.
+            ``num_classes``, when given, replaces the arguments' class count and names."""
+            import inspect
+
+            from crasmra.engine import CRASMRAModule
+
+            if hasattr(model, "model"):
+                model = model.model
+            kwargs = model.as_dict() if hasattr(model, "as_dict") else dict(model)
+            known = inspect.signature(CRASMRAModule).parameters
+            # Unknown keys are the parser's to report; files and compilation play no part here.
+            kwargs = {k: v for k, v in kwargs.items() if k in known}
+            kwargs.update(pretrained=False, init_from=None, compile=False)
+            if num_classes is not None:
+                kwargs.update(num_classes=num_classes, classes=None)
+            try:
+                with torch.device("meta"):
+                    return CRASMRAModule(**kwargs)
+            except (TypeError, ValueError, KeyError) as err:
+                raise CheckpointError(
+                    f"{self._start_path} describes a network that cannot be built "
+                    f"({' '.join(str(err).split())}); use the checkpoint as `crasmra fit` "
+                    "wrote it."
+                ) from err
+
+        def _check_against_checkpoint(self, module: Any, what: str) -> None:
+            shapes = self._start_shapes or {}
+            expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            missing = sorted(set(expected) - set(shapes))
+            unexpected = sorted(set(shapes) - set(expected))
+            wrong = [(k, shapes[k], v) for k, v in expected.items()
+                     if k in shapes and shapes[k] != v]
+            if not (missing or unexpected or wrong):
+                return
+            if wrong:
+                key, got, want = wrong[0]
+                detail = (f"{len(wrong)} weight(s) of another shape (first: {key} is {got} in the "
+                          f"file, {want} in the network)")
+            else:
+                detail = (f"{len(missing)} weight(s) missing (first: {missing[:2]}) and "
+                          f"{len(unexpected)} unexpected (first: {unexpected[:2]})")
+            raise CheckpointError(
+                f"--ckpt_path {self._start_path} does not fit the network {what} describe: "
+                f"{detail}. Pass the options the checkpoint was trained with (or none, for "
+                "`test`/`validate`), or use the checkpoint as `crasmra fit` wrote it."
+            )
 
         def before_checkpoint_hparams(self) -> None:
             # LightningCLI reads --ckpt_path with a bare torch.load to recover hyperparameters,
@@ -195,6 +269,12 @@ def make_cli_class() -> type:
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
             if ckpt_path and Path(ckpt_path).is_file():
                 checkpoint = self._read_start_checkpoint(ckpt_path)
+                hparams = checkpoint.get("hyper_parameters")
+                if isinstance(hparams, dict) and "_class_path" not in hparams:
+                    # Before Lightning parses them (a list of 100,000 class names alone takes
+                    # minutes) and builds the network they describe.
+                    self._check_against_checkpoint(self._skeleton(hparams),
+                                                   "its hyperparameters")
                 if subcommand in ("validate", "test"):
                     self._data_from_checkpoint(subcommand, checkpoint)
 
@@ -211,7 +291,9 @@ def make_cli_class() -> type:
             defaults.pop("backbone", None)
             if given != defaults:
                 return
-            stored = {k: v for k, v in stored.items() if not k.startswith("_")}
+            # Only the settings that select the images and their transform, each checked as a
+            # command-line value would be (a file's batch size or worker count is not taken).
+            stored = check_data_settings(stored, self._start_path or "--ckpt_path")
             self.config = self.parser.parse_object({subcommand: {"data": stored}}, self.config)
             log.info(
                 "No --data options or --config: evaluating on the data the checkpoint was "

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from crasmra.cpu import add_threads_option
+from crasmra.errors import printable
 
 FORMATS = ("table", "json", "csv")
 USAGE = "crasmra predict CHECKPOINT IMAGE..."
@@ -59,15 +60,6 @@ def _progress(quiet: bool, batch_size: int) -> tuple[Any, Any]:
             state["bar"].close()
 
     return update, close
-
-
-def printable(text: str) -> str:
-    """``text`` with its control characters escaped as ``repr`` does (``\\n``, ``\\x1b``).
-
-    Class names and file names may hold newlines or terminal escapes; printed as they are,
-    one would split a table row or rewrite the terminal.
-    """
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
 
 
 def _table(result: Any) -> str:

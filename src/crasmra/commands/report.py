@@ -49,12 +49,17 @@ def register(subparsers: Any) -> None:
 def _options(pairs: list[str]) -> dict[str, Any]:
     import yaml
 
+    from crasmra.config import load_yaml
+
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"--option takes KEY=VALUE, got {pair!r}.")
-        options[key] = yaml.safe_load(value)
+        try:
+            options[key] = load_yaml(value, f"--option {key}")
+        except yaml.YAMLError as err:
+            raise UsageError(f"--option {pair!r}: the value is not valid YAML ({err}).") from err
     return options
 
 
@@ -117,6 +122,7 @@ def run(ns: argparse.Namespace) -> int:
     from crasmra.files import check_writable, replacing
     from crasmra.inference import (
         build_eval_dataset,
+        check_report_size,
         compute_report,
         evaluate,
         load_model,
@@ -149,6 +155,8 @@ def run(ns: argparse.Namespace) -> int:
             raise
     model = load_model(ns.checkpoint, device=ns.device,
                        num_classes=len(classes) if classes is not None else None)
+    # Before any image is read: the K x K matrix and the probabilities must fit.
+    check_report_size(0, model.num_classes, len(model.head_names))
     workers = configure_cpu(ns.device, ns.num_workers, ns.threads).workers
     if classes is not None and list(classes) != list(model.classes):
         print(f"crasmra: warning: the dataset's class names differ from the checkpoint's; labels "
@@ -158,6 +166,7 @@ def run(ns: argparse.Namespace) -> int:
         dataset = _test_folder_dataset(model, test_only)
     else:
         dataset = build_eval_dataset(model, data, ns.split)
+    check_report_size(len(dataset), model.num_classes, len(model.head_names))
 
     bar = None
     if not ns.quiet:

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from crasmra.data.base import SPLITS, stratified_split
 
-__all__ = ["PART_PATTERNS", "SyntheticFGVC"]
+__all__ = ["PART_PATTERNS", "SYNTHETIC_LIMITS", "SyntheticFGVC", "check_synthetic_options"]
 
 # Each part of the object carries one of these marking patterns; a class is one
 # combination. "plain" means no marking on that part.
@@ -24,6 +24,50 @@ PART_PATTERNS: dict[str, tuple[str, ...]] = {
 }
 _STREAMS = {"train": 0, "test": 1}
 DEFAULT_TRAIN_SAMPLES, DEFAULT_TEST_SAMPLES = 60, 20
+#: The ranges of the synthetic set's settings (``--data.options``, or the same settings stored
+#: in a checkpoint), wide enough for any experiment and narrow enough that no value makes
+#: crasmra allocate without bound or render for ever: at most 256 classes x 10,000 images per
+#: split stream, 1024 px images, 1,000 clutter shapes each.
+SYNTHETIC_LIMITS: dict[str, tuple[float, float]] = {
+    "num_classes": (2, 256),
+    "samples_per_class": (1, 10_000),
+    "test_samples_per_class": (1, 10_000),
+    "native_size": (32, 1024),
+    "seed": (0, 2**63 - 1),
+    "clutter": (0, 1_000),
+    "max_rotation": (0.0, 180.0),
+}
+#: Rendered images each process keeps (see SyntheticFGVC.__getitem__), in bytes.
+RENDER_CACHE_BYTES = 256 * 2**20
+
+
+def _number(name: str, value: object, integer: bool) -> float:
+    low, high = SYNTHETIC_LIMITS[name]
+    span = f"an integer in {int(low)}..{int(high)}" if integer else f"a number in {low:g}..{high:g}"
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or (integer and value != int(value)) or not low <= value <= high):
+        raise ValueError(f"synthetic option {name} must be {span}, got {value!r}; change "
+                         f"--data.options {{{name}: ...}}")
+    return int(value) if integer else float(value)
+
+
+def check_synthetic_options(options: dict[str, object]) -> dict[str, float]:
+    """Check the values of the synthetic set's options (names are checked by the factory).
+
+    Each must be a finite number in its :data:`SYNTHETIC_LIMITS` range (``max_rotation`` may
+    be fractional, the others are integers; ``None`` means the default).
+
+    Returns:
+        The options as numbers (``1e3`` -> ``1000``).
+
+    Raises:
+        ValueError: A value of the wrong type, not finite, or out of range.
+    """
+    return {
+        name: _number(name, value, integer=name != "max_rotation")
+        for name, value in options.items()
+        if name in SYNTHETIC_LIMITS and value is not None
+    }
 
 Point = tuple[float, float]
 
@@ -156,7 +200,9 @@ class SyntheticFGVC(Dataset):
 
     Args:
         split: "train", "val" or "test".
-        num_classes: Number of classes (2..256).
+        num_classes: Number of classes (2..256). The ranges of this and the other numbers
+            are :data:`SYNTHETIC_LIMITS`; a value outside them is refused here, before a
+            loader worker would fail on it.
         samples_per_class: Images per class in the training stream, which "train" and
             "val" share (default 60: 54 train + 6 val per class at ``val_fraction=0.1``).
         test_samples_per_class: Images per class in the test stream (default 20).
@@ -185,20 +231,22 @@ class SyntheticFGVC(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if not 2 <= int(num_classes) <= 256:
-            raise ValueError(f"num_classes must be in 2..256, got {num_classes}")
+        checked = check_synthetic_options({
+            "num_classes": num_classes, "samples_per_class": samples_per_class,
+            "test_samples_per_class": test_samples_per_class, "native_size": image_size,
+            "seed": seed, "clutter": clutter, "max_rotation": max_rotation,
+        })
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) \
+                or not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+            raise ValueError(f"split_seed must be an integer >= 0, got {split_seed!r}")
+        num_classes, image_size = checked["num_classes"], checked["native_size"]
+        seed, clutter, max_rotation = checked["seed"], checked["clutter"], checked["max_rotation"]
         if split == "test":
-            spc = (
-                DEFAULT_TEST_SAMPLES
-                if test_samples_per_class is None
-                else int(test_samples_per_class)
-            )
+            spc = checked.get("test_samples_per_class", DEFAULT_TEST_SAMPLES)
         else:
-            spc = DEFAULT_TRAIN_SAMPLES if samples_per_class is None else int(samples_per_class)
-        if spc < 1:
-            raise ValueError(f"samples per class must be >= 1, got {spc}")
-        if int(image_size) < 32:
-            raise ValueError(f"image_size must be >= 32 for visible markings, got {image_size}")
+            spc = checked.get("samples_per_class", DEFAULT_TRAIN_SAMPLES)
         if split == "val" and val_fraction == 0:
             raise ValueError(
                 "split='val' requested but val_fraction=0 disables it; set val_fraction > 0"
@@ -226,16 +274,20 @@ class SyntheticFGVC(Dataset):
             self.indices = val_idx if split == "val" else train_idx
         self.targets = [stream_targets[i] for i in self.indices]
         self._rendered: dict[int, Image.Image] = {}
+        self._cache_items = RENDER_CACHE_BYTES // (3 * self.image_size**2)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int):
         # Rendering costs far more than the augmentation that follows, and an image depends
-        # only on its index: keep each one after its first use (a few MB; per worker process).
+        # only on its index: keep each one after its first use (a few MB; per worker process),
+        # up to RENDER_CACHE_BYTES.
         img = self._rendered.get(index)
         if img is None:
-            img = self._rendered[index] = self.render(self.indices[index])
+            img = self.render(self.indices[index])
+            if len(self._rendered) < self._cache_items:
+                self._rendered[index] = img
         label = self.targets[index]
         return (self.transform(img) if self.transform is not None else img), label
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ __all__ = [
     "CropThenResize",
     "Preprocessing",
     "build_transforms",
+    "check_normalization",
     "default_resize_size",
     "normalization_for_backbone",
     "to_hw",
@@ -64,6 +67,42 @@ def to_hw(size: Size, name: str = "size") -> tuple[int, int]:
         # exhaust memory after minutes of loading.
         raise ValueError(f"{name} must be at most {MAX_SIDE} pixels per side, got {size!r}")
     return hw  # type: ignore[return-value]
+
+
+#: Ranges of the per-channel normalisation (0..1 pixel scale): real statistics of images lie
+#: far inside them (ImageNet: mean 0.4-0.5, std 0.22-0.23); outside, a value is a mistake or
+#: a tampered file, and would turn every input into huge or non-finite numbers.
+MAX_ABS_MEAN = 10.0
+STD_RANGE = (1e-3, 10.0)
+
+
+def check_normalization(
+    mean: object, std: object
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Check a normalisation's ``mean`` and ``std``: three finite numbers each, within
+    ``|mean| <= MAX_ABS_MEAN`` and ``STD_RANGE``.
+
+    Returns:
+        ``(mean, std)`` as tuples of floats.
+
+    Raises:
+        ValueError: Not three numbers (a string, a boolean, NaN or infinity included), or out
+            of range.
+    """
+    out = []
+    for name, values, low, high in (("mean", mean, -MAX_ABS_MEAN, MAX_ABS_MEAN),
+                                    ("std", std, *STD_RANGE)):
+        try:
+            ok = not isinstance(values, str | bytes) and len(values) == 3 and all(  # type: ignore[arg-type]
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                and low <= v <= high for v in values)  # type: ignore[union-attr]
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be 3 finite numbers in [{low:g}, {high:g}] (one per RGB "
+                             f"channel, on the 0..1 pixel scale), got {values!r}")
+        out.append(tuple(float(v) for v in values))  # type: ignore[union-attr]
+    return out[0], out[1]  # type: ignore[return-value]
 
 
 def default_resize_size(image_size: Size) -> tuple[int, int]:
@@ -180,9 +219,7 @@ def build_transforms(
             f"resize_size {resize} is smaller than image_size {crop}; "
             "set resize_size >= image_size (the paper uses 550 for 448)"
         )
-    mean_t, std_t = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    if len(mean_t) != 3 or len(std_t) != 3 or min(std_t) <= 0:
-        raise ValueError(f"mean/std must be 3 values with std > 0, got mean={mean}, std={std}")
+    mean_t, std_t = check_normalization(tuple(mean), tuple(std))
     if backend == "tensor":
         return _tensor_transforms(train, crop, resize, mean_t, std_t, random_crop, hflip, normalize)
     steps: list = [T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
@@ -281,10 +318,8 @@ class Preprocessing:
             ValueError: A size or the normalisation is malformed.
         """
         resize = config.get("resize_size")
-        mean = tuple(float(v) for v in config.get("mean", IMAGENET_DEFAULT_MEAN))
-        std = tuple(float(v) for v in config.get("std", IMAGENET_DEFAULT_STD))
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values, std > 0; got {mean} and {std}")
+        mean, std = check_normalization(config.get("mean", IMAGENET_DEFAULT_MEAN),
+                                        config.get("std", IMAGENET_DEFAULT_STD))
         return cls(
             image_size=to_hw(config.get("image_size", DEFAULT_IMAGE_SIZE), "image_size"),
             resize_size=None if resize is None else to_hw(resize, "resize_size"),
