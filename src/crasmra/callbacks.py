@@ -21,11 +21,13 @@ from typing import Any
 import lightning as L
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from crasmra._version import __version__
-from crasmra.files import save_atomic, write_atomic
+from crasmra.checkpoint import check_output
+from crasmra.files import save_atomic, write_atomic, write_text
 from crasmra.lightning_private import LastFollowsEverySave
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,8 @@ class RunInfoCallback(L.Callback):
         write_json_atomic(root / "run_info.json", info)
         classes = getattr(pl_module, "classes", None)
         if classes:
-            (root / "classes.txt").write_text("\n".join(classes) + "\n")
+            # Atomic: a link named classes.txt is replaced, never written through.
+            write_text(root / "classes.txt", "\n".join(classes) + "\n")
 
 
 #: ``metrics.json``'s ``selection`` entry: how ``best.ckpt`` (the checkpoint tested after
@@ -261,6 +264,56 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         save_atomic(checkpoint, path)
+
+
+class AtomicSaveConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` writer, atomic and never over an input.
+
+    Lightning's writer opens ``config.yaml`` for writing: a link there is written through (into
+    whatever it points at) and a crash leaves half a file. This one checks the path with
+    :func:`crasmra.checkpoint.check_output` (not one of the command's ``inputs``, not a
+    checkpoint) and writes it with :func:`crasmra.files.write_text`. Remote paths and
+    ``multifile`` keep Lightning's behaviour.
+
+    Args:
+        inputs: The files the command reads (its ``--config`` files, its checkpoint).
+    """
+
+    def __init__(self, *args: Any, inputs: Any = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.inputs = [Path(p) for p in inputs]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from fsspec.implementations.local import LocalFileSystem
+
+        if self.already_saved:
+            return
+        if not self.save_to_log_dir or self.multifile:
+            super().setup(trainer, pl_module, stage)
+            return
+        log_dir = trainer.log_dir  # broadcast to every rank
+        assert log_dir is not None
+        if not isinstance(get_filesystem(log_dir), LocalFileSystem):
+            super().setup(trainer, pl_module, stage)
+            return
+        if trainer.is_global_zero:
+            path = Path(log_dir) / self.config_filename
+            check_output(path, "--trainer.default_root_dir", inputs=self.inputs)
+            if not self.overwrite and path.is_file():
+                raise RuntimeError(f"{path} exists; not overwriting it.")
+            write_text(path, _dump_config(self.parser, self.config))
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+def _dump_config(parser: Any, config: Any) -> str:
+    # jsonargparse renamed skip_none to skip_unset; Lightning's own writer keeps every key.
+    import inspect
+
+    if "skip_unset" in inspect.signature(parser.dump).parameters:
+        return parser.dump(config, skip_unset=False)
+    return parser.dump(config, skip_none=False)
 
 
 class ResumableCheckpoint(LastFollowsEverySave):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from crasmra.config import expand_config_args
+from crasmra.config import config_files, expand_config_args
 from crasmra.errors import UsageError
 from crasmra.flags import check_class_paths, lightning_parser_class
 from crasmra.runfolder import (
@@ -58,6 +58,7 @@ def make_cli_class() -> type:
     from crasmra.checkpoint import (
         CheckpointError,
         check_data_settings,
+        check_output,
         load_checkpoint_file,
     )
     from crasmra.cpu import configure_cpu, runs_on_cpu
@@ -138,6 +139,7 @@ def make_cli_class() -> type:
                         "--trainer.default_root_dir (or --config) as the interrupted run."
                     )
                 self._read_start_checkpoint(last)
+            self._check_outputs(config, root)
             if self._start_shapes is not None and self._start_classes is not None:
                 # Before anything is allocated: the network the options describe must be the
                 # one whose weights the file holds. The class count comes from the data when
@@ -211,6 +213,21 @@ def make_cli_class() -> type:
             classes = hparams.get("num_classes") if isinstance(hparams, dict) else None
             self._start_classes = classes if isinstance(classes, int) else None
             return checkpoint
+
+        def _check_outputs(self, config: Any, root: Path) -> None:
+            # The files this command writes into the run folder (config.yaml, classes.txt,
+            # run_info.json, metrics) must not be one of its inputs (e.g. --config
+            # ROOT/config.yaml) nor a checkpoint, a copy or a link: refused before any work.
+            folder = root if self.subcommand == "fit" else root / self.subcommand
+            inputs = [*self.input_files, *(
+                p for p in (config.get("ckpt_path"), config.model.get("init_from"),
+                            config.model.get("pretrained"))
+                if isinstance(p, str) and Path(p).is_file())]
+            names = ["config.yaml", "metrics.csv", "metrics.json"]
+            if self.subcommand == "fit":
+                names += ["classes.txt", "run_info.json"]
+            for name in names:
+                check_output(folder / name, "--trainer.default_root_dir", inputs=inputs)
 
         def _skeleton(self, model: Any, num_classes: int | None = None) -> Any:
             """The training module with ``model``'s arguments (a config's ``model`` section or
@@ -359,6 +376,8 @@ def make_cli_class() -> type:
 
     #: Whether the test after `fit` prints Lightning's table (the demo prints its own).
     CRASMRACLI.verbose_test = True  # type: ignore[attr-defined]
+    #: The --config files of the command line (set by run_lightning): never written over.
+    CRASMRACLI.input_files = ()  # type: ignore[attr-defined]
     CRASMRACLI.persistent_callbacks = lambda: [  # type: ignore[attr-defined]
         RNGStateCallback(),
         RunInfoCallback(),
@@ -386,20 +405,24 @@ def run_lightning(args: Sequence[str] | dict[str, Any], verbose_test: bool = Tru
         args: The command line after ``crasmra``, or a parsed config.
         verbose_test: Whether the test after ``fit`` prints Lightning's metrics table.
     """
+    from crasmra.callbacks import AtomicSaveConfig
     from crasmra.data import FGVCDataModule
     from crasmra.engine import CRASMRAModule
 
+    inputs = config_files(args) if not isinstance(args, dict) else []
     args = expand_config_args(args) if not isinstance(args, dict) else args
     check_class_paths(args)
     cli_class = make_cli_class()
     cli_class.verbose_test = verbose_test
+    cli_class.input_files = tuple(inputs)
     # `args` is how every crasmra entry point (main, demo, sweep) hands LightningCLI its
     # arguments; LightningCLI's warning about sys.argv also being set does not apply.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return cli_class(
         CRASMRAModule,
         FGVCDataModule,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=AtomicSaveConfig,
+        save_config_kwargs={"overwrite": True, "inputs": inputs},
         trainer_defaults={
             "default_root_dir": "runs/crasmra",
             # One line from before_fit instead (describe_model).

@@ -64,8 +64,11 @@ def _set_flags(items: list[str]) -> list[str]:
 
 
 def _cmd_sweep(ns: argparse.Namespace) -> int:
+    from crasmra.checkpoint import check_output
     from crasmra.runfolder import check_writable
-    from crasmra.sweep import SweepError, load_sweep, run_sweep, write_report
+    from crasmra.sweep import SweepError, load_sweep, run_sweep, select_grids, write_report
+    from crasmra.sweep.report import check_report_files, spec_inputs
+    from crasmra.sweep.run import _same_file
 
     extra = _set_flags(ns.set)
     try:
@@ -75,6 +78,12 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
         if ns.threads is not None:
             spec = replace(spec, threads=ns.threads)
         out = Path(ns.out)
+        report = Path(ns.report) if ns.report else out
+        # Before any run: nothing this sweep writes may land on its inputs or a checkpoint.
+        check_report_files(select_grids(spec, ns.grid), report,
+                           "--report" if ns.report else "--out")
+        if not _same_file(out / "sweep.yaml", Path(ns.config)):
+            check_output(out / "sweep.yaml", "--out", inputs=spec_inputs(spec))
         summary = None
         if not ns.report_only:
             if not ns.dry_run:
@@ -86,7 +95,6 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
                 return 0
             print(f"Ran {summary['ran']} runs in {time.perf_counter() - start:.0f} s "
                   f"({summary['finished']} were already finished).")
-        report = Path(ns.report) if ns.report else out
         results = write_report(spec, out, report, groups=ns.grid)
     except SweepError as err:
         raise UsageError(str(err)) from None

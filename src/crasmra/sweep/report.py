@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from crasmra.callbacks import write_json_atomic
+from crasmra.checkpoint import check_output
+from crasmra.files import replacing, write_text
 from crasmra.sweep.spec import (
     COMPARE_METRIC,
     VARIANT_KEY,
@@ -23,6 +25,7 @@ from crasmra.sweep.spec import (
 __all__ = [
     "aggregate",
     "build_results",
+    "check_report_files",
     "collect",
     "format_comparison",
     "format_markdown",
@@ -31,6 +34,8 @@ __all__ = [
     "mean_std",
     "paired_comparisons",
     "paired_difference",
+    "report_files",
+    "spec_inputs",
     "write_plots",
     "write_report",
 ]
@@ -353,24 +358,56 @@ def write_plots(results: dict[str, Any], folder: str | Path) -> dict[str, str]:
         ax.legend(fontsize=8, ncols=2)
         fig.tight_layout()
         path = folder / f"{grid['name']}.png"
-        # No software/date metadata, so re-running the report gives the same bytes.
-        fig.savefig(path, metadata={"Software": None})
+        # No software/date metadata, so re-running the report gives the same bytes; written
+        # under a temporary name and renamed into place.
+        with replacing(path) as tmp:
+            fig.savefig(tmp, metadata={"Software": None})
         written[grid["name"]] = f"{folder.name}/{path.name}"
     return written
+
+
+def report_files(spec: SweepSpec, report: str | Path) -> list[Path]:
+    """The files :func:`write_report` writes into ``report`` for ``spec``'s grids."""
+    report = Path(report)
+    return [report / "results.md", report / "results.json",
+            *(report / "plots" / f"{grid.name}.png" for grid in spec.grids)]
+
+
+def spec_inputs(spec: SweepSpec) -> list[Path]:
+    """The files a sweep reads: the sweep file and its base config."""
+    inputs = [spec.source] if spec.source is not None else []
+    if isinstance(spec.base, str):
+        inputs.append(Path(spec.base))
+    return inputs
+
+
+def check_report_files(spec: SweepSpec, report: str | Path, flag: str = "--report") -> None:
+    """Refuse, before anything is run or written, a report that would replace the sweep file,
+    its base config, or any checkpoint (a copy or a link) lying where a result file goes.
+
+    Raises:
+        UsageError: See :func:`crasmra.checkpoint.check_output`.
+    """
+    for path in report_files(spec, report):
+        check_output(path, flag, inputs=spec_inputs(spec))
 
 
 def write_report(spec: SweepSpec, out: str | Path, report: str | Path | None = None,
                  groups: Iterable[str] | None = None) -> dict[str, Any]:
     """Collect ``out``'s finished runs and write ``results.md``, ``results.json`` and plots.
 
+    Each file is written under a temporary name and renamed into place; none replaces an
+    input of the sweep or a checkpoint (see :func:`check_report_files`).
+
     Returns:
         The results mapping written to ``results.json``.
     """
     spec = select_grids(spec, groups)
     report = Path(report) if report is not None else Path(out)
+    check_report_files(spec, report)
     report.mkdir(parents=True, exist_ok=True)
     results = build_results(spec, out)
     plots = write_plots(results, report / "plots")
-    (report / "results.md").write_text(format_markdown(results, plots))
+    write_text(report / "results.md", format_markdown(results, plots))
     write_json_atomic(report / "results.json", results)
     return results

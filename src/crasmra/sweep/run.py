@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from crasmra.callbacks import write_json_atomic
+from crasmra.files import write_text
 from crasmra.sweep.spec import (
     RUN_FILE,
     RunSpec,
@@ -35,9 +36,38 @@ __all__ = [
     "CHILD_COMMAND",
     "base_fingerprint",
     "check_same_base",
+    "record_spec",
     "run_sweep",
     "validate_settings",
 ]
+
+def record_spec(spec: SweepSpec, out: Path, echo: Callable[[str], None] = print) -> None:
+    """Write the sweep as run to ``out/sweep.yaml``, atomically, never over an input.
+
+    When ``out/sweep.yaml`` is the sweep file itself (``--config d/sweep.yaml --out d``) it is
+    left as the user wrote it, comments and all.
+
+    Raises:
+        UsageError: ``out/sweep.yaml`` is another input of the sweep (its base config) or a
+            checkpoint, a copy or a link (see :func:`crasmra.checkpoint.check_output`).
+    """
+    from crasmra.checkpoint import check_output
+    from crasmra.sweep.report import spec_inputs
+
+    record = out / "sweep.yaml"
+    if spec.source is not None and _same_file(record, spec.source):
+        echo(f"{record} is the sweep file itself: left as it is.")
+        return
+    check_output(record, "--out", inputs=spec_inputs(spec))
+    write_text(record, yaml.safe_dump(spec.to_dict(), sort_keys=False))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
 
 def base_fingerprint(base: str | dict[str, Any]) -> str:
     """A hash of the base config's content (``__base__`` chains merged), not of its path."""
@@ -221,7 +251,7 @@ def run_sweep(
             echo(f"  would run {run.folder}")
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    record_spec(spec, out, echo)
     fingerprint = base_fingerprint(spec.base)
     start = time.perf_counter()
     # The sweep's thread count reaches every run, whichever launcher starts it.
@@ -254,7 +284,7 @@ def run_sweep(
             raise
         except (Exception, SystemExit) as err:  # one failed run must not end the sweep
             wall = round(time.perf_counter() - t0, 1)
-            (run_dir / "error.txt").write_text("".join(traceback.format_exception(err)))
+            write_text(run_dir / "error.txt", "".join(traceback.format_exception(err)))
             record.update(status="failed", wall_s=wall, error=f"{type(err).__name__}: {err}")
             write_json_atomic(run_dir / RUN_FILE, record)
             summary["failed"].append(str(run.folder))
