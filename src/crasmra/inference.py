@@ -54,7 +54,8 @@ from crasmra.data import (
     create_dataset,
     load_image,
 )
-from crasmra.data.generic import IMAGE_EXTENSIONS
+from crasmra.data.errors import DatasetRootError
+from crasmra.data.generic import IMAGE_EXTENSIONS, walk
 from crasmra.errors import printable
 from crasmra.files import write_text
 from crasmra.layers import SMRAM
@@ -350,11 +351,16 @@ def _has_glob_magic(text: str) -> bool:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    """Image files under ``folder``, hidden entries left out; iterative and depth-limited
+    (:func:`crasmra.data.generic.walk`), so a deep folder cannot end in RecursionError. Links
+    to folders are not followed (a link loop or a link to ``/`` would walk without end)."""
+    found = []
+    for dirpath, dirnames, filenames in walk(folder, follow_links=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames
+                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+                     and (Path(dirpath) / f).is_file())
+    return sorted(found)
 
 
 def find_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failure]]:
@@ -371,15 +377,25 @@ def find_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failure]
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = _images_in(path)
+            try:
+                found = _images_in(path)
+            except DatasetRootError as err:
+                failures.append(Failure(str(item), str(err)))
+                continue
             if not found:
                 failures.append(Failure(str(item), "folder holds no image files"))
             files.extend(found)
         elif path.exists():
             files.append(path)
         elif _has_glob_magic(str(item)):
-            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
-            found = [f for m in matches for f in (_images_in(m) if m.is_dir() else [m])]
+            try:
+                matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+                found = [f for m in matches for f in (_images_in(m) if m.is_dir() else [m])]
+            except (DatasetRootError, RecursionError) as err:
+                reason = (str(err) if isinstance(err, DatasetRootError)
+                          else "the pattern reaches folders nested too deeply")
+                failures.append(Failure(str(item), reason))
+                continue
             if not found:
                 failures.append(Failure(str(item), "no file matches this pattern"))
             files.extend(found)

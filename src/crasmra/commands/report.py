@@ -95,11 +95,11 @@ def _test_folder_dataset(model: Any, root: Path) -> Any:
     """``root/test/<class>/...`` labelled by the checkpoint's class names."""
     from crasmra.data import FGVCImageDataset
     from crasmra.data.base import Record
+    from crasmra.data.generic import class_folders
     from crasmra.inference import find_images
 
     index_of = {name: i for i, name in enumerate(model.classes)}
-    folders = sorted(p for p in (root / "test").iterdir() if p.is_dir()
-                     and not p.name.startswith("."))
+    folders = [Path(entry.path) for entry in class_folders(root / "test")]
     unknown = [p.name for p in folders if p.name not in index_of]
     if unknown:
         raise UsageError(

@@ -12,7 +12,8 @@ from crasmra.data.base import Annotations, Record, check_files_exist
 from crasmra.data.errors import DatasetRootError, ImageLoadError, read_utf8
 from crasmra.data.image import file_problem
 
-__all__ = ["IMAGE_EXTENSIONS", "load_csv", "load_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_FOLDER_DEPTH", "class_folders", "load_csv", "load_folder",
+           "walk"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,87 @@ CSV_LAYOUT = """\
   whose name has 'test' in place of 'train' (train.csv -> test.csv)."""
 
 
+#: The deepest folder, counted from the folder searched, whose files are read. Real data sets
+#: nest a few levels; a folder hundreds of levels deep is a trap (Python's own recursive
+#: walks fail there with RecursionError), refused with a message.
+MAX_FOLDER_DEPTH = 64
+
+
+def walk(
+    top: str | os.PathLike[str], *, follow_links: bool = True, max_depth: int = MAX_FOLDER_DEPTH
+):
+    """``os.walk(top, followlinks=follow_links)`` (top-down; ``dirnames`` may be pruned in
+    place), without recursion and with a depth limit.
+
+    ``os.walk`` and ``Path.rglob`` recurse (before Python 3.12), so a folder nested 1,000
+    levels deep ends them in RecursionError. Unreadable folders are skipped, as ``os.walk``
+    skips them.
+
+    Raises:
+        DatasetRootError: A folder lies more than ``max_depth`` levels below ``top``.
+    """
+    stack: list[tuple[str, int]] = [(os.fspath(top), 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        dirnames, filenames = [], []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=follow_links)
+            except OSError:
+                is_dir = False
+            (dirnames if is_dir else filenames).append(entry.name)
+        yield folder, dirnames, filenames
+        if dirnames and depth + 1 > max_depth:
+            deep = os.path.relpath(os.path.join(folder, dirnames[0]), top)
+            if len(deep) > 60:
+                deep = f"{deep[:25]}...{deep[-25:]}"
+            raise DatasetRootError(
+                f"{os.fspath(top)} has folders more than {max_depth} folders below it ({deep}); "
+                f"crasmra reads images at most {max_depth} levels deep. Move the images up, or "
+                "point at a deeper folder."
+            )
+        # Reversed, so that folders are visited in the order dirnames lists them.
+        stack.extend((os.path.join(folder, d), depth + 1) for d in reversed(dirnames))
+
+
+def class_folders(split_dir: Path) -> list[os.DirEntry[str]]:
+    """The class folders of a split (``train/``, ``val/``, ``test/``), sorted by name.
+
+    Hidden entries and files are left out. A class folder that is a link is followed only
+    when it leads to a folder inside the split that no other class folder contains, lies in
+    or is: a link out of the split (``cat -> /usr/share``) would label whatever it reaches,
+    and ``aab -> dog`` would take ``dog``'s images. Such links are skipped with a warning,
+    and nothing under them is read.
+    """
+    entries = [e for e in sorted(os.scandir(split_dir), key=lambda e: e.name)
+               if not e.name.startswith(".") and e.is_dir()]
+    split_real = os.path.realpath(split_dir)
+    plain = {os.path.realpath(e.path) for e in entries if not e.is_symlink()}
+    kept = []
+    for entry in entries:
+        if entry.is_symlink():
+            real = os.path.realpath(entry.path)
+            overlaps = [p for p in plain if _inside(real, p) or _inside(p, real)]
+            if not _inside(real, split_real) or real == split_real or overlaps:
+                if real == split_real:
+                    why = "the split folder itself"
+                elif _inside(real, split_real):
+                    why = f"which overlaps the class folder {os.path.basename(overlaps[0])}"
+                else:
+                    why = f"outside {split_dir}"
+                logger.warning(
+                    "folder: skipping the class folder %s: it is a link to %s, %s; a class "
+                    "folder must be a folder of its split (copy or move the images there)",
+                    entry.path, real, why)
+                continue
+        kept.append(entry)
+    return kept
+
+
 def _inside(path: str, folder: str) -> bool:
     """Whether the real path ``path`` is ``folder`` or lies under it (both real paths)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
@@ -58,7 +140,9 @@ def _bad_entry(path: str, problem: str, skip_bad_images: bool) -> None:
 def _scan_class_dir(split_dir: Path, skip_bad_images: bool = False) -> dict[str, list[str]]:
     """``{class folder: sorted real image paths}`` under ``split_dir``; hidden entries skipped.
 
-    Links are followed, but each image is listed once, by its real path, under the class
+    Class folders are those of :func:`class_folders` (a class folder that is a link out of
+    the split, or onto another class, is skipped). Below them, links are followed, but each
+    image is listed once, by its real path, under the class
     folder it really sits in: otherwise a link such as ``cat/loop -> ..`` walks every class
     again, as many times as the loop nests, and labels all of it "cat". So a link to a folder
     already walked (a loop) and a link that leaves its class folder are skipped with a
@@ -68,13 +152,11 @@ def _scan_class_dir(split_dir: Path, skip_bad_images: bool = False) -> dict[str,
     """
     out: dict[str, list[str]] = {}
     owner: dict[str, str] = {}  # real path of every listed image -> its class folder
-    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-        if entry.name.startswith(".") or not entry.is_dir():
-            continue
+    for entry in class_folders(split_dir):
         class_dir = os.path.realpath(entry.path)
         walked = {class_dir}
         files = []
-        for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
+        for dirpath, dirnames, filenames in walk(entry.path, follow_links=True):
             keep = []
             for d in sorted(dirnames):
                 if d.startswith("."):
