@@ -12,11 +12,13 @@ from crasmra.cpu import add_threads_option
 # The limits module imports neither FastAPI nor torch: `crasmra --help` stays instant.
 from crasmra.serve.limits import (
     DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
     DEFAULT_HOST,
     DEFAULT_MAX_CONCURRENT,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_MIN_UPLOAD_RATE,
     DEFAULT_PORT,
 )
 
@@ -56,6 +58,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
                    help="seconds an upload may take to arrive, then 408 "
                         f"(default: {DEFAULT_BODY_TIMEOUT:g})")
+    p.add_argument("--min-upload-rate", type=float, default=DEFAULT_MIN_UPLOAD_RATE / 1024,
+                   help="KiB/s an upload must average after its first seconds, then 408; "
+                        "trickling clients cannot hold the queue (default: "
+                        f"{DEFAULT_MIN_UPLOAD_RATE / 1024:g}; 0: no minimum)")
+    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                   help="seconds a request's headers may take to arrive, then the connection "
+                        f"is closed (default: {DEFAULT_HEADER_TIMEOUT:g})")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N or auto (default: cpu)")
     add_threads_option(p)
@@ -79,9 +88,13 @@ def run(ns: argparse.Namespace) -> int:
     # float() accepts "inf" and "nan", which would pass a plain "> 0" test (nan) or disable
     # the limit (inf): both are refused here.
     for flag, value in (("--max-upload-mb", ns.max_upload_mb), ("--body-timeout",
-                                                                  ns.body_timeout)):
+                                                                  ns.body_timeout),
+                        ("--header-timeout", ns.header_timeout)):
         if not (math.isfinite(value) and value > 0):
             raise UsageError(f"{flag} must be a positive finite number, got {value:g}.")
+    if not (math.isfinite(ns.min_upload_rate) and ns.min_upload_rate >= 0):
+        raise UsageError(f"--min-upload-rate must be a finite number >= 0, got "
+                         f"{ns.min_upload_rate:g}.")
     if ns.max_upload_mb > MAX_UPLOAD_MB_CAP:  # an upload is read into memory whole
         raise UsageError(f"--max-upload-mb must be at most {MAX_UPLOAD_MB_CAP}, got "
                          f"{ns.max_upload_mb:g}.")
@@ -110,7 +123,7 @@ def run(ns: argparse.Namespace) -> int:
         app = create_app(
             model, max_upload_mb=ns.max_upload_mb, max_pixels=ns.max_pixels,
             max_concurrent=ns.max_concurrent, max_queue=ns.max_queue,
-            body_timeout=ns.body_timeout,
+            body_timeout=ns.body_timeout, min_upload_rate=1024 * ns.min_upload_rate,
             allowed_hosts=tuple(serve.LOOPBACK_NAMES) if loopback else None)
         if not loopback:
             _warn_exposed(ns.host)
@@ -118,7 +131,7 @@ def run(ns: argparse.Namespace) -> int:
         shown = f"[{host}]" if ":" in host else host
         print(f"crasmra serve: {ns.checkpoint} on http://{shown}:{port}  (Ctrl+C to stop)",
               file=sys.stderr)
-        serve.run_server(app, sock)
+        serve.run_server(app, sock, header_timeout=ns.header_timeout)
     finally:
         sock.close()
     return 0

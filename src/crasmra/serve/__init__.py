@@ -17,8 +17,11 @@ external assets, so it works offline) talks to a small JSON API:
 Safety: the CLI binds to loopback unless told otherwise, and then only answers requests whose
 ``Host`` is a loopback name (a web page elsewhere cannot reach it through DNS rebinding); a
 ``Host`` that is not ``host[:port]`` is refused in any case. Request bodies are limited in size
-while they stream in, before anything is parsed, and in time (408 when one stalls); the pixel
-count is read from the image header before decoding; errors never carry a traceback, and a
+while they stream in, before anything is parsed, and in time (408 when one stalls or averages
+less than ``min_upload_rate`` after its first seconds); a connection whose request headers take
+more than ``header_timeout`` is closed (:func:`header_timeout_protocol`), so slow clients
+cannot hold the server; the pixel count and the sides (at most ``MAX_IMAGE_SIDE``) are read
+from the image header before decoding; errors never carry a traceback, and a
 client that leaves mid-upload costs one INFO line. Requests share nothing but the read-only
 model and examples, and the model is used by one request at a time.
 
@@ -44,12 +47,15 @@ from typing import Any
 #: reads the limits' defaults without FastAPI or torch, and a missing FastAPI is reported
 #: (MissingExtraError) when the application is first needed.
 _PUBLIC = {
+    "BODY_RATE_GRACE": "limits",
     "DEFAULT_BODY_TIMEOUT": "limits",
+    "DEFAULT_HEADER_TIMEOUT": "limits",
     "DEFAULT_HOST": "limits",
     "DEFAULT_MAX_CONCURRENT": "limits",
     "DEFAULT_MAX_PIXELS": "limits",
     "DEFAULT_MAX_QUEUE": "limits",
     "DEFAULT_MAX_UPLOAD_MB": "limits",
+    "DEFAULT_MIN_UPLOAD_RATE": "limits",
     "DEFAULT_PORT": "limits",
     "EXAMPLE_MAX_SIDE": "limits",
     "Example": "predictor",
@@ -59,6 +65,7 @@ _PUBLIC = {
     "JPEG_QUALITY": "limits",
     "LOOPBACK_NAMES": "limits",
     "MAX_EXAMPLES": "limits",
+    "MAX_IMAGE_SIDE": "limits",
     "MULTIPART_SLACK": "limits",
     "Message": "app",
     "Predictor": "predictor",
@@ -76,6 +83,7 @@ _PUBLIC = {
     "create_app": "app",
     "decode_image": "images",
     "explain_tensor": "predictor",
+    "header_timeout_protocol": "server",
     "is_loopback": "server",
     "load_examples": "predictor",
     "read_header": "images",

@@ -25,11 +25,13 @@ from crasmra.serve.images import (
 )
 from crasmra.serve.limits import (
     _HOST_HEADER,
+    BODY_RATE_GRACE,
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_CONCURRENT,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_MIN_UPLOAD_RATE,
     LOOPBACK_NAMES,
     MULTIPART_SLACK,
     RGB_DECODE_BYTES_PER_PIXEL,
@@ -122,16 +124,22 @@ class Guard:
     on the bytes actually received as they stream in (chunked uploads declare no length), so
     an oversized upload is never buffered or parsed. Its time is limited too: a body not
     complete ``body_timeout`` seconds after the request's headers is answered 408 and the
-    connection closed, so a client that declares more than it sends (or trickles it) does not
-    hold a connection and a place in the queue for ever.
+    connection closed, so a client that declares more than it sends does not hold a
+    connection and a place in the queue for ever; and a body that, ``rate_grace`` seconds in,
+    has averaged less than ``min_rate`` bytes a second is answered 408 at once, so that
+    trickling clients cannot keep the queue full either.
     """
 
     def __init__(self, app: Any, *, max_body: int, allowed_hosts: frozenset[str] | None,
-                 body_timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 min_rate: float = DEFAULT_MIN_UPLOAD_RATE,
+                 rate_grace: float = BODY_RATE_GRACE) -> None:
         self.app = app
         self.max_body = max_body
         self.allowed_hosts = allowed_hosts
         self.body_timeout = body_timeout
+        self.min_rate = min_rate
+        self.rate_grace = rate_grace
 
     def _too_large(self) -> str:
         return (f"The upload is larger than this server accepts ({self.max_body / 2**20:.0f} "
@@ -140,6 +148,10 @@ class Guard:
     def _too_slow(self) -> str:
         return (f"The request body did not arrive within {self.body_timeout:g} s "
                 "(--body-timeout).")
+
+    def _trickling(self) -> str:
+        return (f"The request body arrived at less than {self.min_rate / 1024:g} KiB/s "
+                "(--min-upload-rate).")
 
     def _host_ok(self, values: list[str]) -> bool:
         if len(values) > 1:  # RFC 9112: exactly one Host
@@ -153,7 +165,8 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        deadline = time.monotonic() + self.body_timeout
+        start = time.monotonic()
+        deadline = start + self.body_timeout
         raw_headers = [(k.decode("latin-1").lower(), v.decode("latin-1"))
                        for k, v in scope.get("headers", [])]
         if not self._host_ok([v for k, v in raw_headers if k == "host"]):
@@ -176,10 +189,15 @@ class Guard:
             nonlocal received, body_done
             if body_done:  # later calls wait for a disconnect, which may take any time
                 return await receive()
-            with anyio.move_on_after(deadline - time.monotonic()) as timer:
+            # The next bytes must come before the deadline, and before the average rate since
+            # the headers (after the grace period) falls under min_rate.
+            limit = deadline
+            if self.min_rate > 0:
+                limit = min(limit, start + self.rate_grace + received / self.min_rate)
+            with anyio.move_on_after(limit - time.monotonic()) as timer:
                 message = await receive()
             if timer.cancelled_caught:
-                raise _BodyTimeout(self._too_slow())
+                raise _BodyTimeout(self._too_slow() if limit >= deadline else self._trickling())
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
@@ -312,6 +330,7 @@ def create_app(
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     max_queue: int = DEFAULT_MAX_QUEUE,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    min_upload_rate: float = DEFAULT_MIN_UPLOAD_RATE,
 ) -> Guard:
     """Build the web app around a model.
 
@@ -326,6 +345,8 @@ def create_app(
             image of ``max_pixels``); the memory bound, see the module docstring.
         max_queue: Uploads that may wait for a turn; more are answered 503 with Retry-After.
         body_timeout: Seconds a request's body may take to arrive; then 408.
+        min_upload_rate: Bytes a second a body must average after its first seconds; then
+            408 (0: no minimum).
 
     Returns:
         The ASGI app, ready for uvicorn or ``fastapi.testclient.TestClient``: the FastAPI app
@@ -336,9 +357,9 @@ def create_app(
     """
     if not all(math.isfinite(v) and v > 0
                for v in (max_upload_mb, max_pixels, max_concurrent, body_timeout)) \
-            or max_queue < 0:
+            or max_queue < 0 or not (math.isfinite(min_upload_rate) and min_upload_rate >= 0):
         raise ValueError("max_upload_mb, max_pixels, max_concurrent and body_timeout must be "
-                         "positive and finite, max_queue at least 0.")
+                         "positive and finite, max_queue and min_upload_rate at least 0.")
     if not isinstance(model, CRASMRANet):
         model = load_model(model)
     if examples is None:
@@ -478,6 +499,7 @@ def create_app(
         return JSONResponse(result, headers={"Cache-Control": "no-store"})
 
     return Guard(app, max_body=max_file + MULTIPART_SLACK, body_timeout=float(body_timeout),
+                 min_rate=float(min_upload_rate),
                  allowed_hosts=None if allowed_hosts is None else frozenset(
                      h.lower().strip("[]") for h in allowed_hosts))
 

@@ -22,6 +22,7 @@ from crasmra.serve.limits import (
     _DECODE_BYTES_PER_PIXEL,
     _FORMAT_EXTRA_BYTES_PER_PIXEL,
     _MOST_BYTES_PER_PIXEL,
+    MAX_IMAGE_SIDE,
     RequestError,
 )
 
@@ -73,8 +74,9 @@ def read_header(file: BinaryIO, max_pixels: int) -> ImageHeader:
     """Read an image's header (PIL opens lazily: nothing is decoded) and check its size.
 
     Raises:
-        RequestError: 413 more than ``max_pixels`` (or PIL's decompression-bomb limit), 415
-            not an image, 422 a header PIL cannot read.
+        RequestError: 413 more than ``max_pixels`` (or PIL's decompression-bomb limit) or a
+            side longer than :data:`~crasmra.serve.limits.MAX_IMAGE_SIDE`, 415 not an image,
+            422 a header PIL cannot read.
     """
     try:
         with Image.open(file) as probe:
@@ -89,6 +91,10 @@ def read_header(file: BinaryIO, max_pixels: int) -> ImageHeader:
                                 "(JPEG, PNG, WebP, BMP, TIFF, GIF...).") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise RequestError(422, f"The image is broken: {err}") from err
+    if max(header.width, header.height) > MAX_IMAGE_SIDE:
+        raise RequestError(
+            413, f"The image is {header.width} x {header.height} pixels; this server accepts "
+                 f"at most {MAX_IMAGE_SIDE} pixels a side.")
     if header.pixels > max_pixels:
         raise RequestError(
             413, f"The image is {header.width} x {header.height} = {header.pixels / 1e6:.1f} "

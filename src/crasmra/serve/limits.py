@@ -7,17 +7,21 @@ import logging
 import re
 
 __all__ = [
+    "BODY_RATE_GRACE",
     "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_HOST",
     "DEFAULT_MAX_CONCURRENT",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_MAX_UPLOAD_MB",
+    "DEFAULT_MIN_UPLOAD_RATE",
     "DEFAULT_PORT",
     "EXAMPLE_MAX_SIDE",
     "JPEG_QUALITY",
     "LOOPBACK_NAMES",
     "MAX_EXAMPLES",
+    "MAX_IMAGE_SIDE",
     "MULTIPART_SLACK",
     "RGB_DECODE_BYTES_PER_PIXEL",
     "SECURITY_HEADERS",
@@ -40,6 +44,18 @@ DEFAULT_MAX_CONCURRENT = 2
 DEFAULT_MAX_QUEUE = 8
 #: Seconds a request's body may take to arrive, from its headers (20 MiB in 60 s: 2.8 Mbit/s).
 DEFAULT_BODY_TIMEOUT = 60.0
+#: Bytes per second a body must average once BODY_RATE_GRACE seconds have passed: a client
+#: trickling a byte every few seconds holds a place in the queue for seconds, not a minute.
+DEFAULT_MIN_UPLOAD_RATE = 32 * 1024
+BODY_RATE_GRACE = 5.0
+#: Seconds a connection may take to send a request's line and headers (the first request,
+#: and each later one on a kept-alive connection); then it is closed.
+DEFAULT_HEADER_TIMEOUT = 10.0
+#: The longest side, in pixels, of an accepted image (the most JPEG and WebP can store). Its
+#: pixel count alone does not bound what decoding costs: PIL keeps a pointer and a block per
+#: row, so 1 x 40,000,000 pixels took 1.5 GB where a square image of as many took 0.23 GB;
+#: at 65,535 x 610 it is back to the square's cost.
+MAX_IMAGE_SIDE = 65_535
 #: Images of at least this many pixels trim the C heap when done (see release_memory).
 TRIM_MIN_PIXELS = 2_000_000
 #: Peak bytes per pixel of decoding an RGB image (see ImageHeader.decode_bytes): a turn of
