@@ -42,6 +42,20 @@ class KillRank(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillAt(L.Callback):
+    """SIGKILL this process at training batch ``batch`` of epoch ``epoch`` (a ``kill -9``
+    landing at a known point of a run)."""
+
+    def __init__(self, epoch: int = 1, batch: int = 1) -> None:
+        self.epoch = epoch
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _slow_torch_save(marker: str) -> None:
     """Make every ``torch.save`` to a file stall half-way, after creating ``marker``.
 

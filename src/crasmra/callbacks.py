@@ -266,6 +266,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomic(checkpoint, path)
 
 
+class SeededLoaderWorkers(L.Callback):
+    """Make every training epoch draw its batches and augmentations from ``(seed, epoch)``
+    alone, whether the run was interrupted or not, with or without loader workers.
+
+    Two things would otherwise make a run resumed with ``--ckpt_path last`` train on other
+    data than the run it continues, as soon as the loader has workers (the default):
+
+    - On resuming, Lightning makes the training loader's iterator before it tells the sampler
+      the epoch, and keeps it: the workers' first batches and their seeds were drawn for epoch
+      0. At the start of such an epoch the iterator is made again, as Lightning does for every
+      epoch of an uninterrupted run.
+    - Persistent workers (the default) keep their random stream from one epoch to the next,
+      which no checkpoint can hold: the training set is wrapped so that each worker reseeds at
+      the start of every epoch as a fresh worker of that epoch would be seeded (see
+      :class:`crasmra.data.sampling.EpochSeededDataset`).
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from crasmra.data.sampling import EpochSeededDataset
+
+        datamodule = getattr(trainer, "datamodule", None)
+        dataset = getattr(datamodule, "train_dataset", None)
+        if stage == "fit" and dataset is not None and not isinstance(dataset,
+                                                                      EpochSeededDataset):
+            datamodule.train_dataset = EpochSeededDataset(dataset)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from crasmra.data.sampling import EpochShuffleSampler
+        from crasmra.lightning_private import restart_train_iterator
+
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if (isinstance(sampler, EpochShuffleSampler) and sampler.iterated_epoch is not None
+                and sampler.iterated_epoch != sampler.epoch):
+            restart_train_iterator(trainer)
+
+
 class AtomicSaveConfig(SaveConfigCallback):
     """LightningCLI's ``config.yaml`` writer, atomic and never over an input.
 
@@ -338,3 +375,10 @@ class ResumableCheckpoint(LastFollowsEverySave):
             # The condition Lightning checks right after this call before writing last.ckpt;
             # it also keeps a second hook at the same step from saving twice.
             self.mark_saved(trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # With --checkpoint.every_n_train_steps N, save points fall on multiples of N: a run
+        # of 42 steps with N = 5 would end with last.ckpt at step 40 and the final weights
+        # nowhere. The final step is always a save point of last.ckpt.
+        if self.save_last and not trainer.interrupted:
+            self.save_last_now(trainer)

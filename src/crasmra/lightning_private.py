@@ -4,14 +4,17 @@ Lightning offers no public hook for four things crasmra needs. Each is wrapped h
 ``tests/test_lightning_private.py`` checks that the installed Lightning still has every name
 used, so an upgrade that renames one fails there, by name, rather than somewhere in a run.
 
-- :class:`LastFollowsEverySave`: ``ModelCheckpoint._save_topk_checkpoint`` and
-  ``_last_global_step_saved``, so that ``last.ckpt`` follows every save point.
+- :class:`LastFollowsEverySave`: ``ModelCheckpoint._save_topk_checkpoint``,
+  ``_last_global_step_saved``, ``_save_last_checkpoint`` and ``_monitor_candidates``, so that
+  ``last.ckpt`` follows every save point and always holds the final step.
 - :class:`CheckpointHparamsHook`: ``LightningCLI._parse_ckpt_path``, the step that reads
   ``--ckpt_path``'s hyperparameters, so crasmra can check the file first.
 - :func:`subcommand_parser`: ``LightningCLI._subcommand_parsers``, for a subcommand's defaults.
 - :class:`ParseOnly`: ``LightningCLI._set_seed`` and ``_run_subcommand``, to parse a command
   line exactly as ``fit`` would with nothing run.
 - :func:`replace_csv_writer`: ``CSVLogger._experiment``, to make the CSV logger append.
+- :func:`restart_train_iterator`: ``_FitLoop._data_fetcher``, to draw a resumed epoch's
+  batches after its sampler knows the epoch.
 
 Imports Lightning at import time: only the modules that run Lightning import this one.
 """
@@ -29,6 +32,7 @@ __all__ = [
     "LastFollowsEverySave",
     "ParseOnly",
     "replace_csv_writer",
+    "restart_train_iterator",
     "subcommand_parser",
 ]
 
@@ -37,11 +41,14 @@ __all__ = [
 PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_save_topk_checkpoint"),
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_last_global_step_saved"),
+    ("lightning.pytorch.callbacks.ModelCheckpoint", "_save_last_checkpoint"),
+    ("lightning.pytorch.callbacks.ModelCheckpoint", "_monitor_candidates"),
     ("lightning.pytorch.cli.LightningCLI", "_parse_ckpt_path"),
     ("lightning.pytorch.cli.LightningCLI", "_set_seed"),
     ("lightning.pytorch.cli.LightningCLI", "_run_subcommand"),
     ("lightning.pytorch.cli.LightningCLI", "_subcommand_parsers"),
     ("lightning.pytorch.loggers.CSVLogger", "_experiment"),
+    ("lightning.pytorch.loops.fit_loop._FitLoop", "_data_fetcher"),
 )
 
 
@@ -63,6 +70,14 @@ class LastFollowsEverySave(ModelCheckpoint):
     def mark_saved(self, global_step: int) -> None:
         """Record ``global_step`` as saved: ``last.ckpt`` is written for it, and only once."""
         self._last_global_step_saved = global_step
+
+    def save_last_now(self, trainer: Any) -> None:
+        """Write ``last.ckpt`` for the current step unless a save point already did (private
+        ``_save_last_checkpoint`` and ``_monitor_candidates``)."""
+        if self._last_global_step_saved == trainer.global_step or trainer.sanity_checking:
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self.mark_saved(trainer.global_step)
 
 
 class CheckpointHparamsHook(LightningCLI):
@@ -98,3 +113,25 @@ class ParseOnly:
 def replace_csv_writer(logger: Any, writer: Any) -> None:
     """Make a ``CSVLogger`` write through ``writer`` (its private ``_experiment``)."""
     logger._experiment = writer
+
+
+def restart_train_iterator(trainer: Any) -> bool:
+    """At an epoch's start, make the training loader's iterator again if Lightning will not
+    (``iter()`` on the fit loop's private ``_data_fetcher``).
+
+    Lightning makes the iterator while setting up the data, before it tells the sampler the
+    epoch, and makes it again at the start of every later epoch of an uninterrupted run, but
+    not of the first epoch of a resumed one (its own condition, in
+    ``_TrainingEpochLoop.on_run_start``, is repeated here): a loader with workers has by then
+    drawn that epoch's first indices for epoch 0.
+
+    Returns:
+        Whether the iterator was made again.
+    """
+    fit_loop = trainer.fit_loop
+    lightning_will = (trainer.current_epoch > 0 and not fit_loop.is_resuming
+                      and not fit_loop.epoch_loop.restarting)
+    if lightning_will or fit_loop._data_fetcher is None:
+        return False
+    iter(fit_loop._data_fetcher)
+    return True

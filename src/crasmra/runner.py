@@ -53,6 +53,7 @@ def make_cli_class() -> type:
         MetricsFileCallback,
         ResumableCheckpoint,
         RunInfoCallback,
+        SeededLoaderWorkers,
         keep_final_epoch_without_validation,
     )
     from crasmra.checkpoint import (
@@ -380,6 +381,7 @@ def make_cli_class() -> type:
     CRASMRACLI.input_files = ()  # type: ignore[attr-defined]
     CRASMRACLI.persistent_callbacks = lambda: [  # type: ignore[attr-defined]
         RNGStateCallback(),
+        SeededLoaderWorkers(),
         RunInfoCallback(),
         MetricsFileCallback(MONITOR),
     ]
