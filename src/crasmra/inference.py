@@ -46,6 +46,7 @@ from crasmra.checkpoint import (
     smram_state_dict,
 )
 from crasmra.config import load_yaml
+from crasmra.cpu import ComputePlan, cpu_autocast, plan_compute
 from crasmra.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -61,6 +62,7 @@ from crasmra.files import write_text
 from crasmra.layers import SMRAM
 from crasmra.metrics import calibration, confusion_matrix, top_k_accuracy
 from crasmra.model import CRASMRANet, create_smram
+from crasmra.outputs import ModelOutput
 
 __all__ = [
     "COMBINED",
@@ -124,6 +126,26 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise ValueError(f"Device {device!r}: Apple's MPS is not available here; use --device "
                          "cpu, or auto.")
     return resolved
+
+
+def cpu_compute_plan(model: CRASMRANet) -> ComputePlan | None:
+    """The memory format and precision chosen for ``model``'s backbone on this CPU (the same
+    choice as training's, :func:`crasmra.cpu.plan_compute`); None when it runs elsewhere."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cpu":
+        return None
+    return plan_compute(str(model.config.get("backbone", "")))
+
+
+def run_network(model: CRASMRANet, images: Tensor) -> ModelOutput:
+    """``model(images)`` on the model's device, in the memory format and precision of
+    :func:`cpu_compute_plan` on a CPU. Call it under ``torch.inference_mode()``."""
+    images = images.to(next(model.parameters()).device)
+    plan = cpu_compute_plan(model)
+    if plan is not None and plan.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with cpu_autocast(plan is not None and plan.bf16):
+        return model(images)
 
 
 def _check_classes(meta: dict[str, Any], num_classes: int, path: str | Path) -> list[str]:
@@ -261,6 +283,9 @@ def load_model(
     net.load_state_dict(state)
     net.eval()
     net.to(device)
+    plan = cpu_compute_plan(net)
+    if plan is not None and plan.channels_last:
+        net.to(memory_format=torch.channels_last)
     net.set_inference_info(classes, preprocessing, checkpoint_path=str(path))
     return net
 
@@ -475,7 +500,6 @@ def predict(
     files, failures = find_images(inputs)
     result = PredictionResult(failures=list(failures))
     k = min(top_k, model.num_classes)
-    device = next(model.parameters()).device
     loader = _loader(_ImageFiles(files, model.transform), batch_size, num_workers, _collate_good)
     by_index: dict[int, Prediction] = {}
     done = 0
@@ -486,7 +510,7 @@ def predict(
             result.failures.append(Failure(str(files[index]), reason))
         if batch["images"] is not None:
             with torch.inference_mode():
-                probs = model(batch["images"].to(device)).probs
+                probs = run_network(model, batch["images"]).probs
             values, indices = probs.topk(k, dim=1)
             for row, index in enumerate(batch["indices"]):
                 idx = indices[row].tolist()
@@ -627,7 +651,6 @@ def evaluate(
 
     Unreadable images are left out and listed in ``skipped``.
     """
-    device = next(model.parameters()).device
     heads = (*model.head_names, COMBINED)
     chunks: dict[str, list[Tensor]] = {h: [] for h in heads}
     targets: list[Tensor] = []
@@ -639,7 +662,7 @@ def evaluate(
             log.debug("Skipping unreadable image %s", error)
         skipped.extend(batch["errors"])
         if batch["images"] is not None:
-            out = model(batch["images"].to(device))
+            out = run_network(model, batch["images"])
             for name, logits in zip(heads[:-1], out.logits, strict=True):
                 chunks[name].append(logits.float().softmax(dim=1).cpu())
             chunks[COMBINED].append(out.probs.float().cpu())

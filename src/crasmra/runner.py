@@ -62,7 +62,7 @@ def make_cli_class() -> type:
         check_output,
         load_checkpoint_file,
     )
-    from crasmra.cpu import configure_cpu, runs_on_cpu
+    from crasmra.cpu import configure_cpu, plan_compute, runs_on_cpu
     from crasmra.cpu import log as cpu_log
     from crasmra.engine import MONITOR, RNGStateCallback
     from crasmra.lightning_private import CheckpointHparamsHook, subcommand_parser
@@ -173,11 +173,26 @@ def make_cli_class() -> type:
             # Announced where crasmra chose or was told the threads, not on an accelerator.
             chosen = runs_on_cpu(device) or plan.source != "auto"
             self._cpu_plan = plan if chosen else None
+            self._compute_line = None
+            if runs_on_cpu(device):
+                # Memory format and precision per backbone and CPU (crasmra.cpu.plan_compute);
+                # a precision or channels_last set in the config or on the command line wins.
+                compute = plan_compute(str(config.model.backbone))
+                if config.trainer.get("precision") is None:
+                    config.trainer.precision = compute.precision
+                channels_last = config.model.get("channels_last")
+                self._compute_line = compute.describe(
+                    compute.channels_last if channels_last is None else bool(channels_last),
+                    config.trainer.precision,
+                )
 
         def _announce_cpu(self) -> None:
             plan = getattr(self, "_cpu_plan", None)
             if plan is not None:
                 cpu_log.info(plan.describe())
+            line = getattr(self, "_compute_line", None)
+            if line is not None:
+                cpu_log.info(line)
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             trainer_config = self._get(self.config_init, "trainer", default={})

@@ -117,7 +117,8 @@ def run(ns: argparse.Namespace) -> int:
                          "another server using the port? Choose one with --port.") from err
     try:
         model = load_model(ns.checkpoint, device=ns.device)
-        configure_cpu(ns.device, 0, ns.threads)
+        # A long-running server gives memory back after a burst of large uploads.
+        configure_cpu(ns.device, 0, ns.threads, allocator=False)
         # Behind loopback only loopback names are answered (no DNS rebinding); a server
         # exposed on purpose is reached under whatever name the network gives it.
         app = create_app(
