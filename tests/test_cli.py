@@ -46,8 +46,8 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
         resolved = yaml.safe_load(capsys.readouterr().out)
         if path.name == "demo.yaml":
             continue
-        if path.parent.name == "cub10":
-            _check_cub10_recipe(path, resolved)
+        if path.parent.name in ("cub10", "cub100", "finetune"):
+            _check_finetune_recipe(path, resolved)
             continue
         dataset = path.parent.name
         assert resolved["data"]["dataset"] == dataset
@@ -63,15 +63,23 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
         # the paper's protocol: centre crop, the whole training split, no validation split
         assert resolved["data"]["random_crop"] is False and resolved["data"]["val_fraction"] == 0
         assert resolved["model"]["suppress_source"] == "input"
+        # none of the fine-tuning family's switches
+        assert resolved["model"]["head_init"] == "random" and resolved["model"]["combine"] == "mean"
+        assert not resolved["model"]["final_features"]
+        assert not resolved["model"]["freeze_backbone_bn"]
         assert resolved["trainer"]["max_epochs"] == 200 and resolved["data"]["batch_size"] == 20
         assert resolved["trainer"]["default_root_dir"].endswith(
             path.stem if variant else f"{path.stem}-cra-smra"
         )
 
 
-def _check_cub10_recipe(path: Path, resolved: dict) -> None:
-    """The CPU-scale real-bird recipes: the paper's rates and loss weights, lite0 at 224 px."""
-    assert resolved["data"]["dataset"] == "cub"
+def _check_finetune_recipe(path: Path, resolved: dict) -> None:
+    """The real-data family on a CPU: the paper's rates and loss weights, lite0 at 224 px, the
+    fine-tuning switches on; configs/cub10 and configs/cub100 only add their data."""
+    folder = path.parent.name
+    assert resolved["data"]["dataset"] == ("folder" if folder == "finetune" else "cub")
+    if folder != "finetune":
+        assert str(resolved["data"]["root"]).endswith(f"realdata/{folder}/CUB_200_2011")
     assert resolved["model"]["variant"] == path.stem
     assert resolved["model"]["backbone"] == "tf_efficientnet_lite0"
     weights = str(resolved["model"]["pretrained"])
@@ -79,7 +87,11 @@ def _check_cub10_recipe(path: Path, resolved: dict) -> None:
     assert resolved["data"]["image_size"] == 224
     for key, value in {"alpha": 2.0, "beta": 1.0, "gamma": 1.0, "omega": 0.5, "delta": 0.9}.items():
         assert resolved["model"][key] == value, key
-    assert resolved["trainer"]["default_root_dir"] == f"runs/cub10/{path.stem}"
+    for key, value in {"freeze_backbone_bn": True, "head_init": "imprint", "combine": "fitted",
+                       "final_features": True, "channels_last": None}.items():
+        assert resolved["model"][key] == value, key
+    assert resolved["trainer"]["precision"] is None
+    assert resolved["trainer"]["default_root_dir"] == f"runs/{folder}/{path.stem}"
 
 
 def test_demo_config_file_matches_the_demo_command() -> None:

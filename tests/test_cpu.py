@@ -224,7 +224,10 @@ def test_plan_compute_per_family_and_cpu() -> None:
     # ResNets gain from bf16 where the CPU has it natively, never where it is emulated.
     assert (cpu.plan_compute("resnet50", amx).precision, cpu.plan_compute("resnet50", amx)
             .channels_last) == ("bf16-mixed", True)
-    assert cpu.plan_compute("resnet50.tv_in1k", avx2).precision == "32-true"
+    plan = cpu.plan_compute("resnet50.tv_in1k", avx2)
+    assert (plan.precision, plan.channels_last) == ("32-true", True)
+    # The demo's small basic-block ResNet stays NCHW in fp32.
+    assert not cpu.plan_compute("resnet10t", avx2).channels_last
     # Depthwise nets: channels-last fp32 everywhere, bf16 never.
     for flags in (amx, avx2):
         plan = cpu.plan_compute("tf_efficientnet_lite0", flags)

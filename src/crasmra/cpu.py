@@ -422,7 +422,8 @@ class FamilyFormat:
 
 
 #: Per family, from ``benchmarks/cpu_formats.py`` on an AVX2 CPU (AMD EPYC) and on an
-#: AVX-512/AMX Xeon. A backbone of no listed family keeps NCHW fp32.
+#: AVX-512/AMX Xeon (BENCHMARKS.md). The first family whose prefix matches decides; a backbone
+#: of no listed family keeps NCHW fp32. ConvNeXt: channels-last 0.96-1.03x on the EPYC.
 FAMILY_FORMATS: tuple[FamilyFormat, ...] = (
     FamilyFormat(
         "EfficientNet/MobileNet (depthwise)",
@@ -430,10 +431,19 @@ FAMILY_FORMATS: tuple[FamilyFormat, ...] = (
          "fbnet", "ghostnet", "tinynet", "mixnet", "tf_mixnet"),
         channels_last_fp32=True, bf16=False, channels_last_bf16=True,
     ),
+    # Bottleneck ResNets gain from channels-last in fp32 (resnet50: 1.09-1.12x on an AVX2 EPYC,
+    # 1.27x on an AVX-512 Xeon); the small basic-block ones do not reliably (resnet10t at the
+    # demo's 56 px: 1.05-1.17x on the EPYC, 0.93x on the Xeon).
+    FamilyFormat(
+        "ResNet (bottleneck)",
+        ("resnet50", "resnet101", "resnet152", "resnet200", "resnext", "wide_resnet",
+         "seresnet50", "seresnet101", "seresnet152", "seresnext", "resnetrs", "ecaresnet50",
+         "ecaresnet101", "resnest", "res2net"),
+        channels_last_fp32=True, bf16=True, channels_last_bf16=True,
+    ),
     FamilyFormat(
         "ResNet",
-        ("resnet", "resnext", "wide_resnet", "seresnet", "seresnext", "resnetrs", "ecaresnet",
-         "skresnet", "resnest", "res2net"),
+        ("resnet", "seresnet", "ecaresnet", "skresnet"),
         channels_last_fp32=False, bf16=True, channels_last_bf16=True,
     ),
     FamilyFormat(
