@@ -28,6 +28,7 @@ oneDNN emulates it at a fraction of fp32's speed. Both can be set explicitly
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -376,7 +377,16 @@ BF16_FLAGS: tuple[str, ...] = ("avx512_bf16", "amx_bf16")
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read.
+
+    Read once per file and process: the plan is consulted per batch by ``predict`` and
+    ``report``, and a CPU's flags do not change while it runs.
+    """
+    return _flags_in(str(cpuinfo))
+
+
+@functools.lru_cache(maxsize=8)
+def _flags_in(cpuinfo: str) -> frozenset[str]:
     text = _read(Path(cpuinfo)) or ""
     for line in text.splitlines():
         key, _, value = line.partition(":")

@@ -24,6 +24,7 @@ from crasmra.checkpoint import FORMAT_VERSION, read_network_state
 from crasmra.cpu import plan_compute
 from crasmra.errors import CrasmraError
 from crasmra.finetune import (
+    COMBINES,
     HEAD_INITS,
     SuppressionWarmup,
     fit_head_weights,
@@ -268,9 +269,9 @@ class CRASMRAModule(L.LightningModule):
                 f"head_init must be one of {HEAD_INITS}, got {head_init!r}; change "
                 "--model.head_init."
             )
-        if combine not in ("mean", "fitted"):
+        if combine not in COMBINES:
             raise ValueError(
-                f"combine must be 'mean' or 'fitted', got {combine!r}; change --model.combine."
+                f"combine must be one of {COMBINES}, got {combine!r}; change --model.combine."
             )
         if combine == "fitted" and head_init != "imprint":
             raise ValueError(

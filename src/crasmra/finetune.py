@@ -27,11 +27,13 @@ from torch import Tensor, nn
 from crasmra.model import PLAIN, CRASMRANet
 
 __all__ = [
+    "COMBINES",
     "FALLBACK_LOGIT_SCALE",
     "HEAD_INITS",
     "ImprintReport",
     "SuppressionWarmup",
     "calibrate_batchnorm",
+    "centred_directions",
     "classifier_layers",
     "fit_head_weights",
     "fit_logit_scale",
@@ -42,6 +44,8 @@ __all__ = [
 
 #: ``--model.head_init`` values: PyTorch's default initialisation, or weight imprinting.
 HEAD_INITS: tuple[str, ...] = ("random", "imprint")
+#: ``--model.combine`` values: the paper's mean of the softmaxes, or fitted head weights.
+COMBINES: tuple[str, ...] = ("mean", "fitted")
 
 
 def classifier_layers(net: CRASMRANet) -> dict[str, nn.Linear]:
@@ -111,6 +115,22 @@ def calibrate_batchnorm(
     return seen
 
 
+def centred_directions(
+    class_means: Tensor, center: Tensor, present: Tensor | None = None
+) -> Tensor:
+    """(K, D) unit vectors from ``center`` to each class mean; zero rows for absent classes.
+
+    Args:
+        class_means: (K, D) mean feature per class.
+        center: (D,) the centre (the mean of the class means).
+        present: (K,) bool, the classes that had samples; None: all.
+    """
+    directions = F.normalize(class_means - center, dim=1)
+    if present is not None:
+        directions = directions * present.unsqueeze(1).to(directions)
+    return directions
+
+
 def imprint_linear(
     layer: nn.Linear,
     class_means: Tensor,
@@ -133,10 +153,7 @@ def imprint_linear(
         present: (K,) bool, the classes that had samples; the others get zero weights and
             bias (logit 0). None: all.
     """
-    directions = F.normalize(class_means - center, dim=1)  # (K, D), unit rows
-    if present is not None:
-        directions = directions * present.unsqueeze(1).to(directions)
-    weight = scale * directions
+    weight = scale * centred_directions(class_means, center, present)  # (K, D)
     layer.weight.copy_(weight.to(layer.weight))
     if layer.bias is not None:
         layer.bias.copy_((-(weight @ center)).to(layer.bias))
@@ -241,7 +258,7 @@ def imprint_classifiers(
         means = sums[name] / counts.clamp(min=1).unsqueeze(1)  # (K, D)
         center = means[present].mean(dim=0)
         h = torch.cat(features[name])  # (N, D)
-        directions = F.normalize(means - center, dim=1) * present.unsqueeze(1)
+        directions = centred_directions(means, center, present)
         cosine = F.normalize(h - center, dim=1) @ directions.T  # (N, K)
         train_accuracy[name] = float((cosine.argmax(dim=1) == y).float().mean())
         # W = (scale / mean centred norm) * direction: the logits of a feature of average
@@ -291,8 +308,7 @@ def leave_one_out_logits(
     kept = counts[labels] >= 2
     h, y = features[kept], labels[kept]
     means = sums / counts.clamp(min=1).unsqueeze(1)
-    present = (counts > 0).unsqueeze(1).to(means)
-    directions = F.normalize(means - center, dim=1) * present  # (K, D)
+    directions = centred_directions(means, center, counts > 0)  # (K, D)
     centred = h - center
     logits = centred @ directions.T  # (M, K): ||h - c|| * cos
     own = (sums[y] - h) / (counts[y] - 1).unsqueeze(1)  # (M, D) own class mean without h
