@@ -20,7 +20,7 @@ FLOORS: list[set[str]] = [
     # ground: no crasmra imports but these
     {"_version", "errors", "outputs", "cpu", "flags", "layers", "backbones", "data", "config",
      "runfolder", "lightning_private", "export_options",
-     "metrics", "files"},
+     "metrics", "files", "file_kinds", "metric_names"},
     # the network, its loss, its files
     {"model", "losses", "checkpoint"},
     # training and inference

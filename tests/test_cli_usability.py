@@ -282,7 +282,8 @@ def test_own_warnings_are_one_log_line_without_a_source_line(capsys) -> None:
     message = str(w.message)
     assert "found 10 classes" in message and "found 148 training images" in message
     assert "test images" not in message
-    inside = os.path.join(cli._PACKAGE_DIR, "data", "benchmarks.py")  # where a dataset warns
+    # where a dataset warns
+    inside = os.path.join(cli._PACKAGE_DIR, "data", "benchmarks", "common.py")
     cli._show_warning(w.message, w.category, inside, 1)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("WARNING crasmra") and "cub: found" in err

@@ -49,14 +49,15 @@ def test_cgroup_v1_quota(tmp_path: Path) -> None:
 
 
 def test_usable_cpus_respects_affinity_and_quota(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
-    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(cpu.cores.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5},
+                        raising=False)
+    monkeypatch.setattr(cpu.cores, "cgroup_cpu_limit", lambda: None)
     assert usable_cpus() == 6
-    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: 2.5)
+    monkeypatch.setattr(cpu.cores, "cgroup_cpu_limit", lambda: 2.5)
     assert usable_cpus() == 3  # a fractional quota rounds up
-    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: 0.2)
+    monkeypatch.setattr(cpu.cores, "cgroup_cpu_limit", lambda: 0.2)
     assert usable_cpus() == 1
-    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: 64.0)
+    monkeypatch.setattr(cpu.cores, "cgroup_cpu_limit", lambda: 64.0)
     assert usable_cpus() == 6  # the affinity mask caps a generous quota
 
 
@@ -127,8 +128,8 @@ def test_busy_cores_reads_the_machines_time_between_two_samples(
 
 def test_configure_cpu_sets_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     before = torch.get_num_threads()
-    monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
-    monkeypatch.setattr(cpu, "busy_cores", lambda: 3.0)  # a busy machine
+    monkeypatch.setattr(cpu.cores, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(cpu.cores, "busy_cores", lambda: 3.0)  # a busy machine
     try:
         plan = configure_cpu("cpu", workers=6)
         assert (plan.threads, plan.workers) == (2, 2)
@@ -147,8 +148,8 @@ def test_fit_logs_and_applies_the_plan(tmp_path: Path, monkeypatch, capsys) -> N
     """`crasmra fit` on the CPU chooses threads and workers before the data module starts."""
     from crasmra.cli import main
 
-    monkeypatch.setattr(cpu, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(cpu, "busy_cores", lambda: 2.0)  # a busy machine: a core left free
+    monkeypatch.setattr(cpu.cores, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(cpu.cores, "busy_cores", lambda: 2.0)  # a busy machine: a core left free
     before = torch.get_num_threads()
     out = tmp_path / "run"
     try:
@@ -205,7 +206,7 @@ def test_fit_chooses_the_precision_for_the_backbone_and_cpu(
     tmp_path: Path, monkeypatch, capsys, flags: str, extra: tuple[str, ...], precision: str,
     how: str,
 ) -> None:
-    monkeypatch.setattr(cpu, "cpu_flags", lambda cpuinfo=None: frozenset(flags.split()))
+    monkeypatch.setattr(cpu.compute, "cpu_flags", lambda cpuinfo=None: frozenset(flags.split()))
     before = torch.get_num_threads()
     try:
         assert _tiny_fit(tmp_path / "run", *extra) == 0
@@ -255,7 +256,7 @@ def test_engine_resolves_channels_last_from_the_plan(
     from crasmra.engine import CRASMRAModule
     from test_engine import TINY_DATA
 
-    monkeypatch.setattr(cpu, "cpu_flags", lambda cpuinfo=None: frozenset(flags.split()))
+    monkeypatch.setattr(cpu.compute, "cpu_flags", lambda cpuinfo=None: frozenset(flags.split()))
     dm = FGVCDataModule(**TINY_DATA)
     module = CRASMRAModule(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
                            head_hidden=8, channels_last=None)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import crasmra.inference as inference
+import crasmra.inference.loading as loading
 from conftest import TINY_CONFIG, run_cli
 from crasmra.checkpoint import CheckpointError, load_checkpoint_file
 from crasmra.export import onnx_opset_range
@@ -313,13 +314,13 @@ def test_metadata_is_compared_with_the_weights_before_allocating(
 
     ckpt = tampered(inference_ckpt, tmp_path, change)
     devices: list[str] = []
-    real = inference.CRASMRANet
+    real = loading.CRASMRANet
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         devices.append(str(torch.get_default_device()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "CRASMRANet", spy)
+    monkeypatch.setattr(loading, "CRASMRANet", spy)
     with pytest.raises(CheckpointError, match="altered"):
         load_model(ckpt)
     assert devices == ["meta"]

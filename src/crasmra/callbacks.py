@@ -26,20 +26,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from crasmra._version import __version__
-from crasmra.checkpoint import check_output
-from crasmra.files import save_atomic, write_atomic, write_text
+from crasmra.files import check_output, save_atomic, write_json, write_text
 from crasmra.lightning_private import LastFollowsEverySave
+from crasmra.metric_names import MONITOR
 
 log = logging.getLogger(__name__)
 
 #: Libraries whose versions are recorded in every run folder.
 RECORDED_PACKAGES = ("torch", "torchvision", "timm", "lightning", "torchmetrics", "numpy", "pillow")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    text = json.dumps(data, indent=2) + "\n"
-    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def git_commit(cwd: str | Path | None = None) -> dict[str, Any] | None:
@@ -87,7 +81,7 @@ class RunInfoCallback(L.Callback):
             "num_nodes": trainer.num_nodes,
             "precision": str(trainer.precision),
         }
-        write_json_atomic(root / "run_info.json", info)
+        write_json(root / "run_info.json", info)
         classes = getattr(pl_module, "classes", None)
         if classes:
             # Atomic: a link named classes.txt is replaced, never written through.
@@ -164,7 +158,7 @@ class MetricsFileCallback(L.Callback):
     without a validation split it is the final epoch), and the test metrics once a test has run.
     """
 
-    def __init__(self, monitor: str = "val/combined_top1") -> None:
+    def __init__(self, monitor: str = MONITOR) -> None:
         self.monitor = monitor
         self.best: dict[str, Any] | None = None
         self.folder: Path | None = None
@@ -193,7 +187,7 @@ class MetricsFileCallback(L.Callback):
             except json.JSONDecodeError:
                 log.warning("Replacing unreadable %s", path)
         data.update(entries)
-        write_json_atomic(path, data)
+        write_json(path, data)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -308,7 +302,7 @@ class AtomicSaveConfig(SaveConfigCallback):
 
     Lightning's writer opens ``config.yaml`` for writing: a link there is written through (into
     whatever it points at) and a crash leaves half a file. This one checks the path with
-    :func:`crasmra.checkpoint.check_output` (not one of the command's ``inputs``, not a
+    :func:`crasmra.files.check_output` (not one of the command's ``inputs``, not a
     checkpoint) and writes it with :func:`crasmra.files.write_text`. Remote paths and
     ``multifile`` keep Lightning's behaviour.
 

@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from crasmra.errors import UsageError
-from crasmra.runfolder import check_writable, refuse_earlier_run
+from crasmra.metric_names import heads_in, metric_name
+from crasmra.runfolder import create_run_folder, refuse_earlier_run
 from crasmra.runner import run_lightning
 
 __all__ = ["DEMO_CONFIG", "format_results_table", "run_demo"]
@@ -41,7 +42,7 @@ def run_demo(
             or ``epochs`` is below 1.
     """
     out = Path(out)
-    check_writable(out, "--out")
+    create_run_folder(out, "--out")
     if not overwrite:
         try:
             refuse_earlier_run(out)
@@ -85,10 +86,7 @@ def format_results_table(metrics_path: str | Path, num_classes: int) -> str:
     data = json.loads(Path(metrics_path).read_text())
     test = data.get("test", {})
     best_val = (data.get("best_val") or {}).get("metrics", {})
-    heads = sorted(
-        {k.split("/")[1].rsplit("_", 1)[0] for k in test if k.endswith("_top1")},
-        key=lambda h: (h == "combined", h == "concat", h),
-    )
+    heads = heads_in(test, "test")
     chance = 100.0 / num_classes
     has_top5 = any(k.endswith("_top5") for k in test)
     header = f"{'head':<10}"
@@ -100,10 +98,10 @@ def format_results_table(metrics_path: str | Path, num_classes: int) -> str:
     for head in heads:
         row = f"{head:<10}"
         if best_val:
-            row += f" {100 * best_val.get(f'val/{head}_top1', float('nan')):>9.1f}%"
-        row += f" {100 * test[f'test/{head}_top1']:>10.1f}%"
+            row += f" {100 * best_val.get(metric_name('val', head), float('nan')):>9.1f}%"
+        row += f" {100 * test[metric_name('test', head)]:>10.1f}%"
         if has_top5:
-            row += f" {100 * test.get(f'test/{head}_top5', float('nan')):>10.1f}%"
+            row += f" {100 * test.get(metric_name('test', head, 5), float('nan')):>10.1f}%"
         row += f" {chance:>7.1f}%"
         lines.append(row)
     return "\n".join(lines)

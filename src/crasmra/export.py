@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from crasmra.checkpoint import (
     TORCHSCRIPT_META,
     build_metadata,
-    check_output,
     checkpoint_metadata,
     load_checkpoint_file,
     network_state_dict,
@@ -47,6 +46,7 @@ from crasmra.checkpoint import (
 )
 from crasmra.errors import CrasmraError, MissingExtraError
 from crasmra.export_options import DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS
+from crasmra.files import check_output
 from crasmra.model import CRASMRANet
 
 __all__ = [
@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 #: batch dimension really is dynamic.
 PARITY_BATCH_SIZES = (1, 3)
 #: What an existing output file may be for each format: the same format's earlier export
-#: (see crasmra.checkpoint.file_kind). ONNX files are no checkpoints, so any may be replaced.
+#: (see crasmra.file_kinds.file_kind). ONNX files are no checkpoints, so any may be replaced.
 REPLACEABLE = {"onnx": (), "torchscript": ("torchscript",), "safetensors": ("safetensors",)}
 
 

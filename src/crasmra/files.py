@@ -7,12 +7,13 @@ over it, so a crash or ``kill -9`` at any moment leaves either the old file or t
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -20,15 +21,19 @@ from typing import IO, Any
 import torch
 
 from crasmra.errors import CrasmraError, UsageError
+from crasmra.file_kinds import CHECKPOINT_SUFFIXES, file_kind
 
 __all__ = [
     "TMP_SUFFIX",
     "WriteError",
+    "check_output",
     "check_writable",
     "plain_permissions",
     "replacing",
+    "same_file",
     "save_atomic",
     "write_atomic",
+    "write_json",
     "write_text",
 ]
 
@@ -119,6 +124,13 @@ def write_text(path: str | Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON through a temporary file and a rename, so a crash never
+    leaves half a file."""
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
 def _fsync_dir(folder: Path) -> None:
     # Makes the rename itself durable: without it a power cut can roll the directory entry back.
     try:
@@ -203,3 +215,53 @@ def _out_of_space(err: BaseException) -> bool:
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically (see :func:`write_atomic`)."""
     write_atomic(path, lambda f: torch.save(obj, f))
+
+
+# ---------------------------------------------------------------------------------------------
+# Guarding outputs: never over an input or a checkpoint
+# ---------------------------------------------------------------------------------------------
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name the same existing file (links and other spellings too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(
+    out: str | Path,
+    flag: str,
+    *,
+    inputs: Iterable[str | Path] = (),
+    replaceable: Iterable[str] = (),
+) -> None:
+    """Refuse an output file that would replace one of the command's inputs or a checkpoint.
+
+    Args:
+        out: The file the command is about to write.
+        flag: The option that named it (or produced it), for the message.
+        inputs: Files the command reads (checkpoint, images); compared as files, so links
+            and other spellings of the same path are caught.
+        replaceable: Kinds from :func:`file_kind` that this output may replace: the command's
+            own earlier output of the same kind (e.g. ``"torchscript"`` for a TorchScript
+            export). Any other checkpoint, or any existing file with a checkpoint suffix that
+            is not of such a kind, is refused.
+
+    Raises:
+        UsageError: Writing ``out`` would destroy an input or a checkpoint.
+    """
+    out = Path(out).expanduser()
+    if not os.path.lexists(out):
+        return
+    for source in inputs:
+        if same_file(out, source):
+            raise UsageError(f"{flag} {out} is also an input of this command ({source}); "
+                             "writing there would destroy it. Choose another output.")
+    kind = file_kind(out)
+    if kind in replaceable:
+        return
+    if kind in ("checkpoint", "torchscript", "safetensors") or (
+            kind is not None and out.suffix.lower() in CHECKPOINT_SUFFIXES):
+        raise UsageError(f"{flag} {out} exists and holds a checkpoint or model weights; crasmra "
+                         "never writes over one. Choose another output name, or move the file "
+                         "away first.")

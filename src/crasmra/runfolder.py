@@ -17,26 +17,57 @@ from crasmra import files
 from crasmra.errors import UsageError
 
 __all__ = [
+    "CONFIG_FILE",
     "MIN_FREE_BYTES",
     "check_free_space",
-    "check_writable",
     "checkpoint_size_estimate",
     "clear_earlier_run",
+    "create_run_folder",
     "default_loggers",
     "drop_rows_from_step",
     "earlier_run_files",
     "keep_existing_csv",
+    "read_data_section",
     "refuse_earlier_run",
 ]
 
 log = logging.getLogger("crasmra")
 
 
-def check_writable(folder: Path, flag: str = "--trainer.default_root_dir") -> None:
+def create_run_folder(folder: Path, flag: str = "--trainer.default_root_dir") -> None:
     """Create the run folder ``folder`` (named by ``flag``), or fail before any work when it
     cannot be written; see :func:`crasmra.files.check_writable`."""
     files.check_writable(folder, flag, folder=True)
     folder.mkdir(parents=True, exist_ok=True)
+
+
+#: The resolved configuration a run saves in its folder, beside ``checkpoints/``.
+CONFIG_FILE = "config.yaml"
+
+
+def read_data_section(checkpoint: str | Path) -> tuple[dict[str, Any] | None, Path]:
+    """The ``data`` section of the run folder's configuration of a checkpoint.
+
+    ``<run>/checkpoints/best.ckpt`` -> ``<run>/config.yaml``. An unreadable file is logged and
+    read as absent; the values are not checked here.
+
+    Returns:
+        The section when the file has one naming a dataset (else None), and the file's path.
+    """
+    import yaml
+
+    from crasmra.config import load_yaml
+
+    config_file = Path(checkpoint).resolve().parent.parent / CONFIG_FILE
+    if not config_file.is_file():
+        return None, config_file
+    try:
+        config = load_yaml(config_file.read_text(), str(config_file))
+    except yaml.YAMLError as err:
+        log.warning("Cannot read %s: %s", config_file, err)
+        return None, config_file
+    data = config.get("data") if isinstance(config, dict) else None
+    return (data if isinstance(data, dict) and "dataset" in data else None), config_file
 
 
 #: Free space kept on top of the checkpoints' estimate, for logs, metrics and the filesystem.

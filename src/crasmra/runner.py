@@ -18,8 +18,8 @@ from crasmra.errors import UsageError
 from crasmra.flags import check_class_paths, lightning_parser_class
 from crasmra.runfolder import (
     check_free_space,
-    check_writable,
     clear_earlier_run,
+    create_run_folder,
     default_loggers,
     refuse_earlier_run,
 )
@@ -59,13 +59,14 @@ def make_cli_class() -> type:
     from crasmra.checkpoint import (
         CheckpointError,
         check_data_settings,
-        check_output,
         load_checkpoint_file,
     )
     from crasmra.cpu import configure_cpu, plan_compute, runs_on_cpu
     from crasmra.cpu import log as cpu_log
-    from crasmra.engine import MONITOR, RNGStateCallback
+    from crasmra.engine import RNGStateCallback
+    from crasmra.files import check_output
     from crasmra.lightning_private import CheckpointHparamsHook, subcommand_parser
+    from crasmra.metric_names import MONITOR
 
     class CRASMRACLI(CheckpointHparamsHook):
         """LightningCLI with crasmra's run-folder layout, links and input checks."""
@@ -127,7 +128,7 @@ def make_cli_class() -> type:
             root = Path(config.trainer.default_root_dir or "runs/crasmra")
             ckpt_path = config.get("ckpt_path")
             if self.subcommand == "fit":
-                check_writable(root)
+                create_run_folder(root)
                 if ckpt_path is None and not config.get("overwrite", False):
                     refuse_earlier_run(root)
             if ckpt_path not in (None, "last", "best", "hpc") and not Path(ckpt_path).is_file():

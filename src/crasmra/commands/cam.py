@@ -46,11 +46,11 @@ def _publish(staged: Path, out: Path) -> Path:
 
 def run(ns: argparse.Namespace) -> int:
     """Handler of ``crasmra cam``."""
-    from crasmra.checkpoint import check_checkpoint_argument, check_output
+    from crasmra.checkpoint import check_checkpoint_argument
     from crasmra.cpu import configure_cpu
     from crasmra.data import ImageLoadError
     from crasmra.errors import printable
-    from crasmra.files import check_writable
+    from crasmra.files import check_output, check_writable
     from crasmra.inference import Failure, find_images, load_model, load_smram, resolve_device
     from crasmra.viz import explain_image, true_label_from_path, unique_names
 

@@ -91,10 +91,10 @@ def _json(result: Any) -> str:
 
 def run(ns: argparse.Namespace) -> int:
     """Handler of ``crasmra predict``."""
-    from crasmra.checkpoint import check_checkpoint_argument, check_output
+    from crasmra.checkpoint import check_checkpoint_argument
     from crasmra.cpu import configure_cpu
     from crasmra.errors import UsageError
-    from crasmra.files import check_writable, write_text
+    from crasmra.files import check_output, check_writable, write_text
     from crasmra.inference import find_images, load_model, predict, resolve_device
 
     # Everything that can be checked without the model is checked first: a bad argument must

@@ -91,35 +91,13 @@ def _test_only_folder(data: dict[str, Any], split: str) -> Path | None:
     return root if (root / "test").is_dir() and not (root / "train").is_dir() else None
 
 
-def _test_folder_dataset(model: Any, root: Path) -> Any:
-    """``root/test/<class>/...`` labelled by the checkpoint's class names."""
-    from crasmra.data import FGVCImageDataset
-    from crasmra.data.base import Record
-    from crasmra.data.generic import class_folders
-    from crasmra.inference import find_images
-
-    index_of = {name: i for i, name in enumerate(model.classes)}
-    folders = [Path(entry.path) for entry in class_folders(root / "test")]
-    unknown = [p.name for p in folders if p.name not in index_of]
-    if unknown:
-        raise UsageError(
-            f"folder: {root / 'test'} has class folders the checkpoint does not know: "
-            f"{unknown[:5]} (its classes: {model.classes[:5]}...). Name the folders after the "
-            "checkpoint's classes, or add the train/ folder it was trained on."
-        )
-    records = [Record(str(path), index_of[folder.name]) for folder in folders
-               for path in find_images([folder])[0]]
-    if not records:
-        raise UsageError(f"folder: {root / 'test'} holds no images in class sub-folders.")
-    return FGVCImageDataset(records, model.classes, model.transform, name="folder/test")
-
-
 def run(ns: argparse.Namespace) -> int:
     """Handler of ``crasmra report``."""
-    from crasmra.checkpoint import check_checkpoint_argument, check_output
+    from crasmra.checkpoint import check_checkpoint_argument
     from crasmra.cpu import configure_cpu
     from crasmra.data import DatasetRootError, dataset_classes
-    from crasmra.files import check_writable, replacing
+    from crasmra.data.factory import create_labelled_test_folder
+    from crasmra.files import check_output, check_writable, replacing
     from crasmra.inference import (
         build_eval_dataset,
         check_report_size,
@@ -129,6 +107,7 @@ def run(ns: argparse.Namespace) -> int:
         resolve_device,
         write_report,
     )
+    from crasmra.metric_names import COMBINED
     from crasmra.viz import plot_confusion_matrix, plot_reliability
 
     # Arguments and outputs are checked before the data and the model are read.
@@ -163,7 +142,7 @@ def run(ns: argparse.Namespace) -> int:
               f"are matched by index (dataset: {classes[:3]}..., checkpoint: "
               f"{model.classes[:3]}...).", file=sys.stderr)
     if test_only is not None:
-        dataset = _test_folder_dataset(model, test_only)
+        dataset = create_labelled_test_folder(test_only, model.classes, model.transform)
     else:
         dataset = build_eval_dataset(model, data, ns.split)
     check_report_size(len(dataset), model.num_classes, len(model.head_names))
@@ -191,7 +170,7 @@ def run(ns: argparse.Namespace) -> int:
     context = {"checkpoint": str(ns.checkpoint), "dataset": data["dataset"],
                "root": data.get("root"), "split": ns.split}
     md, _ = write_report(report, out, context=context, figures=figures)
-    combined = report["heads"]["combined"]
+    combined = report["heads"][COMBINED]
     print(f"{data['dataset']}/{ns.split}: {report['num_images']} images, combined top-1 "
           f"{100 * combined['top1']:.2f}%, ECE {100 * report['calibration']['ece']:.2f}% "
           f"-> {md}")

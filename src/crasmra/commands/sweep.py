@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _set_flags(items: list[str]) -> list[str]:
-    from crasmra.sweep import SweepError, _check_key
+    from crasmra.sweep import SweepError, check_key
 
     flags = []
     for item in items:
@@ -56,7 +56,7 @@ def _set_flags(items: list[str]) -> list[str]:
         if not sep:
             raise UsageError(f"--set {item}: write KEY=VALUE, e.g. --set data.root=/data/cub.")
         try:
-            _check_key(key, f"--set {item}")
+            check_key(key, f"--set {item}")
         except SweepError as err:
             raise UsageError(str(err)) from None
         flags.append(f"--{key}={value}")
@@ -64,11 +64,10 @@ def _set_flags(items: list[str]) -> list[str]:
 
 
 def _cmd_sweep(ns: argparse.Namespace) -> int:
-    from crasmra.checkpoint import check_output
-    from crasmra.runfolder import check_writable
+    from crasmra.files import check_output, same_file
+    from crasmra.runfolder import create_run_folder
     from crasmra.sweep import SweepError, load_sweep, run_sweep, select_grids, write_report
     from crasmra.sweep.report import check_report_files, spec_inputs
-    from crasmra.sweep.run import _same_file
 
     extra = _set_flags(ns.set)
     try:
@@ -82,12 +81,12 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
         # Before any run: nothing this sweep writes may land on its inputs or a checkpoint.
         check_report_files(select_grids(spec, ns.grid), report,
                            "--report" if ns.report else "--out")
-        if not _same_file(out / "sweep.yaml", Path(ns.config)):
+        if not same_file(out / "sweep.yaml", ns.config):
             check_output(out / "sweep.yaml", "--out", inputs=spec_inputs(spec))
         summary = None
         if not ns.report_only:
             if not ns.dry_run:
-                check_writable(out, "--out")
+                create_run_folder(out, "--out")
             start = time.perf_counter()
             summary = run_sweep(spec, out, extra_args=extra, groups=ns.grid, seeds=ns.seeds,
                                 dry_run=ns.dry_run)

@@ -25,12 +25,13 @@ from crasmra.data.base import (
     SPLITS,
     Annotations,
     FGVCImageDataset,
+    Record,
     check_train_per_class,
     select_split,
 )
 from crasmra.data.benchmarks import BENCHMARKS
 from crasmra.data.errors import DatasetRootError
-from crasmra.data.generic import CSV_LAYOUT, load_csv, load_folder
+from crasmra.data.generic import CSV_LAYOUT, class_folders, images_under, load_csv, load_folder
 from crasmra.data.synthetic import SyntheticFGVC
 from crasmra.data.transforms import (
     DEFAULT_IMAGE_SIZE,
@@ -42,6 +43,7 @@ from crasmra.data.transforms import (
 __all__ = [
     "DATASET_NAMES",
     "create_dataset",
+    "create_labelled_test_folder",
     "dataset_classes",
     "dataset_names",
     "load_annotations",
@@ -311,3 +313,34 @@ register_dataset("cars", BENCHMARKS["cars"], options={"check_files"}, bbox=True)
 register_dataset("dogs", BENCHMARKS["dogs"], options={"check_files"})
 register_dataset("folder", load_folder)
 register_dataset("csv", load_csv, options={"test_csv", "check_files"})
+
+
+def create_labelled_test_folder(
+    root: str | os.PathLike[str], classes: Sequence[str], transform: Callable
+) -> FGVCImageDataset:
+    """The test split of a ``folder`` dataset that has ``test/`` but no ``train/``, labelled
+    by ``classes`` (e.g. a checkpoint's) in place of the class folders of ``train/``.
+
+    Args:
+        root: The dataset root, holding ``test/<class>/...``.
+        classes: Class names in label order; every class folder must be one of them.
+        transform: The transform of every image.
+
+    Raises:
+        DatasetRootError: A class folder is not in ``classes``, or there are no images.
+    """
+    test = Path(root).expanduser() / "test"
+    index_of = {name: i for i, name in enumerate(classes)}
+    folders = [Path(entry.path) for entry in class_folders(test)]
+    unknown = [p.name for p in folders if p.name not in index_of]
+    if unknown:
+        raise DatasetRootError(
+            f"folder: {test} has class folders the checkpoint does not know: "
+            f"{unknown[:5]} (its classes: {list(classes)[:5]}...). Name the folders after the "
+            "checkpoint's classes, or add the train/ folder it was trained on."
+        )
+    records = [Record(str(path), index_of[folder.name]) for folder in folders
+               for path in images_under(folder)]
+    if not records:
+        raise DatasetRootError(f"folder: {test} holds no images in class sub-folders.")
+    return FGVCImageDataset(records, list(classes), transform, name="folder/test")

@@ -12,8 +12,8 @@ from crasmra.data.base import Annotations, Record, check_files_exist
 from crasmra.data.errors import DatasetRootError, ImageLoadError, read_utf8
 from crasmra.data.image import file_problem
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_FOLDER_DEPTH", "class_folders", "load_csv", "load_folder",
-           "walk"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_FOLDER_DEPTH", "class_folders", "images_under", "load_csv",
+           "load_folder", "walk"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,24 @@ def walk(
             )
         # Reversed, so that folders are visited in the order dirnames lists them.
         stack.extend((os.path.join(folder, d), depth + 1) for d in reversed(dirnames))
+
+
+def images_under(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (by extension), hidden entries left out, sorted.
+
+    Walked with :func:`walk`, so a deep folder cannot end in RecursionError; links to folders
+    are not followed (a link loop or a link to ``/`` would walk without end).
+
+    Raises:
+        DatasetRootError: A folder lies too deep below ``folder``.
+    """
+    found = []
+    for dirpath, dirnames, filenames in walk(folder, follow_links=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames
+                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+                     and (Path(dirpath) / f).is_file())
+    return sorted(found)
 
 
 def class_folders(split_dir: Path) -> list[os.DirEntry[str]]:

@@ -36,8 +36,8 @@ stays within its idle footprint plus ``max_concurrent * (8 * max_pixels + max_up
 and 1 MiB per waiting upload: 0.69 GB with the defaults. After a large image the C heap is
 trimmed, so that the freed pixels go back to the system.
 
-Grad-CAM is computed here in one pass rather than with :func:`crasmra.viz.gradcam_maps` (one
-forward and one full backward pass per stage): see :func:`explain_tensor`.
+Grad-CAM and the overlays are those of ``crasmra cam`` (:func:`crasmra.viz.stage_gradcams`,
+:class:`crasmra.viz.HeatOverlay`): one forward and one backward pass for every stage's map.
 """
 
 import importlib
@@ -60,22 +60,22 @@ _PUBLIC = {
     "EXAMPLE_MAX_SIDE": "limits",
     "Example": "predictor",
     "Explanation": "predictor",
-    "Guard": "app",
+    "Guard": "guard",
     "ImageHeader": "images",
     "JPEG_QUALITY": "limits",
     "LOOPBACK_NAMES": "limits",
     "MAX_EXAMPLES": "limits",
     "MAX_IMAGE_SIDE": "limits",
     "MULTIPART_SLACK": "limits",
-    "Message": "app",
+    "Message": "guard",
     "Predictor": "predictor",
     "RGB_DECODE_BYTES_PER_PIXEL": "limits",
-    "Receive": "app",
+    "Receive": "guard",
     "RequestError": "limits",
     "SECURITY_HEADERS": "limits",
     "STATIC_TYPES": "limits",
-    "Scope": "app",
-    "Send": "app",
+    "Scope": "guard",
+    "Send": "guard",
     "ServerThread": "server",
     "TOP_K": "limits",
     "TRIM_MIN_PIXELS": "limits",

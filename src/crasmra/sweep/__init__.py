@@ -23,7 +23,7 @@ skipped, and a run with a ``checkpoints/last.ckpt`` but no test result is resume
 a stopped sweep continues where it stopped.
 """
 
+from crasmra.sweep.plan import *  # noqa: F403
 from crasmra.sweep.report import *  # noqa: F403
 from crasmra.sweep.run import *  # noqa: F403
 from crasmra.sweep.spec import *  # noqa: F403
-from crasmra.sweep.spec import _check_key  # noqa: F401  (the command line's key check)

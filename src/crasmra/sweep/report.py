@@ -7,20 +7,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from crasmra.callbacks import write_json_atomic
-from crasmra.checkpoint import check_output
-from crasmra.files import replacing, write_text
-from crasmra.sweep.spec import (
-    COMPARE_METRIC,
-    VARIANT_KEY,
-    Grid,
-    SweepSpec,
-    plan_runs,
-    read_metrics,
-    select_grids,
-    setting_key,
-    short_key,
-)
+from crasmra.files import check_output, replacing, write_json, write_text
+from crasmra.metric_names import COMBINED, MONITOR, TEST_COMBINED_TOP1, heads_in, metric_name
+from crasmra.sweep.plan import plan_runs, read_metrics, select_grids, setting_key
+from crasmra.sweep.spec import COMPARE_METRIC, VARIANT_KEY, Grid, SweepSpec, short_key
 
 __all__ = [
     "aggregate",
@@ -87,11 +77,11 @@ def aggregate(per_seed: dict[int, dict[str, float]]) -> dict[str, dict[str, Any]
 
 
 def head_names(metric_names: Iterable[str]) -> list[str]:
-    """Heads with a top-1 test metric, in the paper's column order: stages, concat, combined."""
-    heads = {k[len("test/"):-len("_top1")] for k in metric_names
-             if k.startswith("test/") and k.endswith("_top1")}
-    # The plain variant's one head ("classifier") sits after the stage heads, before concat.
-    return sorted(heads, key=lambda h: (h == "combined", h == "concat", h == "classifier", h))
+    """Heads with a top-1 test metric, in the paper's column order: stages, concat, combined.
+
+    The plain variant's one head ("classifier") sits after the stage heads, before concat.
+    """
+    return heads_in(metric_names, "test")
 
 
 def paired_difference(values: dict[int, float], reference: dict[int, float],
@@ -203,15 +193,15 @@ def _cell(stats: dict[str, Any] | None, n_seeds: int, bold: bool = False) -> str
     return text
 
 
-def format_table(grid: dict[str, Any], n_seeds: int, monitor: str = "test/combined_top1") -> str:
+def format_table(grid: dict[str, Any], n_seeds: int, monitor: str = TEST_COMBINED_TOP1) -> str:
     """One grid as a markdown table: a row per setting, test top-1 per head, val combined.
 
     The val column is left out when no run has validation metrics (runs trained on the whole
     training split and tested at their final epoch).
     """
     names = {k for row in grid["rows"] for k in row["metrics"]}
-    heads = head_names(names) or ["combined"]
-    has_val = "val/combined_top1" in names
+    heads = head_names(names) or [COMBINED]
+    has_val = MONITOR in names
     best = max((row["metrics"][monitor]["mean"] for row in grid["rows"]
                 if monitor in row["metrics"]), default=None)
     key = short_key(grid["keys"][0]) if len(grid["keys"]) == 1 else "setting"
@@ -222,11 +212,11 @@ def format_table(grid: dict[str, Any], n_seeds: int, monitor: str = "test/combin
         m = row["metrics"]
         cells = [row["label"]]
         for head in heads:
-            name = f"test/{head}_top1"
+            name = metric_name("test", head)
             is_best = name == monitor and best is not None and name in m and m[name]["mean"] == best
             cells.append(_cell(m.get(name), n_seeds, bold=is_best))
         if has_val:
-            cells.append(_cell(m.get("val/combined_top1"), n_seeds))
+            cells.append(_cell(m.get(MONITOR), n_seeds))
         cells.append(str(max((s["n"] for s in m.values()), default=0)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -239,7 +229,7 @@ def format_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
     parts = [f"# {results['title']}", ""]
     if results["description"]:
         parts += [results["description"], ""]
-    has_val = any("val/combined_top1" in row["metrics"]
+    has_val = any(MONITOR in row["metrics"]
                   for grid in results["grids"] for row in grid["rows"])
     checkpoint = (
         "of the checkpoint with the best validation combined top-1; the val column is that "
@@ -312,7 +302,7 @@ def write_plots(results: dict[str, Any], folder: str | Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for grid in results["grids"]:
-        rows = [r for r in grid["rows"] if "test/combined_top1" in r["metrics"]]
+        rows = [r for r in grid["rows"] if TEST_COMBINED_TOP1 in r["metrics"]]
         if not rows:
             continue
         names = {k for r in rows for k in r["metrics"]}
@@ -334,14 +324,14 @@ def write_plots(results: dict[str, Any], folder: str | Path) -> dict[str, str]:
             ax.set_xticks(xs, [r["label"].split(" (`")[0] for r in rows], rotation=15, ha="right")
             dodge = 0.1
         for i, head in enumerate(heads):
-            name = f"test/{head}_top1"
+            name = metric_name("test", head)
             # Heads side by side around each x, so their error bars do not hide each other.
             shift = (i - (len(heads) - 1) / 2) * dodge
             pts = [(x + shift, r["metrics"][name]) for x, r in zip(xs, rows, strict=True)
                    if name in r["metrics"]]
             if not pts:
                 continue
-            combined = head == "combined"
+            combined = head == COMBINED
             ys = [100 * s["mean"] for _, s in pts]
             es = [100 * s["std"] for _, s in pts]
             style = ({"lw": 2.2, "color": "black", "zorder": 3} if combined
@@ -386,7 +376,7 @@ def check_report_files(spec: SweepSpec, report: str | Path, flag: str = "--repor
     its base config, or any checkpoint (a copy or a link) lying where a result file goes.
 
     Raises:
-        UsageError: See :func:`crasmra.checkpoint.check_output`.
+        UsageError: See :func:`crasmra.files.check_output`.
     """
     for path in report_files(spec, report):
         check_output(path, flag, inputs=spec_inputs(spec))
@@ -409,5 +399,5 @@ def write_report(spec: SweepSpec, out: str | Path, report: str | Path | None = N
     results = build_results(spec, out)
     plots = write_plots(results, report / "plots")
     write_text(report / "results.md", format_markdown(results, plots))
-    write_json_atomic(report / "results.json", results)
+    write_json(report / "results.json", results)
     return results

@@ -18,19 +18,10 @@ from typing import Any
 
 import yaml
 
-from crasmra.callbacks import write_json_atomic
-from crasmra.files import write_text
-from crasmra.sweep.spec import (
-    RUN_FILE,
-    RunSpec,
-    SweepError,
-    SweepSpec,
-    _canonical,
-    is_finished,
-    plan_runs,
-    read_metrics,
-    select_grids,
-)
+from crasmra.files import check_output, same_file, write_json, write_text
+from crasmra.metric_names import TEST_COMBINED_TOP1
+from crasmra.sweep.plan import RunSpec, is_finished, plan_runs, read_metrics, select_grids
+from crasmra.sweep.spec import RUN_FILE, SweepError, SweepSpec, canonical
 
 __all__ = [
     "CHILD_COMMAND",
@@ -49,24 +40,16 @@ def record_spec(spec: SweepSpec, out: Path, echo: Callable[[str], None] = print)
 
     Raises:
         UsageError: ``out/sweep.yaml`` is another input of the sweep (its base config) or a
-            checkpoint, a copy or a link (see :func:`crasmra.checkpoint.check_output`).
+            checkpoint, a copy or a link (see :func:`crasmra.files.check_output`).
     """
-    from crasmra.checkpoint import check_output
     from crasmra.sweep.report import spec_inputs
 
     record = out / "sweep.yaml"
-    if spec.source is not None and _same_file(record, spec.source):
+    if spec.source is not None and same_file(record, spec.source):
         echo(f"{record} is the sweep file itself: left as it is.")
         return
     check_output(record, "--out", inputs=spec_inputs(spec))
     write_text(record, yaml.safe_dump(spec.to_dict(), sort_keys=False))
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and a.samefile(b)
-    except OSError:
-        return False
 
 
 def base_fingerprint(base: str | dict[str, Any]) -> str:
@@ -77,7 +60,7 @@ def base_fingerprint(base: str | dict[str, Any]) -> str:
         from crasmra.config import load_config
 
         base = load_config(base)
-    text = json.dumps(_canonical(base), sort_keys=True, default=str)
+    text = json.dumps(canonical(base), sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -267,7 +250,7 @@ def run_sweep(
         record = {"setting": dict(run.overrides), "seed": run.seed, "args": args,
                   "base_fingerprint": fingerprint, "launcher": spec.launcher,
                   "resumed": resume, "status": "running"}
-        write_json_atomic(run_dir / RUN_FILE, record)
+        write_json(run_dir / RUN_FILE, record)
         echo(f"[{i}/{len(todo)}] {run.folder}{' (resuming)' if resume else ''}")
         t0 = time.perf_counter()
         try:
@@ -279,26 +262,26 @@ def run_sweep(
                 raise RuntimeError("the run ended without test results in metrics.json")
         except KeyboardInterrupt:
             record.update(status="interrupted", wall_s=round(time.perf_counter() - t0, 1))
-            write_json_atomic(run_dir / RUN_FILE, record)
+            write_json(run_dir / RUN_FILE, record)
             echo("Interrupted: run the same command again to continue the sweep.")
             raise
         except (Exception, SystemExit) as err:  # one failed run must not end the sweep
             wall = round(time.perf_counter() - t0, 1)
             write_text(run_dir / "error.txt", "".join(traceback.format_exception(err)))
             record.update(status="failed", wall_s=wall, error=f"{type(err).__name__}: {err}")
-            write_json_atomic(run_dir / RUN_FILE, record)
+            write_json(run_dir / RUN_FILE, record)
             summary["failed"].append(str(run.folder))
             echo(f"    FAILED after {wall:.0f} s: {type(err).__name__}: {err} "
                  f"(traceback in {run_dir / 'error.txt'})")
             continue
         wall = round(time.perf_counter() - t0, 1)
         record.update(status="finished", wall_s=wall)
-        write_json_atomic(run_dir / RUN_FILE, record)
+        write_json(run_dir / RUN_FILE, record)
         if not spec.keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         summary["ran"] += 1
         test = (read_metrics(run_dir) or {}).get("test", {})
-        combined = test.get("test/combined_top1")
+        combined = test.get(TEST_COMBINED_TOP1)
         score = f", test combined top-1 {100 * combined:.1f}%" if combined is not None else ""
         echo(f"    finished in {wall:.0f} s{score}")
     summary["wall_s"] = round(time.perf_counter() - start, 1)

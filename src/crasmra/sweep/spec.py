@@ -1,11 +1,10 @@
-"""Sweep files: their schema, their checks and the runs they plan."""
+"""Sweep files: their schema and their checks."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import yaml
 
 from crasmra.errors import CrasmraError
+from crasmra.metric_names import TEST_COMBINED_TOP1
 
 __all__ = [
     "COMPARE_METRIC",
@@ -24,19 +24,14 @@ __all__ = [
     "VARIANT_KEY",
     "VARIANT_LABELS",
     "Grid",
-    "RunSpec",
     "SweepError",
     "SweepSpec",
+    "canonical",
+    "check_key",
     "cli_value",
     "format_value",
-    "is_finished",
     "load_sweep",
     "parse_sweep",
-    "plan_runs",
-    "read_metrics",
-    "select_grids",
-    "setting_key",
-    "setting_name",
     "short_key",
 ]
 
@@ -52,7 +47,7 @@ VARIANT_KEY = "model.variant"
 #: Reference variants of a variant grid that names no ``compare_to``, when it has them.
 DEFAULT_REFERENCES = ("plain", "baseline")
 #: The metric the paired-difference tables show (results.json has every shared metric).
-COMPARE_METRIC = "test/combined_top1"
+COMPARE_METRIC = TEST_COMBINED_TOP1
 LAUNCHERS = ("in-process", "subprocess")
 #: Override keys must be config keys of `crasmra fit` under one of these sections.
 _KEY_RE = re.compile(r"^(model|data|trainer|checkpoint)(\.[A-Za-z_]\w*)+$")
@@ -203,20 +198,20 @@ def cli_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def _canonical(value: Any) -> Any:
+def canonical(value: Any) -> Any:
     """Numbers compare by value (``1`` and ``1.0`` are the same setting); bools stay bools."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, list | tuple):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in sorted(value.items())}
+        return {str(k): canonical(v) for k, v in sorted(value.items())}
     return value
 
 
-def _check_key(key: Any, where: str) -> str:
+def check_key(key: Any, where: str) -> str:
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise SweepError(
             f"{where}: {key!r} is not a config key; use the dotted key of a `crasmra fit` flag "
@@ -281,7 +276,7 @@ def parse_sweep(data: Any, source: Path | None = None) -> SweepSpec:
     if not isinstance(defaults, dict):
         raise SweepError(f"{where}: `defaults` must map config keys to values.")
     for key, value in defaults.items():
-        _check_key(key, f"{where}: defaults")
+        check_key(key, f"{where}: defaults")
         _check_scalar_or_config(value, f"{where}: defaults.{key}")
 
     grids_data = data["grids"]
@@ -326,12 +321,12 @@ def _parse_grid(name: Any, data: Any, where: str) -> Grid:
         raise SweepError(f"{where}: `values` must map config keys to lists of values, "
                          "e.g. `values: {model.delta: [0.5, 0.9]}`.")
     for key, options in values.items():
-        _check_key(key, where)
+        check_key(key, where)
         if not isinstance(options, list) or not options:
             raise SweepError(f"{where}: {key} must be a non-empty list of values, got {options!r}.")
         for value in options:
             _check_scalar_or_config(value, f"{where}: {key}")
-        canon = [json.dumps(_canonical(v), sort_keys=True) for v in options]
+        canon = [json.dumps(canonical(v), sort_keys=True) for v in options]
         if len(set(canon)) != len(canon):
             raise SweepError(f"{where}: {key} lists a value twice: {options}.")
     labels = data.get("labels") or {}
@@ -385,129 +380,3 @@ def load_sweep(path: str | Path) -> SweepSpec:
     except UsageError as err:  # a YAML bomb or absurd nesting
         raise SweepError(str(err)) from None
     return parse_sweep(data, source=path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run of a sweep: a setting (complete overrides) and a seed.
-
-    Attributes:
-        overrides: Config key -> value, the sweep's defaults updated by the grid point.
-        seed: The run's ``--seed_everything``.
-        setting_name: Folder name of the setting (shared by its seeds).
-    """
-
-    overrides: tuple[tuple[str, Any], ...]
-    seed: int
-    setting_name: str
-
-    @property
-    def folder(self) -> Path:
-        """The run folder, relative to the sweep's output folder."""
-        return Path("runs") / self.setting_name / f"seed-{self.seed}"
-
-    def fit_args(self, base: str | dict[str, Any], root: Path, extra: Sequence[str] = (),
-                 resume: bool = False) -> list[str]:
-        """Arguments of ``crasmra fit`` for this run, writing into ``root``."""
-        config = base if isinstance(base, str) else yaml.safe_dump(base, sort_keys=False)
-        args = ["fit", f"--config={config}"]
-        args += [f"--{k}={cli_value(v)}" for k, v in self.overrides]
-        args += [f"--seed_everything={self.seed}", f"--trainer.default_root_dir={root}"]
-        args += list(extra)
-        # A run that is not resumed starts over in its own folder, replacing what an
-        # interrupted attempt left there.
-        args.append("--ckpt_path=last" if resume else "--overwrite=true")
-        return args
-
-
-def setting_key(overrides: dict[str, Any]) -> str:
-    """Identity of a setting: its overrides with numbers compared by value."""
-    return json.dumps({k: _canonical(v) for k, v in sorted(overrides.items())}, sort_keys=True)
-
-
-def setting_name(overrides: dict[str, Any], varied: Sequence[str]) -> str:
-    """A readable, file-system safe folder name from the values of the varied keys.
-
-    Keys that no grid varies are left out; a short hash of the complete overrides keeps the
-    name unique when two keys share a last component or a name would be too long.
-    """
-    import hashlib
-
-    shorts = [short_key(k) for k in varied]
-    ambiguous = len(set(shorts)) != len(shorts)
-    parts = []
-    for key in varied:
-        if key in overrides:
-            label = key if ambiguous else short_key(key)
-            parts.append(f"{label}={format_value(overrides[key])}")
-    name = re.sub(r"[^\w.=+-]+", "-", "_".join(parts)).strip("-") or "base"
-    if ambiguous or len(name) > 100 or name != "_".join(parts):
-        digest = hashlib.sha1(setting_key(overrides).encode()).hexdigest()[:8]
-        name = f"{name[:90]}_{digest}"
-    return name
-
-
-def plan_runs(spec: SweepSpec) -> tuple[list[RunSpec], dict[str, list[tuple[dict[str, Any], str]]]]:
-    """The distinct runs of a sweep and, per grid, its points with their setting names.
-
-    Returns:
-        ``(runs, rows)``: ``runs`` in execution order (grid by grid, point by point, seed by
-        seed), each distinct (setting, seed) once; ``rows[grid.name]`` the grid's points as
-        ``(point, setting_name)`` in table order.
-    """
-    varied: list[str] = []
-    for grid in spec.grids:
-        varied += [k for k in grid.values if k not in varied]
-    names: dict[str, str] = {}
-    runs: list[RunSpec] = []
-    rows: dict[str, list[tuple[dict[str, Any], str]]] = {}
-    for grid in spec.grids:
-        rows[grid.name] = []
-        for point in grid.points():
-            overrides = {**spec.defaults, **point}
-            key = setting_key(overrides)
-            if key not in names:
-                name = setting_name(overrides, varied)
-                if name in names.values():
-                    raise SweepError(f"two different settings map to the folder name {name}.")
-                names[key] = name
-                ordered = tuple((k, overrides[k]) for k in sorted(overrides))
-                runs += [RunSpec(ordered, seed, name) for seed in spec.seeds]
-            rows[grid.name].append((point, names[key]))
-    return runs, rows
-
-
-def read_metrics(run_dir: Path) -> dict[str, Any] | None:
-    """A run's ``metrics.json``, or ``None`` if it is missing or unreadable."""
-    path = run_dir / "metrics.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def is_finished(run_dir: Path) -> bool:
-    """Whether a run folder holds a finished run (its ``metrics.json`` has test results)."""
-    metrics = read_metrics(run_dir)
-    return bool(metrics and metrics.get("test"))
-
-
-def select_grids(spec: SweepSpec, groups: Iterable[str] | None) -> SweepSpec:
-    """``spec`` with only the grids named in ``groups`` (all of them for None).
-
-    Raises:
-        SweepError: A name is not a grid of the sweep.
-    """
-    if groups is None:
-        return spec
-    wanted = list(groups)
-    names = [g.name for g in spec.grids]
-    unknown = [g for g in wanted if g not in names]
-    if unknown:
-        raise SweepError(f"no grid named {', '.join(unknown)}; the sweep has {', '.join(names)}.")
-    from dataclasses import replace
-
-    return replace(spec, grids=[g for g in spec.grids if g.name in wanted])
