@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import crasmra.export as export_module
+from attention_helpers import SIZE, attention_network, registered_attention
 from conftest import run_cli
 from crasmra.data import load_image
 from crasmra.export import ExportParityError, ExportWrapper, export_model
@@ -201,3 +202,18 @@ def test_head_weights_reach_every_export(model: CRASMRANet, batch: torch.Tensor,
         assert load_model(saved).head_weights == (0.0, 0.0, 1.0, 0.0)
     finally:
         model.set_head_weights(None)
+
+
+@pytest.mark.parametrize("attention", registered_attention())
+@pytest.mark.parametrize("fmt", ["torchscript", "safetensors"])
+def test_every_registered_attention_module_exports(attention: str, fmt: str,
+                                                   tmp_path: Path) -> None:
+    net = attention_network(attention)
+    suffix = ".safetensors" if fmt == "safetensors" else ".pt"
+    result = export_model(net, fmt, tmp_path / f"model{suffix}")
+    assert result.max_abs_diff <= 1e-4
+    if fmt == "safetensors":
+        reloaded = load_model(result.path)
+        x = torch.randn(2, 3, SIZE, SIZE)
+        with torch.inference_mode():
+            torch.testing.assert_close(reloaded(x).probs, net(x).probs, atol=1e-6, rtol=0)

@@ -29,6 +29,7 @@ pytest.importorskip("httpx", reason="fastapi's TestClient needs httpx")
 
 from fastapi.testclient import TestClient
 
+from attention_helpers import SIZE, attention_network, library_gradcam, registered_attention
 from crasmra import serve
 from crasmra.cli import build_parser, main
 from crasmra.inference import load_model
@@ -168,11 +169,11 @@ def test_examples_come_from_the_checkpoints_dataset(client: TestClient, model: A
 
 
 def test_no_examples_without_a_dataset(tmp_path: Path, model: Any) -> None:
-    from crasmra.checkpoint import save_safetensors
-    from crasmra.inference import model_metadata
+    from crasmra.checkpoint import build_metadata, save_safetensors
 
-    export = save_safetensors(tmp_path / "m.safetensors", model.state_dict(),
-                              model_metadata(model))
+    meta = build_metadata(model.config, model.classes, model.preprocessing.as_config(),
+                          model.data_config)
+    export = save_safetensors(tmp_path / "m.safetensors", model.state_dict(), meta)
     assert serve.load_examples(export) == []
 
 
@@ -202,13 +203,13 @@ def test_predict_returns_top_k_and_stage_overlays(client: TestClient, model: Any
     assert response.headers["cache-control"] == "no-store"
 
 
-def test_single_pass_gradcam_equals_viz_gradcam(model: Any) -> None:
+def test_gradcam_equals_pytorch_grad_cam(model: Any) -> None:
     pytest.importorskip("pytorch_grad_cam", reason="grad-cam is not installed")
-    from crasmra.viz import activation_maps, gradcam_maps
+    from crasmra.viz import activation_maps
 
     x = model.transform(Image.open(io.BytesIO(png_bytes((80, 64), seed=3)))).unsqueeze(0)
     result = serve.explain_tensor(model, x)
-    reference = gradcam_maps(model, x, result.class_index)
+    reference = library_gradcam(model, x, result.class_index)
     for ours, theirs in zip(result.gradcam, reference, strict=True):
         assert ours.shape == theirs.shape == (64, 64)
         np.testing.assert_allclose(ours, theirs, atol=1e-4)
@@ -223,7 +224,6 @@ def test_single_pass_gradcam_equals_viz_gradcam(model: Any) -> None:
 
 
 def test_plain_model_shows_the_last_stage(plain_checkpoint: Path) -> None:
-    pytest.importorskip("pytorch_grad_cam", reason="grad-cam is not installed")
     from crasmra.viz import gradcam_maps
 
     plain = load_model(plain_checkpoint)
@@ -243,6 +243,18 @@ def test_plain_model_shows_the_last_stage(plain_checkpoint: Path) -> None:
     (reference,) = gradcam_maps(plain, x, explanation.class_index)
     np.testing.assert_allclose(ours, reference, atol=1e-5)
     assert all(p.grad is None for p in plain.parameters())
+
+
+@pytest.mark.parametrize("attention", registered_attention())
+def test_every_registered_attention_module_is_served(attention: str) -> None:
+    net = attention_network(attention)
+    predictor = serve.Predictor(net)
+    result = predictor.predict_bytes(png_bytes((80, 64), seed=1))
+    assert [s["name"] for s in result["stages"]] == list(net.stage_names)
+    for stage in result["stages"]:
+        for key in ("gradcam", "activation"):
+            assert decode_data_url(stage[key]).size == (SIZE, SIZE)
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_concurrent_users_get_their_own_results(app: Any) -> None:
@@ -532,7 +544,7 @@ def test_decode_memory_is_estimated_from_the_header(mode: str, fmt: str,
 
 def test_gate_serves_in_order_and_passes_on_cancelled_turns() -> None:
     async def scenario() -> list[str]:
-        gate = serve.app._Gate(slots=2, queue=4)
+        gate = serve.guard.Gate(slots=2, queue=4)
         order = []
         hold = {"first": asyncio.Event(), "big": asyncio.Event()}
 

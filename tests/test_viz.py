@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -13,9 +14,16 @@ import torch
 from PIL import Image
 from torchmetrics.classification import MulticlassCalibrationError
 
+from attention_helpers import (
+    SCALE,
+    SIZE,
+    attention_network,
+    library_gradcam,
+    registered_attention,
+)
 from conftest import run_cli
-from crasmra.checkpoint import network_state_dict, save_safetensors
-from crasmra.inference import expected_calibration_error, load_model, model_metadata
+from crasmra.checkpoint import build_metadata, network_state_dict, save_safetensors
+from crasmra.inference import expected_calibration_error, load_model
 from crasmra.layers import record_channel_importance
 from crasmra.model import CRASMRANet
 from crasmra.viz import (
@@ -109,34 +117,55 @@ def test_train_maps_need_a_training_checkpoint(model: CRASMRANet, images: Path, 
                                                tiny_checkpoint: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    meta = build_metadata(model.config, model.classes, model.preprocessing.as_config(),
+                          model.data_config)
     export = save_safetensors(tmp_path / "model.safetensors",
-                              network_state_dict(ckpt, tiny_checkpoint), model_metadata(model))
+                              network_state_dict(ckpt, tiny_checkpoint), meta)
     code = run_cli(["cam", str(export), str(images), "--out", str(tmp_path), "--train-maps"])
     assert code == 2
     assert "no SMRAM weights" in capsys.readouterr().err
 
 
-def test_gradcam_without_the_package_names_the_extra(model: CRASMRANet,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
-    with pytest.raises(ImportError, match=r'pip install "crasmra\[viz\]"'):
-        gradcam_maps(model, torch.zeros(1, 3, 64, 64), 0)
-
-
-def test_cam_without_the_viz_extra_is_one_line_for_both_installs(
-    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_cam_needs_no_grad_cam_package(tiny_checkpoint: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
     images = write_images(tmp_path / "images")
     image = next(images.rglob("*.png"))
-    code = run_cli(["cam", str(tiny_checkpoint), str(image), "--out", str(tmp_path / "cam")])
-    err = capsys.readouterr().err
-    assert code == 2
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert "Traceback" not in err and len(errors) == 1 and errors[0].startswith("crasmra: error:")
-    # The command that works for a registry install and the one for a clone of the repository.
-    assert 'pip install "crasmra[viz]"' in err and 'pip install -e ".[viz]"' in err
+    out = tmp_path / "cam"
+    assert run_cli(["cam", str(tiny_checkpoint), str(image), "--out", str(out)]) == 0
+    assert (out / f"{image.stem}_cam.png").is_file()
+
+
+@pytest.mark.parametrize("attention", registered_attention())
+def test_cam_explains_every_registered_attention_module(attention: str, tmp_path: Path) -> None:
+    net = attention_network(attention)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 72, 3), np.uint8))
+    x = net.transform(image)[None]
+    predicted = int(net(x).probs.argmax())
+    maps = gradcam_maps(net, x, predicted)
+    assert len(maps) == len(net.stage_names) == len(net.attention)
+    for m in maps:
+        assert m.shape == (SIZE, SIZE) and np.isfinite(m).all()
+        assert m.min() >= 0.0 and m.max() <= 1.0 + 1e-6
+    assert all(p.grad is None for p in net.parameters())
+    if importlib.util.find_spec("pytorch_grad_cam") is not None:
+        reference = library_gradcam(net, x, predicted)
+        for ours, theirs in zip(maps, reference or [], strict=False):
+            np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    result = explain_image(net, image, tmp_path, name="x")
+    assert result.grid.is_file() and result.predicted == net.classes[predicted]
+
+
+def test_a_module_whose_head_map_is_not_a_map_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = attention_network(SCALE)
+    real = net.forward_features
+
+    def flat(x: torch.Tensor) -> list[torch.Tensor]:
+        return [f.mean(dim=(2, 3)) for f in real(x)]
+
+    monkeypatch.setattr(net, "forward_features", flat)
+    with pytest.raises(ValueError, match=r"stage3 \(ScaleAttention\).*\(x_e, x_s\)"):
+        gradcam_maps(net, torch.zeros(1, 3, SIZE, SIZE), 0)
 
 
 def test_report_on_the_checkpoints_own_test_split(tiny_run: Path, tiny_checkpoint: Path,

@@ -4,6 +4,15 @@ A module is one class with the contract of :mod:`crasmra.layers.cram`::
 
     Module(in_channels, out_channels, **options); forward(x) -> (x_e, x_s)
 
+- ``x_e``: the map the stage's head reads, ``(N, out_channels, h, w)``. In CRAM it is the
+  output of the Conv_layer (``conv_layer``, the setting that picks that layer's kind).
+- ``x_s``: the map the next stage reads, ``(N, in_channels, h, w)``.
+
+That is everything the rest of crasmra asks of a module. Grad-CAM (``crasmra cam``, ``crasmra
+serve``) explains ``x_e`` itself, as the model returns it, so a module needs no ``conv_layer``
+attribute or other named layer; a module whose ``x_e`` is not a 4-D map that its stage head
+reads is refused with a message naming it. Exports trace ``forward`` as it is.
+
 and one registration::
 
     @register_attention("toy")

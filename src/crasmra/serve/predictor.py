@@ -1,5 +1,4 @@
-"""The model behind the API: prediction, one-pass Grad-CAM, overlays and example images.
-"""
+"""The model behind the API: prediction, Grad-CAM, overlays and example images."""
 
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ from crasmra.serve.limits import (
     TOP_K,
     TRIM_MIN_PIXELS,
 )
-from crasmra.viz import OVERLAY_ALPHA, activation_maps, unit_maps
+from crasmra.viz import HeatOverlay, activation_maps, denormalize, stage_gradcams
 
 __all__ = [
     "Example",
@@ -66,19 +65,8 @@ class Explanation:
 
 
 def explain_tensor(model: CRASMRANet, x: Tensor) -> Explanation:
-    """Predict one image and compute every stage's Grad-CAM and activation map in one pass.
-
-    Grad-CAM of stage ``i`` (as in :func:`crasmra.viz.gradcam_maps`): the gradient of stage
-    ``i``'s head logit for the predicted class w.r.t. that stage's x_e (the Conv_layer's
-    output), averaged over space, weights x_e's channels; ReLU, upsample, scale to [0, 1].
-
-    The backbone runs once without a graph; only the heads run with autograd, from x_e
-    detached. x_e of stage ``i`` feeds only head ``i`` and the concat head, so one backward
-    pass of the sum of the stage logits through the heads yields each stage's own gradient,
-    where pytorch-grad-cam would run a forward and a full backward pass per stage.
-
-    The plain variant has one map, the last stage's output that timm's head reads; its
-    Grad-CAM is that of timm's classifier logit.
+    """Predict one image and compute every stage's Grad-CAM and activation map in one pass
+    (:func:`crasmra.viz.stage_gradcams`).
 
     Args:
         model: The network, in eval mode (not thread-safe: callers serialise access).
@@ -87,54 +75,35 @@ def explain_tensor(model: CRASMRANet, x: Tensor) -> Explanation:
     Returns:
         The prediction and the maps, at the input's size.
     """
-    size = (x.shape[-2], x.shape[-1])
-    with torch.no_grad():
-        features = model.forward_features(x)
-    with torch.enable_grad():
-        leaves = [f.detach().requires_grad_(True) for f in features]
-        output = model.forward_heads(leaves)
-        probs = output.probs[0].detach()
-        class_index = int(probs.argmax())
-        # Each map is explained by its own stage head; plain's one map by timm's classifier.
-        explaining = output.stage_logits or output.logits
-        target = torch.stack([lg[0, class_index] for lg in explaining]).sum()
-        # autograd.grad, not backward(): nothing accumulates in the shared model's .grad.
-        grads = torch.autograd.grad(target, leaves)
-    gradcam = [
-        unit_maps(torch.relu((g[0].mean(dim=(1, 2))[:, None, None] * f[0].detach())
-                              .sum(dim=0))[None], size)[0]
-        for f, g in zip(leaves, grads, strict=True)
-    ]
-    return Explanation(probs=probs.cpu(), class_index=class_index, gradcam=gradcam,
-                       activation=activation_maps(features, size))
+    cams = stage_gradcams(model, x)
+    return Explanation(probs=cams.probs.cpu(), class_index=cams.class_index, gradcam=cams.maps,
+                       activation=activation_maps(cams.features, (x.shape[-2], x.shape[-1])))
 
 
 class _Renderer:
-    """Overlays as JPEG data URLs: the jet colour map over the image, as ``crasmra cam`` draws."""
+    """Overlays as JPEG data URLs, drawn by :class:`crasmra.viz.HeatOverlay` as ``crasmra cam``
+    draws them."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        from matplotlib import colormaps
-
-        self.lut = (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.float32)
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.std = np.asarray(std, dtype=np.float32)
+        self.mean = mean
+        self.std = std
+        self.heat = HeatOverlay()
 
     def image(self, x: Tensor) -> np.ndarray:
-        """(1, 3, H, W) normalised tensor -> (H, W, 3) float image in 0..255."""
-        arr = x[0].detach().float().cpu().permute(1, 2, 0).numpy()
-        return np.clip(arr * self.std + self.mean, 0.0, 1.0) * 255.0
+        """(1, 3, H, W) normalised tensor -> (H, W, 3) float image in [0, 1]."""
+        return denormalize(x, self.mean, self.std)
 
     def overlay(self, image: np.ndarray, heat: np.ndarray) -> np.ndarray:
         """Blend a [0, 1] map's colours over ``image`` (both (H, W[, 3]))."""
-        colours = self.lut[np.clip(np.rint(heat * 255), 0, 255).astype(np.intp)]
-        return (1.0 - OVERLAY_ALPHA) * image + OVERLAY_ALPHA * colours
+        return self.heat.blend(image, heat)
 
     @staticmethod
     def data_url(arr: np.ndarray) -> str:
+        """A (H, W, 3) float image in [0, 1] as a JPEG data URL."""
         buffer = io.BytesIO()
         # JPEG: overlays are photographs under a smooth colour map, where PNG is about ten
         # times larger (a 448 px answer would weigh megabytes) and slower to encode.
-        Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8)).save(
+        Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)).save(
             buffer, format="JPEG", quality=JPEG_QUALITY)
         return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
