@@ -169,7 +169,7 @@ def test_evaluating_a_checkpoint_from_another_folder_is_quiet(
 # figures
 # ---------------------------------------------------------------------------------------------
 def _capture_figure(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    import crasmra.viz
+    import crasmra.viz.plots
 
     captured: dict[str, Any] = {}
 
@@ -177,7 +177,7 @@ def _capture_figure(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         captured["figure"] = fig
         return Path(path)
 
-    monkeypatch.setattr(crasmra.viz, "_save", keep)
+    monkeypatch.setattr(crasmra.viz.plots, "_save", keep)
     return captured
 
 
