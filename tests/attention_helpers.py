@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from crasmra.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Preprocessing
 from crasmra.layers import attention_names, register_attention
 from crasmra.model import PAPER_VARIANTS_ATTENTION, CRASMRANet, create_model
+from crasmra.outputs import ModelOutput
 
 #: Image side of the test networks.
 SIZE = 64
@@ -56,29 +60,46 @@ def attention_network(attention: str, seed: int = 0) -> CRASMRANet:
     return net.eval()
 
 
-def library_gradcam(net: CRASMRANet, x: Tensor, class_index: int) -> list | None:
-    """pytorch-grad-cam's GradCAM of each stage, with the module that outputs x_e (CRAM's
-    ``conv_layer``) as the target layer; None when the modules have no such layer."""
-    import numpy as np
+def head_map_layer(module: nn.Module) -> nn.Module | None:
+    """The layer inside ``module`` whose output is x_e (CRAM's ``conv_layer``, the tests' own
+    module's ``proj``), or None."""
+    if isinstance(module, ScaleAttention):
+        return module.proj
+    return getattr(module, "conv_layer", None)
+
+
+def own_head(output: ModelOutput, stage: int) -> Tensor:
+    """The logits of stage ``stage``'s own head, the ones its map explains."""
+    return output.stage_logits[stage]
+
+
+def library_gradcam(
+    net: CRASMRANet, x: Tensor, class_index: int,
+    head: Callable[[ModelOutput, int], Tensor] = own_head,
+) -> list[np.ndarray] | None:
+    """pytorch-grad-cam's GradCAM of each stage on the whole network, independently of crasmra's
+    taps: the target layer is the module's layer that outputs x_e (:func:`head_map_layer`) and
+    the model output ``head(output, stage)``; None when a module has no such layer.
+    """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    if not net.attention or not all(hasattr(m, "conv_layer") for m in net.attention):
+    layers = [head_map_layer(m) for m in net.attention]
+    if not layers or any(layer is None for layer in layers):
         return None
 
-    class StageLogits(nn.Module):
+    class Logits(nn.Module):
         def __init__(self, stage: int) -> None:
             super().__init__()
             self.net, self.stage = net, stage
 
         def forward(self, images: Tensor) -> Tensor:
-            return self.net(images).stage_logits[self.stage]
+            return head(self.net(images), self.stage)
 
     maps = []
     x = x.detach().clone().requires_grad_(True)
-    for i, module in enumerate(net.attention):
-        with torch.enable_grad(), GradCAM(model=StageLogits(i),
-                                          target_layers=[module.conv_layer]) as cam:
+    for i, layer in enumerate(layers):
+        with torch.enable_grad(), GradCAM(model=Logits(i), target_layers=[layer]) as cam:
             heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])
         maps.append(np.asarray(heat[0], dtype=np.float32))
     net.zero_grad(set_to_none=True)

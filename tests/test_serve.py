@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.error
@@ -32,6 +33,7 @@ from fastapi.testclient import TestClient
 from attention_helpers import SIZE, attention_network, library_gradcam, registered_attention
 from crasmra import serve
 from crasmra.cli import build_parser, main
+from crasmra.errors import MissingExtraError
 from crasmra.inference import load_model
 
 BASE = "http://127.0.0.1"
@@ -219,8 +221,27 @@ def test_gradcam_equals_pytorch_grad_cam(model: Any) -> None:
     for ours, theirs in zip(result.activation, activation_maps(output.features, (64, 64)),
                             strict=True):
         np.testing.assert_allclose(ours, theirs, atol=1e-5)
-    # autograd.grad leaves nothing behind on the shared model.
+    # Grad-CAM's backward leaves no gradients on the shared model.
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_explain_without_the_viz_extra_names_the_install_command(
+    model: Any, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
+    with pytest.raises(MissingExtraError, match=r'pip install "crasmra\[viz\]"'):
+        serve.explain_tensor(model, torch.zeros(1, 3, 64, 64))
+    # The server computes a Grad-CAM to warm up, so it refuses to start, in one line.
+    served = []
+    monkeypatch.setattr(serve, "run_server", lambda *a, **k: served.append(a))
+    assert main(["serve", str(tiny_checkpoint), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err and len(errors) == 1
+    assert errors[0].startswith("crasmra: error: Grad-CAM needs the grad-cam package")
+    assert 'pip install "crasmra[viz]"' in errors[0]
+    assert not served
 
 
 def test_plain_model_shows_the_last_stage(plain_checkpoint: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -23,14 +22,17 @@ from attention_helpers import (
 )
 from conftest import run_cli
 from crasmra.checkpoint import build_metadata, network_state_dict, save_safetensors
+from crasmra.errors import MissingExtraError
 from crasmra.inference import expected_calibration_error, load_model
 from crasmra.layers import record_channel_importance
 from crasmra.model import CRASMRANet
+from crasmra.outputs import ModelOutput
 from crasmra.viz import (
     activation_maps,
     channel_importance,
     explain_image,
     gradcam_maps,
+    stage_gradcams,
     true_label_from_path,
 )
 from test_inference import NUM_CLASSES, write_images
@@ -126,14 +128,30 @@ def test_train_maps_need_a_training_checkpoint(model: CRASMRANet, images: Path, 
     assert "no SMRAM weights" in capsys.readouterr().err
 
 
-def test_cam_needs_no_grad_cam_package(tiny_checkpoint: Path, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gradcam_without_the_package_names_the_extra(model: CRASMRANet,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
+    with pytest.raises(MissingExtraError, match=r'pip install "crasmra\[viz\]"'):
+        gradcam_maps(model, torch.zeros(1, 3, 64, 64), 0)
+
+
+def test_cam_without_the_viz_extra_is_one_line_for_both_installs(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
     images = write_images(tmp_path / "images")
     image = next(images.rglob("*.png"))
     out = tmp_path / "cam"
-    assert run_cli(["cam", str(tiny_checkpoint), str(image), "--out", str(out)]) == 0
-    assert (out / f"{image.stem}_cam.png").is_file()
+    code = run_cli(["cam", str(tiny_checkpoint), str(image), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err and len(errors) == 1 and errors[0].startswith("crasmra: error:")
+    assert "Grad-CAM needs the grad-cam package" in errors[0]
+    # The command that works for a registry install and the one for a clone of the repository.
+    assert 'pip install "crasmra[viz]"' in err and 'pip install -e ".[viz]"' in err
+    assert not any(p.suffix == ".png" for p in out.rglob("*"))
 
 
 @pytest.mark.parametrize("attention", registered_attention())
@@ -148,12 +166,54 @@ def test_cam_explains_every_registered_attention_module(attention: str, tmp_path
         assert m.shape == (SIZE, SIZE) and np.isfinite(m).all()
         assert m.min() >= 0.0 and m.max() <= 1.0 + 1e-6
     assert all(p.grad is None for p in net.parameters())
-    if importlib.util.find_spec("pytorch_grad_cam") is not None:
-        reference = library_gradcam(net, x, predicted)
-        for ours, theirs in zip(maps, reference or [], strict=False):
-            np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    # An attention module registered by an installed package may name no layer for x_e.
+    reference = library_gradcam(net, x, predicted)
+    for ours, theirs in zip(maps, reference or maps, strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
     result = explain_image(net, image, tmp_path, name="x")
     assert result.grid.is_file() and result.predicted == net.classes[predicted]
+
+
+def _concat_head(output: ModelOutput, stage: int) -> torch.Tensor:
+    assert output.concat_logits is not None
+    return output.concat_logits
+
+
+@pytest.mark.parametrize("attention", [SCALE, "cram"])
+def test_each_stage_map_explains_its_own_head_for_the_asked_class(
+    attention: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = attention_network(attention, seed=1)
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    classes = range(net.num_classes)
+    runs = []
+    real = net.forward_features
+
+    def counted(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        runs.append(images.requires_grad or torch.is_grad_enabled())
+        return real(images)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(net, "forward_features", counted)
+        ours = [stage_gradcams(net, x, c).maps for c in classes]
+    assert runs == [False] * len(classes)  # one backbone pass per image, without a graph
+    own = [library_gradcam(net, x, c) for c in classes]
+    concat = [library_gradcam(net, x, c, head=_concat_head) for c in classes]
+    for c in classes:
+        for i in range(len(net.attention)):
+            np.testing.assert_allclose(ours[c][i], own[c][i], atol=1e-4, err_msg=f"{c=} {i=}")
+
+    def differ(a: np.ndarray, b: np.ndarray) -> bool:
+        return not np.allclose(a, b, atol=1e-2)
+
+    # The comparison tells the wrong head (the concat head, which also reads every x_e), the
+    # wrong class and the wrong stage from the right ones on this network and image.
+    n = len(net.attention)
+    for i in range(n):
+        assert any(differ(own[c][i], concat[c][i]) for c in classes), i
+        assert any(differ(own[c][i], own[0][i]) for c in classes[1:]), i
+        assert all(any(differ(own[c][i], own[c][j]) for c in classes)
+                   for j in range(n) if j != i), i
 
 
 def test_a_module_whose_head_map_is_not_a_map_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,6 +226,22 @@ def test_a_module_whose_head_map_is_not_a_map_is_named(monkeypatch: pytest.Monke
     monkeypatch.setattr(net, "forward_features", flat)
     with pytest.raises(ValueError, match=r"stage3 \(ScaleAttention\).*\(x_e, x_s\)"):
         gradcam_maps(net, torch.zeros(1, 3, SIZE, SIZE), 0)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_head_that_does_not_read_the_map_is_named(frozen: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    net = attention_network(SCALE).requires_grad_(not frozen)
+    real = net.forward_heads
+
+    def cut(features: list[torch.Tensor]) -> ModelOutput:
+        # stage4's head reads a copy of its map cut from the graph, not the map itself
+        return real([f.detach() if i == 1 else f for i, f in enumerate(features)])
+
+    monkeypatch.setattr(net, "forward_heads", cut)
+    with pytest.raises(ValueError, match=r"head of stage4 \(ScaleAttention\) does not read"):
+        gradcam_maps(net, torch.randn(1, 3, SIZE, SIZE), 0)
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_report_on_the_checkpoints_own_test_split(tiny_run: Path, tiny_checkpoint: Path,

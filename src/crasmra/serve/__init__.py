@@ -37,7 +37,9 @@ and 1 MiB per waiting upload: 0.69 GB with the defaults. After a large image the
 trimmed, so that the freed pixels go back to the system.
 
 Grad-CAM and the overlays are those of ``crasmra cam`` (:func:`crasmra.viz.stage_gradcams`,
-:class:`crasmra.viz.HeatOverlay`): one forward and one backward pass for every stage's map.
+:class:`crasmra.viz.HeatOverlay`): pytorch-grad-cam's GradCAM of each stage, from one backbone
+pass. It needs the ``viz`` extra; without it the server refuses to start with the install
+command (its warm-up computes a Grad-CAM).
 """
 
 import importlib

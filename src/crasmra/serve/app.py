@@ -102,6 +102,8 @@ def create_app(
 
     Raises:
         ValueError: A limit is not a positive finite number (``max_queue``: not negative).
+        crasmra.errors.MissingExtraError: pytorch-grad-cam (the ``viz`` extra) is not
+            installed; the warm-up computes a Grad-CAM, so the server does not start without it.
     """
     if not all(math.isfinite(v) and v > 0
                for v in (max_upload_mb, max_pixels, max_concurrent, body_timeout)) \

@@ -65,8 +65,8 @@ class Explanation:
 
 
 def explain_tensor(model: CRASMRANet, x: Tensor) -> Explanation:
-    """Predict one image and compute every stage's Grad-CAM and activation map in one pass
-    (:func:`crasmra.viz.stage_gradcams`).
+    """Predict one image and compute every stage's Grad-CAM and activation map, from one
+    backbone pass (:func:`crasmra.viz.stage_gradcams`).
 
     Args:
         model: The network, in eval mode (not thread-safe: callers serialise access).
@@ -74,6 +74,9 @@ def explain_tensor(model: CRASMRANet, x: Tensor) -> Explanation:
 
     Returns:
         The prediction and the maps, at the input's size.
+
+    Raises:
+        crasmra.errors.MissingExtraError: pytorch-grad-cam (the ``viz`` extra) is not installed.
     """
     cams = stage_gradcams(model, x)
     return Explanation(probs=cams.probs.cpu(), class_index=cams.class_index, gradcam=cams.maps,

@@ -2,10 +2,12 @@
 
 For one image, :func:`explain_image` draws a grid with one column per attended stage:
 
-- **Grad-CAM** of the predicted class (:mod:`~crasmra.viz.gradcam`). For each stage the
-  target is that stage's own head logit for the class the combined prediction picked, and the
-  explained map is the stage's x_e (the output of its Conv_layer), as in the paper's Figure 5.
-  The plain variant has one column: timm's classifier logit on the last stage's output.
+- **Grad-CAM** of the predicted class (pytorch-grad-cam, :mod:`~crasmra.viz.gradcam`). For
+  each stage the target is that stage's own head logit for the class the combined prediction
+  picked, and the explained map is the stage's x_e (the output of its Conv_layer), as in the
+  paper's Figure 5. The plain variant has one column: timm's classifier logit on the last
+  stage's output. pytorch-grad-cam is the optional ``viz`` extra
+  (``pip install "crasmra[viz]"``).
 - **Activation map**: the mean over channels of x_e, the paper's Figure 4.
 - **SMRAM attention** (optional, ``smram=``): the spatial distribution SMRAM computes from x_e
   in training, with the checkpoint's SMRAM weights.

@@ -79,6 +79,7 @@ def explain_image(
 
     Raises:
         crasmra.data.ImageLoadError: The image file cannot be read.
+        crasmra.errors.MissingExtraError: pytorch-grad-cam is not installed.
     """
     source = str(image) if not isinstance(image, Image.Image) else (name or "image")
     pil = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")

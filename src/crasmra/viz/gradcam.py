@@ -1,34 +1,33 @@
-"""Grad-CAM of every attended stage, in one forward and one backward pass.
+"""Grad-CAM of every attended stage, computed by pytorch-grad-cam's ``GradCAM``.
 
-Stage ``i``'s map explains its own head's logit for a class: the gradient of that logit with
-respect to the stage's head-side map x_e (the first output of the stage's attention module),
-averaged over space, weights x_e's channels; then ReLU, bilinear upsampling to the input and
-min-max scaling to [0, 1]. That is the rule of Grad-CAM (Selvaraju et al.) and of
-pytorch-grad-cam's ``GradCAM`` with the module that outputs x_e as the target layer; the tests
-check the maps against that library.
+Stage ``i``'s map explains its own head's logit for a class with the stage's head-side map x_e
+(the first output of the stage's attention module) as the target layer, as in the paper's
+Figure 5. The plain variant has one map: timm's classifier logit on the last stage's output,
+the map its head reads.
 
-The backbone runs once without a graph; only the heads run with autograd, from x_e detached.
-x_e of stage ``i`` feeds only head ``i`` and the concat head, so one backward pass of the sum
-of the stage logits yields each stage's own gradient, where a per-layer Grad-CAM would run a
-forward and a full backward pass per stage. The plain variant has one map: the last stage's
-output, which timm's classifier reads, explained by that classifier's logit.
+The backbone runs once, without a graph. :class:`StageHeads` is the model ``GradCAM`` sees: it
+passes each stage's cached x_e through an ``nn.Identity`` tap of its own (the target layers)
+into the heads, and returns the explaining head's logits, so each stage's ``GradCAM`` re-runs
+only the heads.
 
 An attention module needs nothing beyond its contract (``forward(x) -> (x_e, x_s)``, see
-:mod:`crasmra.layers.registry`): no named layer is looked up.
+:mod:`crasmra.layers.registry`): no named layer is looked up. pytorch-grad-cam is the optional
+``viz`` extra (``pip install "crasmra[viz]"``), imported when a Grad-CAM is computed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from crasmra.errors import MissingExtraError
 from crasmra.model import CRASMRANet
-from crasmra.viz.maps import unit_maps
 
-__all__ = ["StageGradCAMs", "gradcam_maps", "stage_gradcams"]
+__all__ = ["StageGradCAMs", "StageHeads", "gradcam_maps", "stage_gradcams"]
 
 
 @dataclass
@@ -48,6 +47,16 @@ class StageGradCAMs:
     features: list[Tensor]
 
 
+def _gradcam_classes() -> tuple[Any, Any]:
+    """pytorch-grad-cam's ``GradCAM`` and ``ClassifierOutputTarget``, or the install command."""
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError as err:
+        raise MissingExtraError("Grad-CAM", "viz", "the grad-cam package") from err
+    return GradCAM, ClassifierOutputTarget
+
+
 def _stage_label(model: CRASMRANet, index: int) -> str:
     name = model.stage_names[index] if index < len(model.stage_names) else f"stage {index}"
     if model.attention:
@@ -55,21 +64,84 @@ def _stage_label(model: CRASMRANet, index: int) -> str:
     return name
 
 
-def _check_map(model: CRASMRANet, index: int, feature: Tensor) -> None:
-    if not isinstance(feature, Tensor) or feature.dim() != 4:
-        shape = tuple(feature.shape) if isinstance(feature, Tensor) else type(feature).__name__
+def _check_map(model: CRASMRANet, index: int, feature: Any) -> None:
+    if not isinstance(feature, Tensor) or feature.dim() != 4 or not feature.is_floating_point():
+        shape = (f"{tuple(feature.shape)} {feature.dtype}" if isinstance(feature, Tensor)
+                 else type(feature).__name__)
         raise ValueError(
-            f"Grad-CAM needs each stage's head-side map x_e as a (N, C, h, w) tensor; "
-            f"{_stage_label(model, index)} gave {shape}. An attention module's forward must "
-            "return (x_e, x_s) with x_e the map its stage head reads (see "
+            f"Grad-CAM needs each stage's head-side map x_e as a floating-point (N, C, h, w) "
+            f"tensor; {_stage_label(model, index)} gave {shape}. An attention module's forward "
+            "must return (x_e, x_s) with x_e the map its stage head reads (see "
             "crasmra.layers.registry)."
         )
+
+
+def _no_gradient(model: CRASMRANet, index: int) -> ValueError:
+    return ValueError(
+        f"Grad-CAM: the head of {_stage_label(model, index)} does not read the map x_e that the "
+        "attention module returns first, so it has no gradient. An attention module's forward "
+        "must return (x_e, x_s), x_e for the head (see crasmra.layers.registry)."
+    )
+
+
+class StageHeads(nn.Module):
+    """The model ``GradCAM`` explains: an image -> the logits of the head explaining one stage.
+
+    The backbone and attention modules run once per image, without a graph; each call re-runs
+    only the heads, on the cached maps x_e, each through its own tap in :attr:`taps`.
+
+    Args:
+        model: The network.
+        image: The (1, 3, H, W) image whose maps are cached.
+
+    Attributes:
+        taps: One ``nn.Identity`` per attended stage, on that stage's x_e: the target layers.
+        stage: The stage whose head's logits :meth:`forward` returns (plain: timm's classifier).
+        features: The cached maps x_e, detached.
+    """
+
+    def __init__(self, model: CRASMRANet, image: Tensor) -> None:
+        super().__init__()
+        self.net = model
+        self.image = image
+        self.features = self._features(image)
+        self.taps = nn.ModuleList(nn.Identity() for _ in self.features)
+        self.stage = 0
+        # Whether the last call got as far as the logits, and the stages whose tap a gradient
+        # reached: together they tell a head that ignores x_e from any other failure.
+        self.ran = False
+        self.reached: set[int] = set()
+
+    def _features(self, image: Tensor) -> tuple[Tensor, ...]:
+        with torch.no_grad():
+            features = tuple(self.net.forward_features(image))
+        for i, feature in enumerate(features):
+            _check_map(self.net, i, feature)
+        return tuple(f.detach() for f in features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(1, 3, H, W) -> (1, K) logits of the head that explains :attr:`stage`."""
+        self.ran = False
+        if images is not self.image:  # GradCAM passes the cached image back; another is run
+            self.image, self.features = images, self._features(images)
+        tapped = []
+        for i, (tap, feature) in enumerate(zip(self.taps, self.features, strict=True)):
+            # A leaf that needs a gradient: the tap's gradient exists even when the caller
+            # froze the network's parameters.
+            x_e = tap(feature.detach().requires_grad_(True))
+            x_e.register_hook(lambda grad, i=i: self.reached.add(i))
+            tapped.append(x_e)
+        output = self.net.forward_heads(tapped)
+        # Each stage's map is explained by its own stage head; plain's one by timm's classifier.
+        logits = (output.stage_logits or output.logits)[self.stage]
+        self.ran = True
+        return logits
 
 
 def stage_gradcams(
     model: CRASMRANet, image: Tensor, class_index: int | None = None
 ) -> StageGradCAMs:
-    """Predict one image and compute every attended stage's Grad-CAM in one pass.
+    """Predict one image and compute every attended stage's Grad-CAM.
 
     Args:
         model: The network (run in eval mode; not thread-safe: callers serialise access).
@@ -80,45 +152,47 @@ def stage_gradcams(
         The prediction, the maps and the head-side maps they explain.
 
     Raises:
+        crasmra.errors.MissingExtraError: pytorch-grad-cam is not installed.
         ValueError: An attention module does not give its stage head a (N, C, h, w) map
             that the head's logit depends on.
     """
+    grad_cam, target = _gradcam_classes()
     x = image.detach().reshape(1, *image.shape[-3:])
-    size = (x.shape[-2], x.shape[-1])
     was_training = model.training
     model.eval()
     try:
+        heads = StageHeads(model, x)
         with torch.no_grad():
-            features = list(model.forward_features(x))
-        for i, feature in enumerate(features):
-            _check_map(model, i, feature)
-        with torch.enable_grad():
-            leaves = [f.detach().requires_grad_(True) for f in features]
-            output = model.forward_heads(leaves)
-            probs = output.probs[0].detach()
-            index = int(probs.argmax()) if class_index is None else int(class_index)
-            # Each map is explained by its own stage head; plain's one map by timm's classifier.
-            explaining = output.stage_logits or output.logits
-            target = torch.stack([logits[0, index] for logits in explaining]).sum()
-            # autograd.grad, not backward(): nothing accumulates in the model's .grad.
-            grads = torch.autograd.grad(target, leaves, allow_unused=True)
+            probs = model.forward_heads(heads.features).probs[0]
+        index = int(probs.argmax()) if class_index is None else int(class_index)
+        maps = [_explain_stage(grad_cam, target(index), heads, i) for i in range(len(heads.taps))]
     finally:
+        # GradCAM's backward fills the heads' .grad: the shared model keeps none.
+        model.zero_grad(set_to_none=True)
         model.train(was_training)
-    for i, grad in enumerate(grads):
-        if grad is None:
-            raise ValueError(
-                f"Grad-CAM: the head of {_stage_label(model, i)} does not read the map x_e that "
-                "the attention module returns first, so it has no gradient. An attention "
-                "module's forward must return (x_e, x_s), x_e for the head (see "
-                "crasmra.layers.registry)."
-            )
-    maps = [
-        unit_maps(torch.relu((g[0].mean(dim=(1, 2))[:, None, None] * f[0].detach())
-                             .sum(dim=0))[None], size)[0]
-        for f, g in zip(leaves, grads, strict=True)
-    ]
-    return StageGradCAMs(probs=probs, class_index=index, maps=maps,
-                         features=[f.detach() for f in leaves])
+    return StageGradCAMs(probs=probs, class_index=index, maps=maps, features=list(heads.features))
+
+
+def _explain_stage(grad_cam: Any, target: Any, heads: StageHeads, stage: int) -> np.ndarray:
+    """One ``GradCAM`` of ``heads`` with stage ``stage``'s tap as the target layer."""
+    heads.stage = stage
+    heads.reached.discard(stage)
+    swallowed: IndexError | None = None
+    # enable_grad: a caller under no_grad (a deployment script) still gets its maps.
+    with torch.enable_grad(), grad_cam(model=heads, target_layers=[heads.taps[stage]]) as cam:
+        try:
+            heat = cam(input_tensor=heads.image, targets=[target])
+        except (AttributeError, RuntimeError) as err:
+            # No gradient reached the tap: GradCAM fails on the missing gradient (or, with
+            # frozen parameters, on a logit without a graph). Other failures pass unchanged.
+            if heads.ran and stage not in heads.reached:
+                raise _no_gradient(heads.net, stage) from err
+            raise
+        except IndexError as err:
+            swallowed = err  # GradCAM's __exit__ would print an IndexError and drop it
+    if swallowed is not None:
+        raise swallowed
+    return np.asarray(heat[0], dtype=np.float32)
 
 
 def gradcam_maps(model: CRASMRANet, image: Tensor, class_index: int) -> list[np.ndarray]:
@@ -130,5 +204,8 @@ def gradcam_maps(model: CRASMRANet, image: Tensor, class_index: int) -> list[np.
         model: The network.
         image: One normalised image, (3, H, W) or (1, 3, H, W).
         class_index: The class to explain (normally the predicted one).
+
+    Raises:
+        crasmra.errors.MissingExtraError: pytorch-grad-cam is not installed.
     """
     return stage_gradcams(model, image, class_index).maps
