@@ -219,6 +219,16 @@ def test_engine_warms_the_suppression_up_and_validates_with_the_configured_omega
         ({"head_init": "zeros"}, "--model.head_init"),
         ({"imprint_logit_scale": 0.0}, "--model.imprint_logit_scale"),
         ({"suppression_warmup_epochs": -1.0}, "--model.suppression_warmup_epochs"),
+        ({"head_path_init": "zeros"}, "--model.head_path_init"),
+        ({"head_path_init": "identity"}, "--model.head_init imprint"),
+        (
+            {"head_path_init": "identity", "head_init": "imprint", "variant": "plain"},
+            "--model.head_path_init random",
+        ),
+        (
+            {"head_path_init": "identity", "head_init": "imprint", "conv_layer": "pmg"},
+            "--model.conv_layer light",
+        ),
     ],
 )
 def test_bad_finetune_options_name_their_flag(kwargs: dict, flag: str) -> None:
@@ -357,3 +367,150 @@ def test_with_one_image_per_class_the_last_stages_head_decides(tmp_path: Path) -
     )
     trainer.fit(module, datamodule=dm)
     assert module.net.head_weights == (0.0, 0.0, 1.0, 0.0)
+
+
+def _pooled_inputs(net, images: torch.Tensor) -> list[torch.Tensor]:
+    """Each attended stage's Conv_layer input for ``images`` (eval mode)."""
+    captured = []
+    hooks = [
+        a.conv_layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        for a in net.attention
+    ]
+    with torch.no_grad():
+        net.eval()(images)
+    for h in hooks:
+        h.remove()
+    return captured
+
+
+@pytest.mark.parametrize("variant", ["baseline", "cra-smra"])
+def test_init_head_paths_makes_the_projection_keep_the_class_means_and_the_norms_identities(
+    variant: str,
+) -> None:
+    from crasmra.finetune import init_head_paths
+
+    batches = _batches()
+    net = _net(variant)
+    kept = init_head_paths(net, batches, 3)
+    images = torch.cat([x for x, _ in batches()])
+    labels = torch.cat([y for _, y in batches()])
+    inputs = _pooled_inputs(net, images)
+    for i, (attention, x) in enumerate(zip(net.attention, inputs, strict=True)):
+        conv, norm = attention.conv_layer[0], attention.conv_layer[1]
+        w = conv.weight.detach().flatten(1)  # (C_a, C)
+        r = kept[f"{net.stage_names[i]} projection"]
+        # 3 classes: the centred class means span 2 directions, kept with both signs.
+        assert r == 2
+        assert torch.allclose(w[:r] @ w[:r].T, torch.eye(r), atol=1e-5)
+        assert torch.equal(w[r : 2 * r], -w[:r])
+        assert torch.count_nonzero(w[2 * r :]) == 0
+        # The directions are those of the class means: the projection of the difference of
+        # two class means keeps its whole length.
+        pooled = x.mean(dim=(2, 3))
+        means = torch.stack([pooled[labels == k].mean(0) for k in range(3)])
+        diff = means[0] - means[1]
+        assert torch.linalg.norm(w[:r] @ diff) == pytest.approx(float(diff.norm()), rel=1e-3)
+        # In eval mode the BatchNorm after the projection is the identity on this data.
+        with torch.no_grad():
+            projected = conv(x)
+            assert torch.allclose(norm(projected), projected, atol=1e-3 * projected.abs().max())
+    for head in [*net.heads, net.concat_head]:
+        with torch.no_grad():
+            p = torch.rand(5, head.mlp[0].num_features) + 0.1
+            # first BatchNorm: identity on data like its calibration data, not on any input;
+            # its statistics are the pooled features', so check its affine undoes them.
+            bn = head.mlp[0]
+            assert torch.allclose(bn.weight, (bn.running_var + bn.eps).sqrt(), atol=1e-6)
+            assert torch.allclose(bn.bias, bn.running_mean, atol=1e-6)
+            assert torch.allclose(bn(p), p, atol=1e-4)
+            hidden, bn2 = head.mlp[1], head.mlp[2]
+            if hidden.in_features == hidden.out_features:
+                assert torch.equal(hidden.weight, torch.eye(hidden.out_features))
+            z = hidden(p)
+            assert torch.allclose(bn2(z), z, atol=1e-4)
+
+
+def test_identity_paths_start_the_stage_heads_at_their_stage_maps_nearest_class_mean(
+    tmp_path: Path,
+) -> None:
+    from crasmra.finetune import init_head_paths
+
+    batches = _batches()
+    net = _net("baseline")
+    init_head_paths(net, batches, 3)
+    report = imprint_classifiers(net, batches, 3, calibrate=False)
+    images = torch.cat([x for x, _ in batches()])
+    labels = torch.cat([y for _, y in batches()])
+    # The features before each stage head's classifier: relu([U; -U] x) pooled, unchanged by
+    # the BatchNorms and the identity hidden layer (the ELU is the identity on them).
+    captured = {}
+    hooks = [
+        head.mlp[-1].register_forward_pre_hook(
+            lambda _m, args, i=i: captured.__setitem__(i, args[0])
+        )
+        for i, head in enumerate(net.heads)
+    ]
+    with torch.no_grad():
+        net.eval()(images)
+    for h in hooks:
+        h.remove()
+    for i, x in enumerate(_pooled_inputs(net, images)):
+        w = net.attention[i].conv_layer[0].weight.detach().flatten(1)
+        expected = torch.relu(torch.einsum("oc,bchw->bohw", w, x)).amax(dim=(2, 3))
+        assert torch.allclose(captured[i], expected, atol=1e-3 * expected.abs().max())
+    assert all(acc == 1.0 for acc in report.train_accuracy.values())
+    assert labels.numel() == 12
+
+
+def test_init_head_paths_refuses_what_it_cannot_initialise() -> None:
+    from crasmra.finetune import init_head_paths
+
+    with pytest.raises(ValueError, match="plain variant"):
+        init_head_paths(_net("plain"), _batches(), 3)
+    torch.manual_seed(0)
+    pmg = create_model(
+        "resnet10t", 3, variant="baseline", head_channels=16, head_hidden=16, conv_layer="pmg"
+    )
+    with pytest.raises(ValueError, match=r"--model\.conv_layer light"):
+        init_head_paths(pmg, _batches(), 3)
+
+
+@pytest.mark.parametrize("path_init", ["identity", "random"])
+def test_engine_initialises_the_head_paths_before_imprinting(
+    tmp_path: Path, path_init: str
+) -> None:
+    seen = []
+
+    class Projection(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if not seen:
+                seen.append(module.net.attention[0].conv_layer[0].weight.detach().flatten(1).clone())
+
+    L.seed_everything(0)
+    dm = FGVCDataModule(**TINY_DATA)
+    module = CRASMRAModule(
+        backbone="resnet10t", pretrained=False, num_classes=dm.num_classes, variant="baseline",
+        head_channels=16, head_hidden=16, head_init="imprint", head_path_init=path_init,
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_train_batches=1, callbacks=[Projection()],
+    )
+    trainer.fit(module, datamodule=dm)
+    w = seen[0]  # (C_a, C)
+    # [U; -U; 0] with U the r <= min(K - 1, C_a / 2) class-mean directions.
+    r = min(dm.num_classes - 1, w.shape[0] // 2)
+    signed_pairs = torch.equal(w[r : 2 * r], -w[:r]) and torch.count_nonzero(w[2 * r :]) == 0
+    assert signed_pairs == (path_init == "identity")
+
+
+def test_uncentred_imprinting_is_the_plain_cosine_nearest_class_mean() -> None:
+    batches = _batches()
+    net = _net("plain")
+    imprint_classifiers(net, batches, 3, centered=False)
+    layer = classifier_layers(net)["classifier"]
+    assert torch.count_nonzero(layer.bias) == 0
+    centred = _net("plain")
+    imprint_classifiers(centred, batches, 3)
+    assert torch.count_nonzero(classifier_layers(centred)["classifier"].bias) > 0

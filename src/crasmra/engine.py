@@ -26,9 +26,11 @@ from crasmra.errors import CrasmraError
 from crasmra.finetune import (
     COMBINES,
     HEAD_INITS,
+    HEAD_PATH_INITS,
     SuppressionWarmup,
     fit_head_weights,
     imprint_classifiers,
+    init_head_paths,
 )
 from crasmra.layers import SMRAM
 from crasmra.losses import (
@@ -39,7 +41,7 @@ from crasmra.losses import (
     trains_with_smram,
 )
 from crasmra.metrics import accuracy_metrics
-from crasmra.model import CRASMRANet, NetConfig, create_model
+from crasmra.model import PLAIN, CRASMRANet, NetConfig, create_model
 from crasmra.outputs import ModelOutput
 
 log = logging.getLogger(__name__)
@@ -160,10 +162,20 @@ class CRASMRAModule(L.LightningModule):
             classifier of its own input features on the training data, after the added
             modules' BatchNorm statistics are set to the data's
             (:func:`crasmra.finetune.imprint_classifiers`). Not part of the paper's recipe.
+        head_path_init: ``"random"`` (PyTorch's initialisation, the paper's) or
+            ``"identity"``: with ``head_init: imprint``, before imprinting, each stage's
+            projection keeps the span of its input's class means and every layer between it
+            and the classifier starts as the identity on the training images' features
+            (:func:`crasmra.finetune.init_head_paths`), so that the imprinted classifiers read
+            what the backbone knows instead of a random projection of it. Needs a paper
+            variant with the light Conv_layer. Not part of the paper's recipe.
         imprint_logit_scale: With ``"imprint"``, the logits' scale for a feature of average
             norm (the softmax's inverse temperature on the cosine); None (the default) fits
             it per head to the training images' leave-one-out cross-entropy, so that every
             head starts calibrated.
+        imprint_centered: With ``"imprint"``, centre each head's features on the mean of its
+            class means before the cosine (SimpleShot's CL2N; the default) or not (the plain
+            cosine nearest class mean, the anchor of EXPERIMENTS.md).
         combine: How the heads combine into the test-time prediction: ``"mean"`` (the
             paper's mean of the softmaxes, or ``head_weights`` when given) or ``"fitted"``:
             with ``head_init: imprint``, the heads' weights that maximise the likelihood of the
@@ -229,7 +241,9 @@ class CRASMRAModule(L.LightningModule):
         freeze_backbone_bn: bool = False,
         min_lr_ratio: float = 0.0,
         head_init: Literal["random", "imprint"] = "random",
+        head_path_init: Literal["random", "identity"] = "random",
         imprint_logit_scale: float | None = None,
+        imprint_centered: bool = True,
         combine: Literal["mean", "fitted"] = "mean",
         suppression_warmup_epochs: float = 0.0,
         channels_last: bool | None = None,
@@ -268,6 +282,27 @@ class CRASMRAModule(L.LightningModule):
             raise ValueError(
                 f"head_init must be one of {HEAD_INITS}, got {head_init!r}; change "
                 "--model.head_init."
+            )
+        if head_path_init not in HEAD_PATH_INITS:
+            raise ValueError(
+                f"head_path_init must be one of {HEAD_PATH_INITS}, got {head_path_init!r}; "
+                "change --model.head_path_init."
+            )
+        if head_path_init == "identity" and head_init != "imprint":
+            raise ValueError(
+                "--model.head_path_init identity prepares the heads for imprinting; add "
+                "--model.head_init imprint, or use --model.head_path_init random."
+            )
+        if head_path_init == "identity" and variant == PLAIN:
+            raise ValueError(
+                "--model.head_path_init identity initialises the paper variants' projections "
+                "and heads; the plain variant has none. Use --model.head_path_init random."
+            )
+        if head_path_init == "identity" and conv_layer != "light":
+            raise ValueError(
+                "--model.head_path_init identity needs the light Conv_layer (1x1 conv, BN, "
+                f"ReLU), got --model.conv_layer {conv_layer!r}; use --model.conv_layer light "
+                "or --model.head_path_init random."
             )
         if combine not in COMBINES:
             raise ValueError(
@@ -545,9 +580,18 @@ class CRASMRAModule(L.LightningModule):
                 yield images, target
 
         # The training transform's random draws must not shift the training run's own.
+        identity_paths = self.hparams.head_path_init == "identity"
         with torch.random.fork_rng(devices=[]):
+            if identity_paths:
+                kept = init_head_paths(self.net, batches, self.hparams.num_classes)
+                log.info(
+                    "Initialised the projections and heads as the identity on the training "
+                    "images' features (class-mean directions kept: %s).",
+                    ", ".join(f"{name} {count}" for name, count in kept.items()),
+                )
             report = imprint_classifiers(
-                self.net, batches, self.hparams.num_classes, self.hparams.imprint_logit_scale
+                self.net, batches, self.hparams.num_classes, self.hparams.imprint_logit_scale,
+                calibrate=not identity_paths, centered=self.hparams.imprint_centered,
             )
         log.info(
             "Imprinted the heads with the class means of their features (nearest class mean "
