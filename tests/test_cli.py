@@ -88,7 +88,8 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
     for key, value in {"alpha": 2.0, "beta": 1.0, "gamma": 1.0, "omega": 0.5, "delta": 0.9}.items():
         assert resolved["model"][key] == value, key
     for key, value in {"freeze_backbone_bn": True, "head_init": "imprint", "combine": "fitted",
-                       "final_features": True, "channels_last": None}.items():
+                       "final_features": True, "channels_last": None,
+                       "head_path_init": "identity", "head_pool": "avg"}.items():
         assert resolved["model"][key] == value, key
     assert resolved["trainer"]["precision"] is None
     assert resolved["trainer"]["default_root_dir"] == f"runs/{folder}/{path.stem}"

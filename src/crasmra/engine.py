@@ -167,8 +167,9 @@ class CRASMRAModule(L.LightningModule):
             projection keeps the span of its input's class means and every layer between it
             and the classifier starts as the identity on the training images' features
             (:func:`crasmra.finetune.init_head_paths`), so that the imprinted classifiers read
-            what the backbone knows instead of a random projection of it. Needs a paper
-            variant with the light Conv_layer. Not part of the paper's recipe.
+            what the backbone knows instead of a random projection of it. Needs the light
+            Conv_layer; the plain variant (no projection, no head MLP) ignores it. Not part of
+            the paper's recipe.
         imprint_logit_scale: With ``"imprint"``, the logits' scale for a feature of average
             norm (the softmax's inverse temperature on the cosine); None (the default) fits
             it per head to the training images' leave-one-out cross-entropy, so that every
@@ -293,12 +294,7 @@ class CRASMRAModule(L.LightningModule):
                 "--model.head_path_init identity prepares the heads for imprinting; add "
                 "--model.head_init imprint, or use --model.head_path_init random."
             )
-        if head_path_init == "identity" and variant == PLAIN:
-            raise ValueError(
-                "--model.head_path_init identity initialises the paper variants' projections "
-                "and heads; the plain variant has none. Use --model.head_path_init random."
-            )
-        if head_path_init == "identity" and conv_layer != "light":
+        if head_path_init == "identity" and variant != PLAIN and conv_layer != "light":
             raise ValueError(
                 "--model.head_path_init identity needs the light Conv_layer (1x1 conv, BN, "
                 f"ReLU), got --model.conv_layer {conv_layer!r}; use --model.conv_layer light "
@@ -580,7 +576,10 @@ class CRASMRAModule(L.LightningModule):
                 yield images, target
 
         # The training transform's random draws must not shift the training run's own.
-        identity_paths = self.hparams.head_path_init == "identity"
+        # The plain variant has no projection or head MLP: nothing to initialise.
+        identity_paths = (
+            self.hparams.head_path_init == "identity" and self.hparams.variant != PLAIN
+        )
         with torch.random.fork_rng(devices=[]):
             if identity_paths:
                 kept = init_head_paths(self.net, batches, self.hparams.num_classes)
