@@ -85,7 +85,7 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
     weights = str(resolved["model"]["pretrained"])
     assert weights.endswith("tf_efficientnet_lite0.imagenet.safetensors")
     assert resolved["data"]["image_size"] == 224
-    for key, value in {"alpha": 2.0, "beta": 1.0, "gamma": 1.0, "omega": 0.5, "delta": 0.9}.items():
+    for key, value in {"alpha": 2.0, "beta": 1.0, "gamma": 1.0, "omega": 0.5, "delta": 1.0}.items():
         assert resolved["model"][key] == value, key
     for key, value in {"freeze_backbone_bn": True, "head_init": "imprint", "combine": "fitted",
                        "final_features": True, "channels_last": None,
