@@ -239,7 +239,8 @@ def format_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
     parts += [
         f"Top-1 accuracy in %, mean ± sample standard deviation over {n_seeds} seeds "
         f"({seeds}); {results['runs_finished']} of {results['runs_planned']} runs finished. "
-        "Test columns: each head and the combined prediction (mean of the heads' softmaxes) "
+        "Test columns: each head and the combined prediction (the heads' softmaxes, averaged "
+        "or weighed by the run's fitted weights) "
         f"{checkpoint} Bold: the best test combined mean of the table.",
         "",
     ]
