@@ -86,7 +86,7 @@ def tiny_checkpoint(tiny_run: Path) -> Path:
 @pytest.fixture(scope="session")
 def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder of a one-epoch tiny fit of the ``plain`` variant (timm's own classifier)."""
-    return _trained_run(tmp_path_factory, "plain-run", "--model.variant=plain")
+    return _trained_run(tmp_path_factory, "plain-run", "--model.net.variant=plain")
 
 
 @pytest.fixture(scope="session")

@@ -96,8 +96,8 @@ class ToyGainAttention(nn.Module):
 
 
 def test_a_registered_attention_module_trains_through_the_command_line(tmp_path: Path) -> None:
-    args = tiny_fit_args(tmp_path, "--model.variant=toy-gain",
-                         "--model.attention_options={gain: 2.5}", "--test_after_fit=false")
+    args = tiny_fit_args(tmp_path, "--model.net.variant=toy-gain",
+                         "--model.net.attention_options={gain: 2.5}", "--test_after_fit=false")
     assert run_cli(args) == 0
     from crasmra.inference import load_model
 
@@ -112,8 +112,8 @@ def test_a_registered_attention_module_trains_through_the_command_line(tmp_path:
 def test_an_option_the_module_does_not_take_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = tiny_fit_args(tmp_path, "--model.variant=toy-gain",
-                         "--model.attention_options={gian: 2.5}")
+    args = tiny_fit_args(tmp_path, "--model.net.variant=toy-gain",
+                         "--model.net.attention_options={gian: 2.5}")
     assert run_cli(args) == 2
     err = capsys.readouterr().err
     assert "takes no option(s) ['gian']" in err and "gain" in err

@@ -257,10 +257,10 @@ def test_unusable_checkpoint_is_one_line_in_every_command(
 @pytest.mark.parametrize(("args", "content", "message"), [
     (["validate", "--ckpt_path={ckpt}"], "hello", "is a text file, not a checkpoint"),
     (["test", "--ckpt_path={ckpt}"], WEB_PAGE, "a web page"),
-    (["fit", "--model.init_from={ckpt}"], LFS_POINTER, "git lfs pull"),
+    (["fit", "--model.runtime.init_from={ckpt}"], LFS_POINTER, "git lfs pull"),
     (["validate", "--ckpt_path={ckpt}"], lambda m: m.update(format_version="abc"),
      "format_version is 'abc'"),
-    (["fit", "--model.init_from={ckpt}"], lambda m: m["net_config"].update(head_hidden=200_000),
+    (["fit", "--model.runtime.init_from={ckpt}"], lambda m: m["net_config"].update(head_hidden=200_000),
      "head_hidden is 200000"),
 ])
 def test_unusable_checkpoint_in_lightning_commands(

@@ -216,18 +216,18 @@ def test_engine_warms_the_suppression_up_and_validates_with_the_configured_omega
 @pytest.mark.parametrize(
     ("kwargs", "flag"),
     [
-        ({"head_init": "zeros"}, "--model.head_init"),
-        ({"imprint_logit_scale": 0.0}, "--model.imprint_logit_scale"),
-        ({"suppression_warmup_epochs": -1.0}, "--model.suppression_warmup_epochs"),
-        ({"head_path_init": "zeros"}, "--model.head_path_init"),
-        ({"head_path_init": "identity"}, "--model.head_init imprint"),
+        ({"head_init": "zeros"}, "--model.finetune.head_init"),
+        ({"imprint_logit_scale": 0.0}, "--model.finetune.imprint_logit_scale"),
+        ({"suppression_warmup_epochs": -1.0}, "--model.finetune.suppression_warmup_epochs"),
+        ({"head_path_init": "zeros"}, "--model.finetune.head_path_init"),
+        ({"head_path_init": "identity"}, "--model.finetune.head_init imprint"),
         (
             {"head_path_init": "identity", "head_init": "imprint", "variant": "plain"},
-            "--model.head_path_init random",
+            "--model.finetune.head_path_init random",
         ),
         (
             {"head_path_init": "identity", "head_init": "imprint", "conv_layer": "pmg"},
-            "--model.conv_layer light",
+            "--model.net.conv_layer light",
         ),
     ],
 )

@@ -634,7 +634,7 @@ def test_channels_last_computes_the_same_prediction() -> None:
 
 
 def test_pretrained_weights_reach_the_backbone(tmp_path) -> None:
-    """--model.pretrained PATH initialises the backbone from that file."""
+    """--model.net.pretrained PATH initialises the backbone from that file."""
     import timm
     from safetensors.torch import save_file
 

@@ -104,7 +104,7 @@ def test_paper_sweeps_run_the_tagged_backbones(no_network) -> None:
         assert all(f.startswith(f"backbone={b}") for f, b in zip(folders, backbones, strict=True))
         args = [a for r in runs for a in r.fit_args(spec.base, Path("out"))]
         for b in backbones:
-            assert f"--model.backbone={b}" in args
+            assert f"--model.net.backbone={b}" in args
 
 
 def test_a_tagged_backbone_builds_everywhere_offline(no_network) -> None:
@@ -175,7 +175,7 @@ def test_cost_benchmark_takes_a_tagged_backbone(
 def test_fit_without_validation_tests_the_final_epoch(
     no_network, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    flags = ("--data.val_fraction=0", "--model.backbone=resnet10t.c3_in1k")
+    flags = ("--data.val_fraction=0", "--model.net.backbone=resnet10t.c3_in1k")
     assert run_cli(tiny_fit_args(tmp_path, *flags, "--trainer.max_epochs=1")) == 0
     assert "No validation split: best.ckpt is the final epoch" in capsys.readouterr().err
     # Resumed to a second epoch: best.ckpt follows the final epoch again.

@@ -78,7 +78,7 @@ def test_fit_args_carry_overrides_seed_and_run_folder(tmp_path: Path) -> None:
     run = sw.plan_runs(_spec())[0][0]
     args = run.fit_args(str(TINY_CONFIG), tmp_path, ["--data.num_workers=0"], resume=True)
     assert args[:2] == ["fit", f"--config={TINY_CONFIG}"]
-    assert "--model.variant=baseline" in args and "--model.delta=0.9" in args
+    assert "--model.net.variant=baseline" in args and "--model.net.delta=0.9" in args
     assert "--seed_everything=0" in args and f"--trainer.default_root_dir={tmp_path}" in args
     assert args[-2:] == ["--data.num_workers=0", "--ckpt_path=last"]
     inline = run.fit_args({"model": {"backbone": "resnet10t"}}, tmp_path)
@@ -179,7 +179,7 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(
         root = Path(next(a for a in args if a.startswith("--trainer.default_root_dir="))
                     .split("=", 1)[1])
         assert not (root / "metrics.json").exists() or "--ckpt_path=last" in args
-        if "--model.delta=0.9" in args and "--seed_everything=1" in args:
+        if "--model.net.delta=0.9" in args and "--seed_everything=1" in args:
             raise RuntimeError("boom")
         _write_metrics(root, 0.6)
 

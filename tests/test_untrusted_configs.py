@@ -113,7 +113,7 @@ def test_a_yaml_bomb_is_refused_at_once(where: str, tmp_path: Path,
         args = tiny_fit_args(tmp_path / "run", f"--config={path}")
     else:
         args = tiny_fit_args(tmp_path / "run",
-                             "--model.attention_options={" + _bomb().replace("\n", ", ") + "}")
+                             "--model.net.attention_options={" + _bomb().replace("\n", ", ") + "}")
     start = time.monotonic()
     assert run_cli(args) == 2
     assert "YAML bomb" in one_line_error(capsys)
