@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import run_cli, tiny_fit_args
+from conftest import build_module, run_cli, tiny_fit_args
 from crasmra.data import FGVCDataModule
 from crasmra.engine import MONITOR, CRASMRAModule, RNGStateCallback, WarmupCosine
 from crasmra.layers import SMRAM
@@ -38,7 +38,7 @@ TINY_DATA = dict(
 
 def _module(dm: FGVCDataModule, **overrides) -> CRASMRAModule:
     kwargs = {**TINY_MODEL, **overrides}
-    return CRASMRAModule(
+    return build_module(
         num_classes=dm.num_classes,
         classes=dm.classes,
         transform_config=dm.transform_config,

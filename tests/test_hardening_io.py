@@ -260,7 +260,8 @@ def test_unusable_checkpoint_is_one_line_in_every_command(
     (["fit", "--model.runtime.init_from={ckpt}"], LFS_POINTER, "git lfs pull"),
     (["validate", "--ckpt_path={ckpt}"], lambda m: m.update(format_version="abc"),
      "format_version is 'abc'"),
-    (["fit", "--model.runtime.init_from={ckpt}"], lambda m: m["net_config"].update(head_hidden=200_000),
+    (["fit", "--model.runtime.init_from={ckpt}"],
+     lambda m: m["net_config"].update(head_hidden=200_000),
      "head_hidden is 200000"),
 ])
 def test_unusable_checkpoint_in_lightning_commands(

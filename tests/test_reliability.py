@@ -337,7 +337,8 @@ def test_tampered_checkpoint_loads_silently_without_the_checksum_check(bad_files
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
-@pytest.mark.parametrize("flag", ["--ckpt_path", "--model.runtime.init_from", "--model.net.pretrained"])
+@pytest.mark.parametrize("flag", ["--ckpt_path", "--model.runtime.init_from",
+                                  "--model.net.pretrained"])
 def test_bad_checkpoint_or_weights_file_is_one_clear_error(
     flag: str, kind: str, bad_files, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -174,8 +174,9 @@ class CRASMRAModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, target = batch
         total, parts = self.compute_loss(self(images), target)
+        world_size = self._trainer.world_size if self._trainer is not None else 1
         if self.nonfinite.after_loss(total, parts, self.global_step, self.current_epoch,
-                                     batch_idx, self.trainer.world_size):
+                                     batch_idx, world_size):
             # In automatic optimisation a None loss means no backward: gradients stay None
             # after Lightning's zero_grad, so the optimiser leaves every parameter untouched.
             return None

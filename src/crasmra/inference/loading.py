@@ -71,8 +71,8 @@ def load_model(
         raise CheckpointError(
             f"{path} was trained for {skeleton.num_classes} classes, but {num_classes} are "
             "expected here (e.g. by the dataset). Use a checkpoint trained on this data, or "
-            "fine-tune this one with `crasmra fit --model.runtime.init_from CKPT --model.runtime.reinit_heads "
-            "true`."
+            "fine-tune this one with `crasmra fit --model.runtime.init_from CKPT "
+            "--model.runtime.reinit_heads true`."
         )
     classes = read_classes(meta, skeleton.num_classes, path)
     preprocessing = read_preprocessing(meta, path)

@@ -19,9 +19,9 @@ from typing import Any
 import yaml
 
 from crasmra.files import check_output, same_file, write_json, write_text
+from crasmra.flag_moves import flat_model_section
 from crasmra.metric_names import TEST_COMBINED_TOP1
 from crasmra.sweep.plan import RunSpec, is_finished, plan_runs, read_metrics, select_grids
-from crasmra.flag_moves import flat_model_section
 from crasmra.sweep.spec import RUN_FILE, SweepError, SweepSpec, canonical
 
 __all__ = [
