@@ -93,7 +93,8 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
         assert resolved["model"][part][name] == value, key
     for key, value in {"finetune.freeze_backbone_bn": True, "finetune.head_init": "imprint",
                        "finetune.combine": "fitted", "net.final_features": True,
-                       "runtime.channels_last": None}.items():
+                       "runtime.channels_last": None, "finetune.head_path_init": "identity",
+                       "net.head_pool": "avg"}.items():
         part, name = key.split(".")
         assert resolved["model"][part][name] == value, key
     assert resolved["trainer"]["precision"] is None

@@ -222,10 +222,6 @@ def test_engine_warms_the_suppression_up_and_validates_with_the_configured_omega
         ({"head_path_init": "zeros"}, "--model.finetune.head_path_init"),
         ({"head_path_init": "identity"}, "--model.finetune.head_init imprint"),
         (
-            {"head_path_init": "identity", "head_init": "imprint", "variant": "plain"},
-            "--model.finetune.head_path_init random",
-        ),
-        (
             {"head_path_init": "identity", "head_init": "imprint", "conv_layer": "pmg"},
             "--model.net.conv_layer light",
         ),
@@ -514,3 +510,29 @@ def test_uncentred_imprinting_is_the_plain_cosine_nearest_class_mean() -> None:
     centred = _net("plain")
     imprint_classifiers(centred, batches, 3)
     assert torch.count_nonzero(classifier_layers(centred)["classifier"].bias) > 0
+
+
+def test_plain_ignores_the_head_path_init_of_the_recipe_family(tmp_path: Path) -> None:
+    seen = []
+
+    class Classifier(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if not seen:
+                layer = classifier_layers(module.net)["classifier"]
+                seen.append(layer.weight.detach().clone())
+
+    L.seed_everything(0)
+    dm = FGVCDataModule(**TINY_DATA)
+    module = build_module(
+        backbone="resnet10t", pretrained=False, num_classes=dm.num_classes, variant="plain",
+        head_init="imprint", head_path_init="identity", combine="fitted",
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_train_batches=1, callbacks=[Classifier()],
+    )
+    trainer.fit(module, datamodule=dm)
+    # Imprinted: every class row of timm's classifier has the same norm (the fitted scale).
+    rows = seen[0].norm(dim=1)
+    assert torch.allclose(rows, rows[0].expand_as(rows), rtol=1e-4)

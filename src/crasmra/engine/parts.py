@@ -127,8 +127,8 @@ class FinetuneConfig:
         head_path_init: ``"random"`` or ``"identity"``: with ``head_init: imprint``, each
             stage's projection keeps the span of its input's class means and every layer
             between it and the classifier starts as the identity on the training features
-            (:func:`crasmra.finetune.init_head_paths`). Needs a paper variant with the light
-            Conv_layer.
+            (:func:`crasmra.finetune.init_head_paths`). Needs the light Conv_layer; the plain
+            variant (no projection, no head MLP) ignores it.
         imprint_logit_scale: With ``"imprint"``, the logits' scale for a feature of average
             norm; None fits it per head to the training images' leave-one-out cross-entropy.
         imprint_centered: With ``"imprint"``, centre each head's features on the mean of its
@@ -216,14 +216,9 @@ def check_parts(net: NetConfig, finetune: FinetuneConfig) -> None:
     Raises:
         ValueError: With the flags to change.
     """
-    if finetune.head_path_init != "identity":
+    # A variant without attention (plain) has no projection or head MLP: nothing to set.
+    if finetune.head_path_init != "identity" or attention_of(net.variant) is None:
         return
-    if attention_of(net.variant) is None:
-        raise ValueError(
-            "--model.finetune.head_path_init identity initialises the paper variants' "
-            f"projections and heads; --model.net.variant {net.variant} has none. Use "
-            "--model.finetune.head_path_init random."
-        )
     if net.conv_layer != "light":
         raise ValueError(
             "--model.finetune.head_path_init identity needs the light Conv_layer (1x1 conv, "

@@ -77,7 +77,8 @@ def imprint_heads(
         batches: Returns the training images and labels in order, on the network's device.
         finetune: The fine-tuning part.
     """
-    identity_paths = finetune.head_path_init == "identity"
+    # A network without attention (plain) has no projection or head MLP: nothing to initialise.
+    identity_paths = finetune.head_path_init == "identity" and len(net.attention) > 0
     # The training transform's random draws must not shift the training run's own.
     with torch.random.fork_rng(devices=[]):
         if identity_paths:
