@@ -136,7 +136,7 @@ def create_attention(
     if unknown:
         raise ValueError(
             f"Attention {name!r} ({cls.__name__}) takes no option(s) {unknown}; its options "
-            f"are {sorted(accepted)}. Change --model.attention_options."
+            f"are {sorted(accepted)}. Change --model.net.attention_options."
         )
     kwargs = {k: v for k, v in (settings or {}).items() if k in accepted}
     kwargs.update(options)
