@@ -111,7 +111,7 @@ def flatten_checkpoint(path: Path) -> None:
     for key, value in hparams.items():
         flat.update(value if key in ("net", "loss", "optim", "finetune", "runtime") else
                     {key: value})
-    assert set(flat) - {"_instantiator", "classes", "transform_config"} == set(MOVED_KEYS)
+    assert set(flat) - {"_instantiator", "classes", "transform_config"} >= set(MOVED_KEYS)
     ckpt["hyper_parameters"] = flat
     meta = ckpt["crasmra"]
     meta["format_version"] = 1

@@ -315,13 +315,13 @@ def test_metadata_is_compared_with_the_weights_before_allocating(
 
     ckpt = tampered(inference_ckpt, tmp_path, change)
     devices: list[str] = []
-    real = loading.CRASMRANet
+    real = loading.build_network
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         devices.append(str(torch.get_default_device()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loading, "CRASMRANet", spy)
+    monkeypatch.setattr(loading, "build_network", spy)
     with pytest.raises(CheckpointError, match="altered"):
         load_model(ckpt)
     assert devices == ["meta"]
