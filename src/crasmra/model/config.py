@@ -279,7 +279,8 @@ def validate_hparams(
     )
     if not isinstance(pretrained, bool):
         if not isinstance(pretrained, str | os.PathLike):
-            raise ValueError(f"pretrained must be a bool or a file path, got {pretrained!r}.")
+            raise ValueError(f"pretrained must be a bool or a file path, got {pretrained!r}; "
+                             "change --model.net.pretrained.")
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"Pretrained weights file not found: {str(pretrained)!r}")
     config.stage_indices = list(check_backbone(backbone, config.stage_indices))
