@@ -88,7 +88,7 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
     assert weights.endswith("tf_efficientnet_lite0.imagenet.safetensors")
     assert resolved["data"]["image_size"] == 224
     for key, value in {"loss.alpha": 2.0, "loss.beta": 1.0, "loss.gamma": 1.0,
-                       "net.omega": 0.5, "net.delta": 0.9}.items():
+                       "net.omega": 0.5, "net.delta": 1.0}.items():
         part, name = key.split(".")
         assert resolved["model"][part][name] == value, key
     for key, value in {"finetune.freeze_backbone_bn": True, "finetune.head_init": "imprint",

@@ -56,9 +56,10 @@ class SMRAM(nn.Module):
     BatchNorm2d), phi (1x1 conv, C_a -> 1), softmax over the H_L*W_L positions. The stacked
     distributions feed :func:`diversity_loss`.
 
-    The BatchNorm is non-affine and phi has no bias: a softmax over space ignores any constant
-    shift, so BN's beta and phi's bias would never receive a gradient, and BN's gamma is
-    absorbed by phi's weights. The function class is the same as with affine BN.
+    The BatchNorm is non-affine and phi has no bias (ours: the paper does not say): a softmax
+    over space ignores any constant shift, so BN's beta and phi's bias would never receive a
+    gradient, and BN's gamma is absorbed by phi's weights. The function class is the same as
+    with affine BN.
 
     Args:
         channels: C_a, the channel count of every input map.
