@@ -3,7 +3,7 @@
 CRA-SMRA's heads do not read the backbone's features directly: each stage's map goes through
 CRAM (or the identity), a projection ``Conv_layer`` (1x1 conv, BN, ReLU), global pooling and
 an MLP (BN, linear, BN, ELU) before the classifier. With random weights in that path, an
-imprinted classifier (``--model.head_init imprint``) reads a random projection of what the
+imprinted classifier (``--model.finetune.head_init imprint``) reads a random projection of what the
 backbone knows. This script measures, on held-out training photos (never the test split):
 
 - ``paths``: each head's accuracy right after imprinting (no training step), for the

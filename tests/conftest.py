@@ -6,6 +6,7 @@ import os
 import types
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -86,10 +87,25 @@ def tiny_checkpoint(tiny_run: Path) -> Path:
 @pytest.fixture(scope="session")
 def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder of a one-epoch tiny fit of the ``plain`` variant (timm's own classifier)."""
-    return _trained_run(tmp_path_factory, "plain-run", "--model.variant=plain")
+    return _trained_run(tmp_path_factory, "plain-run", "--model.net.variant=plain")
 
 
 @pytest.fixture(scope="session")
 def plain_checkpoint(plain_run: Path) -> Path:
     """The best checkpoint of :func:`plain_run`."""
     return plain_run / "checkpoints" / "best.ckpt"
+
+
+def build_module(**options: Any) -> Any:
+    """The training module, each option (named as its flag's last component, e.g. ``omega``,
+    ``lr_heads``) given in its typed part."""
+    from crasmra.engine import CRASMRAModule, FinetuneConfig, OptimConfig, RuntimeConfig
+    from crasmra.flag_moves import nest_flat_hparams
+    from crasmra.losses import LossWeights
+    from crasmra.model import NetConfig
+
+    parts = nest_flat_hparams(options)
+    kinds = {"net": NetConfig, "loss": LossWeights, "optim": OptimConfig,
+             "finetune": FinetuneConfig, "runtime": RuntimeConfig}
+    typed = {name: kind(**parts.pop(name, {})) for name, kind in kinds.items()}
+    return CRASMRAModule(**typed, **parts)

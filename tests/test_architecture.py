@@ -20,7 +20,7 @@ FLOORS: list[set[str]] = [
     # ground: no crasmra imports but these
     {"_version", "errors", "outputs", "cpu", "flags", "layers", "backbones", "data", "config",
      "runfolder", "lightning_private", "export_options",
-     "metrics", "files", "file_kinds", "metric_names"},
+     "metrics", "files", "file_kinds", "metric_names", "flag_moves"},
     # the network, its loss, its files
     {"model", "losses", "checkpoint"},
     # training and inference
@@ -96,8 +96,8 @@ class ToyGainAttention(nn.Module):
 
 
 def test_a_registered_attention_module_trains_through_the_command_line(tmp_path: Path) -> None:
-    args = tiny_fit_args(tmp_path, "--model.variant=toy-gain",
-                         "--model.attention_options={gain: 2.5}", "--test_after_fit=false")
+    args = tiny_fit_args(tmp_path, "--model.net.variant=toy-gain",
+                         "--model.net.attention_options={gain: 2.5}", "--test_after_fit=false")
     assert run_cli(args) == 0
     from crasmra.inference import load_model
 
@@ -112,8 +112,8 @@ def test_a_registered_attention_module_trains_through_the_command_line(tmp_path:
 def test_an_option_the_module_does_not_take_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = tiny_fit_args(tmp_path, "--model.variant=toy-gain",
-                         "--model.attention_options={gian: 2.5}")
+    args = tiny_fit_args(tmp_path, "--model.net.variant=toy-gain",
+                         "--model.net.attention_options={gian: 2.5}")
     assert run_cli(args) == 2
     err = capsys.readouterr().err
     assert "takes no option(s) ['gian']" in err and "gain" in err
@@ -143,15 +143,38 @@ def test_each_network_default_is_written_once() -> None:
     from crasmra.layers import DEFAULT_DELTA, DEFAULT_OMEGA, DEFAULT_REDUCTION
     from crasmra.model import NetConfig
 
+    # The engine receives the network's part whole: its defaults are NetConfig's own.
     engine = inspect.signature(CRASMRAModule).parameters
-    for name in NetConfig.field_names():
-        assert engine[name].default == getattr(NetConfig, name), name
+    assert engine["net"].annotation in (NetConfig, "NetConfig")
+    assert engine["net"].default == NetConfig()
     assert (NetConfig.omega, NetConfig.delta, NetConfig.reduction) == (
         DEFAULT_OMEGA, DEFAULT_DELTA, DEFAULT_REDUCTION)
     # The literal appears once in the sources of the package.
     sources = "\n".join(p.read_text() for p in SRC.rglob("*.py"))
     assert sources.count("DEFAULT_OMEGA = 0.5") == 1
     assert "omega: float = 0.5" not in sources
+
+
+def test_the_engine_receives_typed_parts_and_every_old_flag_has_its_place() -> None:
+    """Each part is a dataclass parameter of the engine; every flat flag that moved into them
+    has its place in the part that holds a field of its name (new fields need no entry)."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from crasmra.engine import CRASMRAModule
+    from crasmra.flag_moves import MOVED_KEYS, PARTS
+
+    hints = typing.get_type_hints(CRASMRAModule.__init__)
+    fields = {}
+    for part in PARTS:
+        assert dataclasses.is_dataclass(hints[part]), part
+        fields.update({f.name: part for f in dataclasses.fields(hints[part])})
+    assert {name: fields.get(name) for name in MOVED_KEYS} == MOVED_KEYS
+    parameters = set(inspect.signature(CRASMRAModule).parameters)
+    assert parameters == {*PARTS, "classes", "transform_config"}
+    source = (SRC / "engine" / "module.py").read_text()
+    assert "locals()" not in source and "inspect.signature" not in source
 
 
 def test_no_consumer_guesses_the_preprocessing(tiny_checkpoint: Path) -> None:

@@ -53,20 +53,22 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
         assert resolved["data"]["dataset"] == dataset
         backbone, _, variant = path.stem.partition("-")
         # torchvision's ImageNet weights, named explicitly (a bare name takes timm's default)
-        assert resolved["model"]["backbone"] == f"{backbone}.tv_in1k"
-        assert resolved["model"]["variant"] == (variant or "cra-smra")
+        assert resolved["model"]["net"]["backbone"] == f"{backbone}.tv_in1k"
+        assert resolved["model"]["net"]["variant"] == (variant or "cra-smra")
         # the paper's recipe, inherited from base.yaml
         assert (
-            resolved["model"]["lr_backbone"] == 2e-4 and resolved["model"]["lr_attention"] == 6e-3
+            resolved["model"]["optim"]["lr_backbone"] == 2e-4
+            and resolved["model"]["optim"]["lr_attention"] == 6e-3
         )
         assert resolved["data"]["image_size"] == 448 and resolved["data"]["resize_size"] == 550
         # the paper's protocol: centre crop, the whole training split, no validation split
         assert resolved["data"]["random_crop"] is False and resolved["data"]["val_fraction"] == 0
-        assert resolved["model"]["suppress_source"] == "input"
+        assert resolved["model"]["net"]["suppress_source"] == "input"
         # none of the fine-tuning family's switches
-        assert resolved["model"]["head_init"] == "random" and resolved["model"]["combine"] == "mean"
-        assert not resolved["model"]["final_features"]
-        assert not resolved["model"]["freeze_backbone_bn"]
+        finetune = resolved["model"]["finetune"]
+        assert finetune["head_init"] == "random" and finetune["combine"] == "mean"
+        assert not resolved["model"]["net"]["final_features"]
+        assert not resolved["model"]["finetune"]["freeze_backbone_bn"]
         assert resolved["trainer"]["max_epochs"] == 200 and resolved["data"]["batch_size"] == 20
         assert resolved["trainer"]["default_root_dir"].endswith(
             path.stem if variant else f"{path.stem}-cra-smra"
@@ -80,17 +82,21 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
     assert resolved["data"]["dataset"] == ("folder" if folder == "finetune" else "cub")
     if folder != "finetune":
         assert str(resolved["data"]["root"]).endswith(f"realdata/{folder}/CUB_200_2011")
-    assert resolved["model"]["variant"] == path.stem
-    assert resolved["model"]["backbone"] == "tf_efficientnet_lite0"
-    weights = str(resolved["model"]["pretrained"])
+    assert resolved["model"]["net"]["variant"] == path.stem
+    assert resolved["model"]["net"]["backbone"] == "tf_efficientnet_lite0"
+    weights = str(resolved["model"]["net"]["pretrained"])
     assert weights.endswith("tf_efficientnet_lite0.imagenet.safetensors")
     assert resolved["data"]["image_size"] == 224
-    for key, value in {"alpha": 2.0, "beta": 1.0, "gamma": 1.0, "omega": 0.5, "delta": 1.0}.items():
-        assert resolved["model"][key] == value, key
-    for key, value in {"freeze_backbone_bn": True, "head_init": "imprint", "combine": "fitted",
-                       "final_features": True, "channels_last": None,
-                       "head_path_init": "identity", "head_pool": "avg"}.items():
-        assert resolved["model"][key] == value, key
+    for key, value in {"loss.alpha": 2.0, "loss.beta": 1.0, "loss.gamma": 1.0,
+                       "net.omega": 0.5, "net.delta": 1.0}.items():
+        part, name = key.split(".")
+        assert resolved["model"][part][name] == value, key
+    for key, value in {"finetune.freeze_backbone_bn": True, "finetune.head_init": "imprint",
+                       "finetune.combine": "fitted", "net.final_features": True,
+                       "runtime.channels_last": None, "finetune.head_path_init": "identity",
+                       "net.head_pool": "avg"}.items():
+        part, name = key.split(".")
+        assert resolved["model"][part][name] == value, key
     assert resolved["trainer"]["precision"] is None
     assert resolved["trainer"]["default_root_dir"] == f"runs/{folder}/{path.stem}"
 
@@ -107,15 +113,15 @@ def test_demo_config_file_matches_the_demo_command() -> None:
 @pytest.mark.parametrize(
     ("flag", "expected"),
     [
-        ("--model.backbone=resnet5O", "resnet50"),
-        ("--model.variant=cbam2", "cra-smra"),
-        ("--model.omega=1.5", "omega"),
-        ("--model.delta=0", "delta"),
-        ("--model.alpha=-1", "alpha"),
-        ("--model.lr_heads=0", "lr_heads"),
+        ("--model.net.backbone=resnet5O", "resnet50"),
+        ("--model.net.variant=cbam2", "cra-smra"),
+        ("--model.net.omega=1.5", "omega"),
+        ("--model.net.delta=0", "delta"),
+        ("--model.loss.alpha=-1", "alpha"),
+        ("--model.optim.lr_heads=0", "lr_heads"),
         ("--data.batch_size=0", "batch_size"),
-        ("--model.lr_backbone=1e300", "lr_backbone must be at most"),
-        ("--model.backbone=vit_tiny_patch16_224", "needs a timm CNN"),
+        ("--model.optim.lr_backbone=1e300", "lr_backbone must be at most"),
+        ("--model.net.backbone=vit_tiny_patch16_224", "needs a timm CNN"),
         ("--trainer.max_epochs=-5", "max_epochs"),
         ("--data.image_size=100000", "at most 4096 pixels"),
     ],

@@ -28,8 +28,8 @@ def _error_lines(err: str) -> list[str]:
     ("args", "suggestion"),
     [
         (["fit", "--trainer.max_epoch", "3"], "--trainer.max_epochs"),
-        (["fit", "--model.delt", "0.5"], "--model.delta"),
-        (["fit", "--model.detla", "0.8"], "--model.delta"),
+        (["fit", "--model.net.delt", "0.5"], "--model.net.delta"),
+        (["fit", "--model.net.detla", "0.8"], "--model.net.delta"),
         (["fit", "--max_epochs", "3"], "--trainer.max_epochs"),
         (["predict", "--topk", "3", "model.ckpt", "bird.jpg"], "--top-k"),
         (["demo", "--epoch", "3"], "--epochs"),

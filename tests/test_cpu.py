@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, build_module
 from crasmra import cpu
 from crasmra.cpu import CPUPlan, cgroup_cpu_limit, configure_cpu, plan_cpu, usable_cpus
 
@@ -253,12 +253,11 @@ def test_engine_resolves_channels_last_from_the_plan(
     import lightning as L
 
     from crasmra.data import FGVCDataModule
-    from crasmra.engine import CRASMRAModule
     from test_engine import TINY_DATA
 
     monkeypatch.setattr(cpu.compute, "cpu_flags", lambda cpuinfo=None: frozenset(flags.split()))
     dm = FGVCDataModule(**TINY_DATA)
-    module = CRASMRAModule(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
+    module = build_module(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
                            head_hidden=8, channels_last=None)
     assert not module.uses_channels_last  # undecided until the device is known
     trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=1,
@@ -269,7 +268,7 @@ def test_engine_resolves_channels_last_from_the_plan(
     conv = module.net.backbone.model.conv1[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) is expected
     # An explicit choice is kept whatever the CPU.
-    assert not CRASMRAModule(backbone="resnet10t", num_classes=3, channels_last=False,
+    assert not build_module(backbone="resnet10t", num_classes=3, channels_last=False,
                              head_channels=8, head_hidden=8).uses_channels_last
 
 

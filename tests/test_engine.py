@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import run_cli, tiny_fit_args
+from conftest import build_module, run_cli, tiny_fit_args
 from crasmra.data import FGVCDataModule
 from crasmra.engine import MONITOR, CRASMRAModule, RNGStateCallback, WarmupCosine
 from crasmra.layers import SMRAM
@@ -38,7 +38,7 @@ TINY_DATA = dict(
 
 def _module(dm: FGVCDataModule, **overrides) -> CRASMRAModule:
     kwargs = {**TINY_MODEL, **overrides}
-    return CRASMRAModule(
+    return build_module(
         num_classes=dm.num_classes,
         classes=dm.classes,
         transform_config=dm.transform_config,
@@ -223,10 +223,10 @@ def test_resume_with_ckpt_path_last_through_the_cli(tmp_path: Path) -> None:
 def test_fine_tune_on_another_class_count(tiny_checkpoint: Path, tmp_path: Path) -> None:
     common = [
         '--data.options={"num_classes": 6, "samples_per_class": 4, "native_size": 64}',
-        f"--model.init_from={tiny_checkpoint}",
+        f"--model.runtime.init_from={tiny_checkpoint}",
     ]
     assert run_cli(tiny_fit_args(tmp_path / "a", *common)) == 2
-    assert run_cli(tiny_fit_args(tmp_path / "b", *common, "--model.reinit_heads=true")) == 0
+    assert run_cli(tiny_fit_args(tmp_path / "b", *common, "--model.runtime.reinit_heads=true")) == 0
 
 
 def test_resume_with_another_class_count_is_refused(
@@ -263,6 +263,6 @@ def test_plain_fit_through_the_cli(plain_run: Path, plain_checkpoint: Path,
     assert [line.split()[0] for line in table[2:]] == ["classifier", "combined"]
     # Fine-tuning on another class count re-initialises timm's classifier.
     options = '--data.options={"num_classes": 6, "samples_per_class": 4, "native_size": 64}'
-    assert run_cli(tiny_fit_args(tmp_path, options, "--model.variant=plain",
-                                 f"--model.init_from={plain_checkpoint}",
-                                 "--model.reinit_heads=true")) == 0
+    assert run_cli(tiny_fit_args(tmp_path, options, "--model.net.variant=plain",
+                                 f"--model.runtime.init_from={plain_checkpoint}",
+                                 "--model.runtime.reinit_heads=true")) == 0

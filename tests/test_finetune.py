@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import build_module
 from crasmra.data import FGVCDataModule
 from crasmra.engine import CRASMRAModule
 from test_engine import TINY_DATA as ENGINE_TINY_DATA
@@ -20,7 +21,7 @@ TINY_DATA = {**ENGINE_TINY_DATA, "val_fraction": 0.0}
 def _fit(tmp_path: Path, epochs: int, **model_kwargs) -> tuple[CRASMRAModule, CRASMRAModule]:
     L.seed_everything(0)
     dm = FGVCDataModule(**TINY_DATA)
-    module = CRASMRAModule(
+    module = build_module(
         backbone="resnet10t",
         pretrained=False,
         num_classes=dm.num_classes,
@@ -89,7 +90,7 @@ def test_without_freezing_the_backbone_trains_from_the_start(tmp_path: Path) -> 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
 def test_freeze_backbone_epochs_is_validated(bad: object) -> None:
     with pytest.raises(ValueError, match="freeze_backbone_epochs"):
-        CRASMRAModule(backbone="resnet10t", num_classes=3, freeze_backbone_epochs=bad)
+        build_module(backbone="resnet10t", num_classes=3, freeze_backbone_epochs=bad)
 
 
 def test_frozen_batchnorm_statistics_with_a_training_backbone(tmp_path: Path) -> None:
@@ -108,8 +109,9 @@ def test_frozen_batchnorm_statistics_with_a_training_backbone(tmp_path: Path) ->
 def test_the_paper_recipe_updates_the_backbones_batchnorm_statistics(tmp_path: Path) -> None:
     """By default (the paper's recipe) the backbone's BatchNorm layers train: their running
     statistics follow the batches, as in any fine-tune that does not freeze them."""
-    module = CRASMRAModule(backbone="resnet10t", num_classes=3)
-    assert module.hparams.freeze_backbone_bn is False
+    module = build_module(backbone="resnet10t", num_classes=3)
+    assert module.finetune.freeze_backbone_bn is False
+    assert module.hparams["finetune"]["freeze_backbone_bn"] is False
     module.train()
     norms = [m for m in module.net.backbone.modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -141,7 +143,7 @@ def test_a_run_resumed_inside_an_epoch_keeps_the_freezing_and_batchnorm_policies
     def fit(ckpt_path: str | None, max_steps: int) -> _BackboneModes:
         L.seed_everything(0)
         dm = FGVCDataModule(**TINY_DATA)
-        module = CRASMRAModule(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
+        module = build_module(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
                                head_hidden=8, freeze_backbone_bn=True, freeze_backbone_epochs=1)
         modes = _BackboneModes()
         trainer = L.Trainer(

@@ -257,10 +257,11 @@ def test_unusable_checkpoint_is_one_line_in_every_command(
 @pytest.mark.parametrize(("args", "content", "message"), [
     (["validate", "--ckpt_path={ckpt}"], "hello", "is a text file, not a checkpoint"),
     (["test", "--ckpt_path={ckpt}"], WEB_PAGE, "a web page"),
-    (["fit", "--model.init_from={ckpt}"], LFS_POINTER, "git lfs pull"),
+    (["fit", "--model.runtime.init_from={ckpt}"], LFS_POINTER, "git lfs pull"),
     (["validate", "--ckpt_path={ckpt}"], lambda m: m.update(format_version="abc"),
      "format_version is 'abc'"),
-    (["fit", "--model.init_from={ckpt}"], lambda m: m["net_config"].update(head_hidden=200_000),
+    (["fit", "--model.runtime.init_from={ckpt}"],
+     lambda m: m["net_config"].update(head_hidden=200_000),
      "head_hidden is 200000"),
 ])
 def test_unusable_checkpoint_in_lightning_commands(
@@ -314,13 +315,13 @@ def test_metadata_is_compared_with_the_weights_before_allocating(
 
     ckpt = tampered(inference_ckpt, tmp_path, change)
     devices: list[str] = []
-    real = loading.CRASMRANet
+    real = loading.build_network
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         devices.append(str(torch.get_default_device()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loading, "CRASMRANet", spy)
+    monkeypatch.setattr(loading, "build_network", spy)
     with pytest.raises(CheckpointError, match="altered"):
         load_model(ckpt)
     assert devices == ["meta"]

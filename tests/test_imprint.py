@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import build_module
 from crasmra.data import FGVCDataModule
-from crasmra.engine import CRASMRAModule
 from crasmra.finetune import (
     SuppressionWarmup,
     calibrate_batchnorm,
@@ -179,7 +179,7 @@ class _Recorder(L.Callback):
 def _fit(tmp_path: Path, epochs: int = 1, val: float = 0.0, **model_kwargs) -> _Recorder:
     L.seed_everything(0)
     dm = FGVCDataModule(**{**TINY_DATA, "val_fraction": val})
-    module = CRASMRAModule(
+    module = build_module(
         backbone="resnet10t", pretrained=False, num_classes=dm.num_classes,
         head_channels=16, head_hidden=16, **model_kwargs,
     )
@@ -216,20 +216,20 @@ def test_engine_warms_the_suppression_up_and_validates_with_the_configured_omega
 @pytest.mark.parametrize(
     ("kwargs", "flag"),
     [
-        ({"head_init": "zeros"}, "--model.head_init"),
-        ({"imprint_logit_scale": 0.0}, "--model.imprint_logit_scale"),
-        ({"suppression_warmup_epochs": -1.0}, "--model.suppression_warmup_epochs"),
-        ({"head_path_init": "zeros"}, "--model.head_path_init"),
-        ({"head_path_init": "identity"}, "--model.head_init imprint"),
+        ({"head_init": "zeros"}, "--model.finetune.head_init"),
+        ({"imprint_logit_scale": 0.0}, "--model.finetune.imprint_logit_scale"),
+        ({"suppression_warmup_epochs": -1.0}, "--model.finetune.suppression_warmup_epochs"),
+        ({"head_path_init": "zeros"}, "--model.finetune.head_path_init"),
+        ({"head_path_init": "identity"}, "--model.finetune.head_init imprint"),
         (
             {"head_path_init": "identity", "head_init": "imprint", "conv_layer": "pmg"},
-            "--model.conv_layer light",
+            "--model.net.conv_layer light",
         ),
     ],
 )
 def test_bad_finetune_options_name_their_flag(kwargs: dict, flag: str) -> None:
     with pytest.raises(ValueError, match=flag):
-        CRASMRAModule(backbone="resnet10t", num_classes=3, **kwargs)
+        build_module(backbone="resnet10t", num_classes=3, **kwargs)
 
 
 def test_fit_head_weights_prefers_the_head_that_predicts_held_out_images() -> None:
@@ -304,7 +304,7 @@ def test_bad_head_weights_are_refused(bad: list[float]) -> None:
 def test_engine_fits_the_combination_at_imprinting_and_checkpoints_it(tmp_path: Path) -> None:
     L.seed_everything(0)
     dm = FGVCDataModule(**TINY_DATA)
-    module = CRASMRAModule(
+    module = build_module(
         backbone="resnet10t", pretrained=False, num_classes=dm.num_classes, head_channels=16,
         head_hidden=16, head_init="imprint", combine="fitted",
     )
@@ -321,19 +321,19 @@ def test_engine_fits_the_combination_at_imprinting_and_checkpoints_it(tmp_path: 
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["crasmra"]["net_config"]["head_weights"] == list(weights)
     # A resumed module gets them back from the checkpoint.
-    fresh = CRASMRAModule(backbone="resnet10t", num_classes=dm.num_classes, head_channels=16,
+    fresh = build_module(backbone="resnet10t", num_classes=dm.num_classes, head_channels=16,
                           head_hidden=16, head_init="imprint", combine="fitted")
     fresh.on_load_checkpoint(checkpoint)
     assert fresh.net.head_weights == weights
-    with pytest.raises(ValueError, match=r"--model\.head_init imprint"):
-        CRASMRAModule(backbone="resnet10t", num_classes=3, combine="fitted")
+    with pytest.raises(ValueError, match=r"--model\.finetune\.head_init imprint"):
+        build_module(backbone="resnet10t", num_classes=3, combine="fitted")
 
 
 def test_imprinting_leaves_the_training_loaders_epochs_alone(tmp_path: Path) -> None:
     """With loader workers, the run trains every epoch it was asked for, numbered from 0."""
     L.seed_everything(0)
     dm = FGVCDataModule(**{**TINY_DATA, "num_workers": 1})
-    module = CRASMRAModule(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
+    module = build_module(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
                            head_hidden=8, head_init="imprint")
     epochs: list[int] = []
 
@@ -354,7 +354,7 @@ def test_with_one_image_per_class_the_last_stages_head_decides(tmp_path: Path) -
     L.seed_everything(0)
     dm = FGVCDataModule(**{**TINY_DATA, "options": {**TINY_DATA["options"],
                                                     "samples_per_class": 1}})
-    module = CRASMRAModule(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
+    module = build_module(backbone="resnet10t", num_classes=dm.num_classes, head_channels=8,
                            head_hidden=8, head_init="imprint", combine="fitted")
     trainer = L.Trainer(
         default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False,
@@ -467,7 +467,7 @@ def test_init_head_paths_refuses_what_it_cannot_initialise() -> None:
     pmg = create_model(
         "resnet10t", 3, variant="baseline", head_channels=16, head_hidden=16, conv_layer="pmg"
     )
-    with pytest.raises(ValueError, match=r"--model\.conv_layer light"):
+    with pytest.raises(ValueError, match=r"--model\.net\.conv_layer light"):
         init_head_paths(pmg, _batches(), 3)
 
 
@@ -484,7 +484,7 @@ def test_engine_initialises_the_head_paths_before_imprinting(
 
     L.seed_everything(0)
     dm = FGVCDataModule(**TINY_DATA)
-    module = CRASMRAModule(
+    module = build_module(
         backbone="resnet10t", pretrained=False, num_classes=dm.num_classes, variant="baseline",
         head_channels=16, head_hidden=16, head_init="imprint", head_path_init=path_init,
     )
@@ -523,7 +523,7 @@ def test_plain_ignores_the_head_path_init_of_the_recipe_family(tmp_path: Path) -
 
     L.seed_everything(0)
     dm = FGVCDataModule(**TINY_DATA)
-    module = CRASMRAModule(
+    module = build_module(
         backbone="resnet10t", pretrained=False, num_classes=dm.num_classes, variant="plain",
         head_init="imprint", head_path_init="identity", combine="fitted",
     )

@@ -19,7 +19,7 @@ from conftest import run_cli
 from crasmra.checkpoint import CheckpointError, network_state_dict
 from crasmra.data import SyntheticFGVC
 from crasmra.inference import find_images, load_model, predict
-from crasmra.model import CRASMRANet
+from crasmra.model import CRASMRANet, PlainNet
 
 NUM_CLASSES = 4  # tests/configs/tiny.yaml
 
@@ -215,7 +215,7 @@ def test_plain_checkpoint_loads_predicts_and_reports(plain_checkpoint: Path, ima
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     model = load_model(plain_checkpoint)
     assert model.variant == "plain" and model.head_names == ("classifier",)
-    assert model.concat_head is None and len(model.classes) == NUM_CLASSES
+    assert isinstance(model, PlainNet) and len(model.classes) == NUM_CLASSES
     result = predict(model, [images], top_k=2)
     assert len(result.predictions) == NUM_CLASSES and len(result.failures) == 1
     with torch.inference_mode():

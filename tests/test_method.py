@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from crasmra.engine import CRASMRAModule, WarmupCosine, build_scheduler
+from conftest import build_module
+from crasmra.engine import CRASMRAModule, OptimConfig, WarmupCosine, build_scheduler
 from crasmra.layers import (
     CRAM,
     SMRAM,
@@ -236,7 +237,7 @@ def test_defaults_are_the_papers() -> None:
 
 
 def test_module_defaults_are_the_papers() -> None:
-    module = CRASMRAModule(backbone="resnet10t", num_classes=4)
+    module = build_module(backbone="resnet10t", num_classes=4)
     criterion = module.criterion
     assert (criterion.alpha, criterion.beta, criterion.gamma) == (2.0, 1.0, 1.0)
     net = module.net
@@ -452,7 +453,7 @@ def test_diversity_loss_hand_example() -> None:
 
 
 def _module(**overrides) -> CRASMRAModule:
-    return CRASMRAModule(**{**TINY_MODULE, **overrides})
+    return build_module(**{**TINY_MODULE, **overrides})
 
 
 @pytest.mark.parametrize(
@@ -634,7 +635,7 @@ def test_channels_last_computes_the_same_prediction() -> None:
 
 
 def test_pretrained_weights_reach_the_backbone(tmp_path) -> None:
-    """--model.pretrained PATH initialises the backbone from that file."""
+    """--model.net.pretrained PATH initialises the backbone from that file."""
     import timm
     from safetensors.torch import save_file
 
@@ -759,8 +760,11 @@ def test_optimiser_follows_the_paper_recipe_by_default() -> None:
 )
 def test_optimiser_settings_outside_their_range_are_refused(bad: dict) -> None:
     (name,) = bad
-    with pytest.raises(ValueError, match=rf"^{name} must .*change --model\.{name}\.$"):
+    with pytest.raises(ValueError, match=rf"^{name} must .*change --model\.optim\.{name}\.$"):
         _module(**bad)
+    # The part checks itself, before any network is built.
+    with pytest.raises(ValueError, match=rf"change --model\.optim\.{name}\.$"):
+        OptimConfig(**bad)
 
 
 def test_optimiser_settings_at_the_edge_of_their_range_are_accepted() -> None:

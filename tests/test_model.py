@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import timm
@@ -13,7 +14,14 @@ from safetensors.torch import save_file
 from crasmra import SMRAM, VARIANTS, CRASMRALoss, CRASMRANet, ModelOutput, create_model
 from crasmra.layers import CRAM, CBAMAttention, IdentityAttention
 from crasmra.losses import trains_with_smram
-from crasmra.model import PretrainedWeightsError, create_smram, validate_hparams
+from crasmra.model import (
+    Network,
+    PlainNet,
+    PretrainedWeightsError,
+    build_network,
+    create_smram,
+    validate_hparams,
+)
 
 TINY = dict(head_channels=32, head_hidden=16)
 PAPER_BACKBONES = ["resnet50", "resnet101", "densenet161", "convnext_atto", "efficientnet_b0"]
@@ -287,12 +295,17 @@ def test_plain_logits_equal_timms_own_model(backbone: str) -> None:
 
 def test_plain_has_no_attention_heads_or_smram() -> None:
     net = create_model("resnet10t", 5, variant="plain", **TINY)
-    assert len(net.attention) == 0 and len(net.heads) == 0 and net.concat_head is None
+    assert isinstance(net, PlainNet) and isinstance(net, Network)
+    assert len(net.attention) == 0 and net.added_modules() == []
+    assert not hasattr(net, "heads") and not hasattr(net, "concat_head")
     assert not trains_with_smram("plain") and net.variant == "plain"
     assert all(k.startswith("backbone.model.") for k in net.state_dict())
     assert net.backbone.model.fc.out_features == 5
-    rebuilt = CRASMRANet(**json.loads(json.dumps(net.config)))
+    rebuilt = build_network(**json.loads(json.dumps(net.config)))
+    assert isinstance(rebuilt, PlainNet)
     assert list(rebuilt.state_dict()) == list(net.state_dict())
+    with pytest.raises(ValueError, match="build_network"):
+        CRASMRANet(**net.config)
     net.reset_classifier(7)
     assert net.backbone.model.fc.out_features == 7 and net.config["num_classes"] == 7
     assert net.num_classes == 7
@@ -404,3 +417,13 @@ def test_bad_pretrained_arguments_say_what_is_wrong(tmp_path) -> None:
         validate_hparams("resnet10t", 3, pretrained=str(missing))
     with pytest.raises(ValueError, match="num_classes must be an int >= 1, got 0"):
         create_model("resnet10t", 3, **TINY).reset_classifier(0)
+
+
+def test_the_model_branches_on_the_plain_variant_once() -> None:
+    """One builder per variant: only the factory tells the plain variant from the others."""
+    from conftest import REPO
+
+    sources = {p.name: p.read_text() for p in (REPO / "src" / "crasmra" / "model").glob("*.py")}
+    branches = {name: len(re.findall(r"== PLAIN|!= PLAIN|is PLAIN", text))
+                for name, text in sources.items()}
+    assert sum(branches.values()) == 1 and branches["factory.py"] == 1, branches

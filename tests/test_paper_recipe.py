@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_CONFIG, run_cli, tiny_fit_args
+from conftest import REPO, TINY_CONFIG, build_module, run_cli, tiny_fit_args
 from crasmra import sweep as sw
 from crasmra.backbones import StagedBackbone, check_backbone
 from crasmra.config import load_config
@@ -27,7 +27,6 @@ from crasmra.data import (
     normalization_for_backbone,
 )
 from crasmra.demo import format_results_table
-from crasmra.engine import CRASMRAModule
 from crasmra.model import CRASMRANet, create_model, validate_hparams
 
 TINY = dict(head_channels=16, head_hidden=16)
@@ -81,12 +80,12 @@ def test_paper_recipes_name_torchvision_weights_and_follow_the_paper(no_network)
     assert len(PAPER_RECIPES) >= 4 * 6  # 3 backbones and 3 ablations per dataset, at least
     for path in PAPER_RECIPES:
         config = load_config(path)
-        backbone = config["model"]["backbone"]
+        backbone = config["model"]["net"]["backbone"]
         assert backbone == path.stem.split("-")[0] + ".tv_in1k", path
         data = config["data"]
         assert data["val_fraction"] == 0 and data["random_crop"] is False, path
         assert (data["image_size"], data["resize_size"], data["hflip"]) == (448, 550, True)
-        assert config["model"]["pretrained"] is True
+        assert config["model"]["net"]["pretrained"] is True
     for name in ("resnet50.tv_in1k", "resnet101.tv_in1k", "densenet161.tv_in1k"):
         assert check_backbone(name) == (check_backbone(name.split(".")[0]))
 
@@ -95,16 +94,16 @@ def test_paper_sweeps_run_the_tagged_backbones(no_network) -> None:
     assert len(PAPER_SWEEPS) == 4
     for path in PAPER_SWEEPS:
         spec = sw.load_sweep(path)
-        assert spec.defaults["model.backbone"] == "resnet50.tv_in1k"
+        assert spec.defaults["model.net.backbone"] == "resnet50.tv_in1k"
         grid = next(g for g in spec.grids if g.name == "backbones")
-        backbones = grid.values["model.backbone"]
+        backbones = grid.values["model.net.backbone"]
         assert backbones == ["resnet50.tv_in1k", "resnet101.tv_in1k", "densenet161.tv_in1k"]
         runs, rows = sw.plan_runs(spec)
         folders = [name for _, name in rows["backbones"]]
         assert all(f.startswith(f"backbone={b}") for f, b in zip(folders, backbones, strict=True))
         args = [a for r in runs for a in r.fit_args(spec.base, Path("out"))]
         for b in backbones:
-            assert f"--model.backbone={b}" in args
+            assert f"--model.net.backbone={b}" in args
 
 
 def test_a_tagged_backbone_builds_everywhere_offline(no_network) -> None:
@@ -175,7 +174,7 @@ def test_cost_benchmark_takes_a_tagged_backbone(
 def test_fit_without_validation_tests_the_final_epoch(
     no_network, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    flags = ("--data.val_fraction=0", "--model.backbone=resnet10t.c3_in1k")
+    flags = ("--data.val_fraction=0", "--model.net.backbone=resnet10t.c3_in1k")
     assert run_cli(tiny_fit_args(tmp_path, *flags, "--trainer.max_epochs=1")) == 0
     assert "No validation split: best.ckpt is the final epoch" in capsys.readouterr().err
     # Resumed to a second epoch: best.ckpt follows the final epoch again.
@@ -205,8 +204,8 @@ def test_fit_without_validation_tests_the_final_epoch(
     table = format_results_table(tmp_path / "metrics.json", 4)
     assert table.splitlines()[0].split() == ["head", "test", "top-1", "chance"]
     assert table.splitlines()[-1].startswith("combined")
-    grid = {"keys": ["model.delta"], "name": "delta", "title": "delta",
-            "rows": [{"label": "0.9", "point": {"model.delta": 0.9}, "setting": "delta=0.9",
+    grid = {"keys": ["model.net.delta"], "name": "delta", "title": "delta",
+            "rows": [{"label": "0.9", "point": {"model.net.delta": 0.9}, "setting": "delta=0.9",
                       "metrics": sw.aggregate({0: dict(metrics["test"])})}]}
     markdown = sw.format_markdown({"title": "t", "description": "", "seeds": [0],
                                    "runs_planned": 1, "runs_finished": 1, "grids": [grid]})
@@ -257,13 +256,14 @@ def test_training_takes_the_centre_crop_by_default(backend: str) -> None:
 
 
 def test_engine_passes_suppress_source_to_every_cram(no_network) -> None:
-    module = CRASMRAModule(backbone="resnet10t.c3_in1k", num_classes=3,
+    module = build_module(backbone="resnet10t.c3_in1k", num_classes=3,
                            suppress_source="enhanced", **TINY)
-    assert module.hparams.suppress_source == "enhanced"
+    assert module.net_config.suppress_source == "enhanced"
+    assert module.hparams["net"]["suppress_source"] == "enhanced"
     assert [a.suppress_source for a in module.net.attention] == ["enhanced"] * 3
     assert module.net.config["suppress_source"] == "enhanced"
-    assert CRASMRAModule(backbone="resnet10t", num_classes=3, **TINY).net.attention[
+    assert build_module(backbone="resnet10t", num_classes=3, **TINY).net.attention[
         0
     ].suppress_source == "input"
     with pytest.raises(ValueError, match="suppress_source"):
-        CRASMRAModule(backbone="resnet10t", num_classes=3, suppress_source="mask", **TINY)
+        build_module(backbone="resnet10t", num_classes=3, suppress_source="mask", **TINY)

@@ -14,9 +14,8 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, build_module
 from crasmra.data import FGVCDataModule, create_dataset
-from crasmra.engine import CRASMRAModule
 
 REALDATA = Path(os.environ.get("CRASMRA_REALDATA", REPO.parent / "shared" / "realdata"))
 CUB10 = REALDATA / "cub10" / "CUB_200_2011"
@@ -53,7 +52,7 @@ def test_fine_tuning_from_the_pretrained_file_lowers_the_loss(variant: str) -> N
     )
     dm.setup("fit")
     images, target = next(iter(dm.train_dataloader()))
-    module = CRASMRAModule(
+    module = build_module(
         backbone="tf_efficientnet_lite0", pretrained=str(LITE0), variant=variant,
         num_classes=dm.num_classes, head_channels=64, head_hidden=64, lr_heads=0.05,
         lr_attention=0.05,

@@ -251,7 +251,7 @@ def test_nonfinite_check_interval_never_checkpoints_bad_weights(
     bad = STEPS_PER_EPOCH + 1
     nan_at_step(bad)
     code = run_cli(tiny_fit_args(tmp_path, "--trainer.max_epochs=3",
-                                 "--model.nonfinite_check_interval=100"))
+                                 "--model.runtime.nonfinite_check_interval=100"))
     assert code == 1
     err = capsys.readouterr().err
     assert f"global step {bad} (epoch 1, batch 1)" in err, err
@@ -260,7 +260,7 @@ def test_nonfinite_check_interval_never_checkpoints_bad_weights(
 
 def test_nonfinite_check_interval_is_validated(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(tiny_fit_args(tmp_path, "--model.nonfinite_check_interval=0")) == 2
+    assert run_cli(tiny_fit_args(tmp_path, "--model.runtime.nonfinite_check_interval=0")) == 2
     assert "nonfinite_check_interval" in capsys.readouterr().err
 
 
@@ -268,7 +268,7 @@ def test_nonfinite_loss_skip_leaves_the_weights_untouched(nan_at_step, tmp_path:
     bad = STEPS_PER_EPOCH + 1
     state = nan_at_step(bad)
     assert run_cli(tiny_fit_args(tmp_path, "--trainer.max_epochs=2", "--test_after_fit=false",
-                                 "--model.nonfinite_loss=skip")) == 0
+                                 "--model.runtime.nonfinite_loss=skip")) == 0
     weights = state["weights"]
     # The weights seen by the step after the bad one are those the bad one saw: no update
     # (returning a NaN loss instead would have made every weight NaN), ...
@@ -337,7 +337,8 @@ def test_tampered_checkpoint_loads_silently_without_the_checksum_check(bad_files
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
-@pytest.mark.parametrize("flag", ["--ckpt_path", "--model.init_from", "--model.pretrained"])
+@pytest.mark.parametrize("flag", ["--ckpt_path", "--model.runtime.init_from",
+                                  "--model.net.pretrained"])
 def test_bad_checkpoint_or_weights_file_is_one_clear_error(
     flag: str, kind: str, bad_files, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,13 +18,14 @@ from crasmra import sweep as sw
 
 def _spec(**overrides: Any) -> sw.SweepSpec:
     data: dict[str, Any] = {
-        "base": {"model": {"backbone": "resnet10t"}},
+        "base": {"model": {"net": {"backbone": "resnet10t"}}},
         "seeds": [0, 1, 2],
-        "defaults": {"model.variant": "cra-smra", "model.delta": 0.9, "model.gamma": 1.0},
+        "defaults": {"model.net.variant": "cra-smra", "model.net.delta": 0.9,
+                     "model.loss.gamma": 1.0},
         "grids": {
-            "variants": {"values": {"model.variant": ["baseline", "cbam", "cram", "cra-smra"]}},
-            "delta": {"values": {"model.delta": [0.5, 0.7, 0.8, 0.9, 1.0]}},
-            "gamma": {"values": {"model.gamma": [0, 0.5, 1, 2]}},
+            "variants": {"values": {"model.net.variant": ["baseline", "cbam", "cram", "cra-smra"]}},
+            "delta": {"values": {"model.net.delta": [0.5, 0.7, 0.8, 0.9, 1.0]}},
+            "gamma": {"values": {"model.loss.gamma": [0, 0.5, 1, 2]}},
         },
     }
     data.update(overrides)
@@ -65,11 +66,12 @@ def test_grids_are_separate_subgrids_and_shared_settings_run_once() -> None:
 
 
 def test_multi_key_grid_is_a_product_and_rows_keep_file_order() -> None:
-    spec = _spec(grids={"both": {"values": {"model.delta": [0.5, 0.9],
-                                            "model.gamma": [0, 1]}}}, seeds=[7])
+    spec = _spec(grids={"both": {"values": {"model.net.delta": [0.5, 0.9],
+                                            "model.loss.gamma": [0, 1]}}}, seeds=[7])
     runs, rows = sw.plan_runs(spec)
     points = [p for p, _ in rows["both"]]
-    assert points == [{"model.delta": d, "model.gamma": g} for d in (0.5, 0.9) for g in (0, 1)]
+    assert points == [{"model.net.delta": d, "model.loss.gamma": g}
+                      for d in (0.5, 0.9) for g in (0, 1)]
     assert [r.seed for r in runs] == [7] * 4
     assert spec.grids[0].label(points[1]) == "delta=0.5, gamma=1"
 
@@ -78,12 +80,12 @@ def test_fit_args_carry_overrides_seed_and_run_folder(tmp_path: Path) -> None:
     run = sw.plan_runs(_spec())[0][0]
     args = run.fit_args(str(TINY_CONFIG), tmp_path, ["--data.num_workers=0"], resume=True)
     assert args[:2] == ["fit", f"--config={TINY_CONFIG}"]
-    assert "--model.variant=baseline" in args and "--model.delta=0.9" in args
+    assert "--model.net.variant=baseline" in args and "--model.net.delta=0.9" in args
     assert "--seed_everything=0" in args and f"--trainer.default_root_dir={tmp_path}" in args
     assert args[-2:] == ["--data.num_workers=0", "--ckpt_path=last"]
-    inline = run.fit_args({"model": {"backbone": "resnet10t"}}, tmp_path)
+    inline = run.fit_args({"model": {"net": {"backbone": "resnet10t"}}}, tmp_path)
     inline_base = yaml.safe_load(inline[1].removeprefix("--config="))
-    assert inline_base == {"model": {"backbone": "resnet10t"}}
+    assert inline_base == {"model": {"net": {"backbone": "resnet10t"}}}
 
 
 def test_values_become_flags_jsonargparse_reads_back() -> None:
@@ -110,11 +112,11 @@ def test_setting_names_stay_unique_when_last_components_collide() -> None:
         ({"seeds": []}, "`seeds` must be a non-empty list"),
         ({"seeds": [0, 0]}, "repeated"),
         ({"grids": {}}, "`grids` must map grid names"),
-        ({"grids": {"d": {"values": {"model.delta": []}}}}, "non-empty list"),
-        ({"grids": {"d": {"values": {"model.delta": [0.9, 0.90]}}}}, "lists a value twice"),
+        ({"grids": {"d": {"values": {"model.net.delta": []}}}}, "non-empty list"),
+        ({"grids": {"d": {"values": {"model.net.delta": [0.9, 0.90]}}}}, "lists a value twice"),
         ({"grids": {"d": {"values": {"delta": [0.5]}}}}, "'delta' is not a config key"),
         ({"grids": {"d": {"values": {"trainer.default_root_dir": ["x"]}}}}, "set by the sweep"),
-        ({"grids": {"d": {"vals": {"model.delta": [0.5]}}}}, "unknown key(s) ['vals']"),
+        ({"grids": {"d": {"vals": {"model.net.delta": [0.5]}}}}, "unknown key(s) ['vals']"),
         ({"defaults": {"seed_everything": 1}}, "is not a config key"),
         ({"base": "no/such/config.yaml"}, "not found"),
         ({"launcher": "slurm"}, "`launcher` must be one of"),
@@ -131,7 +133,7 @@ def test_base_path_is_relative_to_the_sweep_file(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text("model: {backbone: resnet10t}\n")
     path = tmp_path / "sweeps" / "s.yaml"
     path.write_text(yaml.safe_dump({"base": "../base.yaml", "seeds": [0],
-                                    "grids": {"d": {"values": {"model.delta": [0.5]}}}}))
+                                    "grids": {"d": {"values": {"model.net.delta": [0.5]}}}}))
     assert sw.load_sweep(path).base == str((tmp_path / "base.yaml").resolve())
 
 
@@ -164,7 +166,7 @@ def test_a_misspelt_key_fails_before_any_run(tmp_path: Path,
 def test_finished_runs_are_skipped_and_interrupted_ones_resumed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = _spec(grids={"delta": {"values": {"model.delta": [0.5, 0.9]}}}, seeds=[0, 1],
+    spec = _spec(grids={"delta": {"values": {"model.net.delta": [0.5, 0.9]}}}, seeds=[0, 1],
                  launcher="in-process")
     runs, _ = sw.plan_runs(spec)
     _write_metrics(tmp_path / runs[0].folder, 0.5)                 # finished
@@ -179,7 +181,7 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(
         root = Path(next(a for a in args if a.startswith("--trainer.default_root_dir="))
                     .split("=", 1)[1])
         assert not (root / "metrics.json").exists() or "--ckpt_path=last" in args
-        if "--model.delta=0.9" in args and "--seed_everything=1" in args:
+        if "--model.net.delta=0.9" in args and "--seed_everything=1" in args:
             raise RuntimeError("boom")
         _write_metrics(root, 0.6)
 
@@ -205,7 +207,7 @@ def test_runs_of_another_base_config_are_not_mixed_in(tmp_path: Path) -> None:
     runs, _ = sw.plan_runs(spec)
     _write_metrics(tmp_path / runs[0].folder, 0.5)
     (tmp_path / runs[0].folder / sw.RUN_FILE).write_text(json.dumps(
-        {"base_fingerprint": sw.base_fingerprint({"model": {"backbone": "resnet18"}})}))
+        {"base_fingerprint": sw.base_fingerprint({"model": {"net": {"backbone": "resnet18"}}})}))
     with pytest.raises(sw.SweepError, match="different base config"):
         sw.run_sweep(spec, tmp_path, validate=False, dry_run=True, echo=lambda _: None)
     (tmp_path / runs[0].folder / sw.RUN_FILE).write_text(json.dumps(
@@ -291,9 +293,9 @@ def test_mini_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         "base": str(TINY_CONFIG),
         "seeds": [0, 1],
         "grids": {
-            "ok": {"values": {"model.delta": [0.5]}},
+            "ok": {"values": {"model.net.delta": [0.5]}},
             # Fails when the model is built: the sweep must go on and report it.
-            "broken": {"values": {"model.lr_heads": [-1.0]}},
+            "broken": {"values": {"model.optim.lr_heads": [-1.0]}},
         },
         "launcher": "in-process",
         "threads": 1,
@@ -310,7 +312,7 @@ def test_mini_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert "test/combined_top1" in metrics["test"]
         assert not (run_dir / "checkpoints").exists()
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        assert config["seed_everything"] == seed and config["model"]["delta"] == 0.5
+        assert config["seed_everything"] == seed and config["model"]["net"]["delta"] == 0.5
     failed = out / "runs" / "lr_heads=-1" / "seed-0"
     assert "lr_heads" in (failed / "error.txt").read_text()
     text = (out / "results.md").read_text()
@@ -326,10 +328,10 @@ def test_mini_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
 # ---------------------------------------------------------------------------------------------
 def _variant_spec(variants: list[str], seeds: list[int], **grid: Any) -> sw.SweepSpec:
     return sw.parse_sweep({
-        "base": {"model": {"backbone": "resnet10t"}},
+        "base": {"model": {"net": {"backbone": "resnet10t"}}},
         "seeds": seeds,
-        "grids": {"variants": {"values": {"model.variant": variants}, **grid},
-                  "delta": {"values": {"model.delta": [0.5, 0.9]}}},
+        "grids": {"variants": {"values": {"model.net.variant": variants}, **grid},
+                  "delta": {"values": {"model.net.delta": [0.5, 0.9]}}},
     })
 
 
@@ -352,13 +354,13 @@ def test_compare_to_defaults_validation_and_round_trip() -> None:
 @pytest.mark.parametrize(
     ("grid", "message"),
     [
-        ({"values": {"model.delta": [0.5]}, "compare_to": ["plain"]},
-         "needs a grid that varies model.variant"),
-        ({"values": {"model.variant": ["plain", "cram"]}, "compare_to": ["baseline"]},
+        ({"values": {"model.net.delta": [0.5]}, "compare_to": ["plain"]},
+         "needs a grid that varies model.net.variant"),
+        ({"values": {"model.net.variant": ["plain", "cram"]}, "compare_to": ["baseline"]},
          "names ['baseline'], which the grid does not run"),
-        ({"values": {"model.variant": ["plain", "cram"]}, "compare_to": ["plain", "plain"]},
+        ({"values": {"model.net.variant": ["plain", "cram"]}, "compare_to": ["plain", "plain"]},
          "lists a variant twice"),
-        ({"values": {"model.variant": ["plain", "cram"]}, "compare_to": {"plain": 1}},
+        ({"values": {"model.net.variant": ["plain", "cram"]}, "compare_to": {"plain": 1}},
          "`compare_to` must be a list of variants"),
     ],
 )
@@ -414,7 +416,7 @@ def test_report_has_paired_tables_against_the_references(tmp_path: Path) -> None
     }
     runs, _ = sw.plan_runs(spec)
     for run in runs:
-        variant = dict(run.overrides).get("model.variant", "cra-smra")
+        variant = dict(run.overrides).get("model.net.variant", "cra-smra")
         if variant in combined and run.seed in combined[variant]:
             _write_variant_metrics(tmp_path / run.folder, variant, combined[variant][run.seed])
     results = sw.write_report(spec, tmp_path, tmp_path / "report", groups=["variants"])
@@ -457,17 +459,17 @@ def test_report_has_paired_tables_against_the_references(tmp_path: Path) -> None
 def test_one_seed_gives_no_interval_and_multi_key_grids_pair_within_a_value(
         tmp_path: Path) -> None:
     spec = sw.parse_sweep({
-        "base": {"model": {"backbone": "resnet10t"}},
+        "base": {"model": {"net": {"backbone": "resnet10t"}}},
         "seeds": [0],
-        "grids": {"vd": {"values": {"model.variant": ["plain", "cram"],
-                                    "model.delta": [0.5, 0.9]}}},
+        "grids": {"vd": {"values": {"model.net.variant": ["plain", "cram"],
+                                    "model.net.delta": [0.5, 0.9]}}},
     })
     runs, _ = sw.plan_runs(spec)
     for run in runs:
         overrides = dict(run.overrides)
-        value = 0.5 + (0.1 if overrides["model.variant"] == "cram" else 0.0) \
-            + (0.2 if overrides["model.delta"] == 0.9 else 0.0)
-        _write_variant_metrics(tmp_path / run.folder, overrides["model.variant"], value)
+        value = 0.5 + (0.1 if overrides["model.net.variant"] == "cram" else 0.0) \
+            + (0.2 if overrides["model.net.delta"] == 0.9 else 0.0)
+        _write_variant_metrics(tmp_path / run.folder, overrides["model.net.variant"], value)
     results = sw.build_results(spec, tmp_path)
     (comparison,) = results["grids"][0]["comparisons"]
     assert comparison["label"] == "`plain`"

@@ -153,7 +153,7 @@ def test_options_that_do_not_fit_the_checkpoint_are_one_line(
     # load the weights with a size-mismatch traceback.
     root = tmp_path / "run"
     shutil.copytree(tiny_run / "checkpoints", root / "checkpoints")
-    code = run_cli(tiny_fit_args(root, "--model.head_hidden=16", "--ckpt_path=last"))
+    code = run_cli(tiny_fit_args(root, "--model.net.head_hidden=16", "--ckpt_path=last"))
     assert code == 2
     assert "does not fit the network the options describe" in one_line_error(capsys)
 

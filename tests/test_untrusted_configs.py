@@ -73,7 +73,7 @@ def test_a_sweep_default_cannot_import_either(
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"base: {TINY_CONFIG}\nseeds: [0]\ndefaults:\n"
                      f"  trainer.callbacks: [{name}.Cb]\n"
-                     "grids:\n  g:\n    values:\n      model.delta: [0.5]\n")
+                     "grids:\n  g:\n    values:\n      model.net.delta: [0.5]\n")
     code = run_cli(["sweep", "--config", str(sweep), "--out", str(tmp_path / "o"),
                     "--dry-run"])
     assert code == 2
@@ -105,7 +105,7 @@ def test_a_yaml_bomb_is_refused_at_once(where: str, tmp_path: Path,
     if where == "sweep file":
         path = tmp_path / "sweep.yaml"
         path.write_text(f"base: {TINY_CONFIG}\nseeds: [0]\ndefaults:\n  data.options:\n"
-                        f"{_bomb('    ')}grids:\n  g:\n    values:\n      model.delta: [0.5]\n")
+                        f"{_bomb('    ')}grids:\n  g:\n    values:\n      model.net.delta: [0.5]\n")
         args = ["sweep", "--config", str(path), "--out", str(tmp_path / "o"), "--dry-run"]
     elif where == "fit --config":
         path = tmp_path / "bomb.yaml"
@@ -113,7 +113,7 @@ def test_a_yaml_bomb_is_refused_at_once(where: str, tmp_path: Path,
         args = tiny_fit_args(tmp_path / "run", f"--config={path}")
     else:
         args = tiny_fit_args(tmp_path / "run",
-                             "--model.attention_options={" + _bomb().replace("\n", ", ") + "}")
+                             "--model.net.attention_options={" + _bomb().replace("\n", ", ") + "}")
     start = time.monotonic()
     assert run_cli(args) == 2
     assert "YAML bomb" in one_line_error(capsys)

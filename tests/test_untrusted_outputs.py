@@ -18,7 +18,7 @@ def _sweep_file(path: Path, base: Path = TINY_CONFIG) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# my sweep: comments must survive\nbase: {base}\nseeds: [0]\n"
                     "defaults:\n  trainer.max_epochs: 1\n"
-                    "grids:\n  g:\n    values:\n      model.delta: [0.5]\n")
+                    "grids:\n  g:\n    values:\n      model.net.delta: [0.5]\n")
     return path
 
 

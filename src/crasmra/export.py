@@ -47,7 +47,7 @@ from crasmra.checkpoint import (
 from crasmra.errors import CrasmraError, MissingExtraError
 from crasmra.export_options import DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS
 from crasmra.files import check_output
-from crasmra.model import CRASMRANet
+from crasmra.model import Network, build_network
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -96,7 +96,7 @@ class ExportWrapper(nn.Module):
         head_logits: Also return every head's logits after the probabilities.
     """
 
-    def __init__(self, net: CRASMRANet, head_logits: bool = False) -> None:
+    def __init__(self, net: Network, head_logits: bool = False) -> None:
         super().__init__()
         self.net = net
         self.head_logits = head_logits
@@ -141,7 +141,7 @@ class ExportResult:
     outputs: list[str] = field(default_factory=list)
 
 
-def _input_shape(model: CRASMRANet) -> tuple[int, int, int]:
+def _input_shape(model: Network) -> tuple[int, int, int]:
     return model.resolved_preprocessing().input_shape
 
 
@@ -248,7 +248,7 @@ def _export_safetensors(
     save_safetensors(path, wrapper.net.state_dict(), meta)
     # Rebuilt from the file alone, as crasmra.load_model does.
     stored = load_checkpoint_file(path)
-    net = CRASMRANet(**checkpoint_metadata(stored, path)["net_config"])
+    net = build_network(**checkpoint_metadata(stored, path)["net_config"])
     net.load_state_dict(network_state_dict(stored, path))
     reloaded = ExportWrapper(net.eval(), head_logits=wrapper.head_logits)
 
@@ -299,7 +299,7 @@ def check_export_arguments(
 
 
 def export_model(
-    model: CRASMRANet,
+    model: Network,
     format: str,
     out: str | Path,
     *,

@@ -3,7 +3,7 @@
 Two rules, for the argparse commands and the LightningCLI ones alike:
 
 - No abbreviations. argparse would read ``--trainer.max_epoch 3`` as ``--trainer.max_epochs``
-  and ``--model.delt`` as ``--model.delta``; a typo must not silently pick a flag.
+  and ``--model.delt`` as ``--model.net.delta``; a typo must not silently pick a flag.
 - An unknown flag is answered with one line that names the closest valid flags, and a pointer
   to ``--help``, instead of the full usage (about a hundred lines for ``crasmra fit``).
 

@@ -21,6 +21,7 @@ Imports Lightning at import time: only the modules that run Lightning import thi
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -85,11 +86,32 @@ class CheckpointHparamsHook(LightningCLI):
     ``--ckpt_path``'s hyperparameters with a bare ``torch.load`` (private ``_parse_ckpt_path``)."""
 
     def _parse_ckpt_path(self) -> None:
-        self.before_checkpoint_hparams()
-        super()._parse_ckpt_path()
+        hparams = self.before_checkpoint_hparams()
+        if hparams is None:
+            super()._parse_ckpt_path()
+            return
+        # Lightning's own step (its private _parse_ckpt_path), on the hyperparameters the hook
+        # read and converted instead of on a second bare torch.load of the file.
+        hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object(
+                {self.config.subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
-    def before_checkpoint_hparams(self) -> None:
-        """Runs once the command line is parsed, before anything reads the checkpoint."""
+    def before_checkpoint_hparams(self) -> dict[str, Any] | None:
+        """Runs once the command line is parsed, before anything reads the checkpoint.
+
+        Returns:
+            The checkpoint's hyperparameters to parse as the ``model`` section (read and
+            converted by the hook), or None to let Lightning read them from the file.
+        """
+        return None
 
 
 def subcommand_parser(cli: LightningCLI, subcommand: str) -> Any:

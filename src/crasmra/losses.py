@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -14,6 +17,7 @@ __all__ = [
     "DEFAULT_GAMMA",
     "SMRAM_VARIANTS",
     "CRASMRALoss",
+    "LossWeights",
     "diversity_loss",
     "trains_with_smram",
 ]
@@ -29,6 +33,33 @@ SMRAM_VARIANTS: tuple[str, ...] = ("cra-smra",)
 def trains_with_smram(variant: str) -> bool:
     """Whether a run of ``variant`` adds SMRAM's diversity loss."""
     return variant in SMRAM_VARIANTS
+
+
+@dataclass
+class LossWeights:
+    """The loss weights of the paper's objective (``--model.loss.*``); constructing one
+    checks them.
+
+    Attributes:
+        alpha: Weight of the sum of the stage heads' cross-entropies (SPEC: 2).
+        beta: Weight of the concatenated head's cross-entropy (SPEC: 1).
+        gamma: Weight of SMRAM's diversity loss; only used by ``"cra-smra"`` (SPEC: 1).
+    """
+
+    alpha: float = DEFAULT_ALPHA
+    beta: float = DEFAULT_BETA
+    gamma: float = DEFAULT_GAMMA
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and value >= 0
+            ):
+                raise ValueError(
+                    f"{name} must be a finite number >= 0, got {value!r}; change "
+                    f"--model.loss.{name}."
+                )
 
 
 class CRASMRALoss(nn.Module):

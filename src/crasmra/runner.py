@@ -15,6 +15,7 @@ from typing import Any
 
 from crasmra.config import config_files, expand_config_args
 from crasmra.errors import UsageError
+from crasmra.flag_moves import nest_flat_hparams, refuse_moved_flags
 from crasmra.flags import check_class_paths, lightning_parser_class
 from crasmra.runfolder import (
     check_free_space,
@@ -60,6 +61,7 @@ def make_cli_class() -> type:
         CheckpointError,
         check_data_settings,
         load_checkpoint_file,
+        network_hparams,
     )
     from crasmra.cpu import configure_cpu, plan_compute, runs_on_cpu
     from crasmra.cpu import log as cpu_log
@@ -115,8 +117,9 @@ def make_cli_class() -> type:
                 help="Let `fit` start afresh in a run folder that holds an earlier run's "
                 "checkpoints or metrics (they are replaced). Without it such a folder is refused.",
             )
-            parser.link_arguments("model.backbone", "data.backbone", apply_on="parse")
-            parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+            parser.link_arguments("model.net.backbone", "data.backbone", apply_on="parse")
+            parser.link_arguments("data.num_classes", "model.net.num_classes",
+                                  apply_on="instantiate")
             parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
             parser.link_arguments(
                 "data.transform_config", "model.transform_config", apply_on="instantiate"
@@ -149,11 +152,11 @@ def make_cli_class() -> type:
                 # dataset of another class count is explained when the checkpoint is loaded).
                 self._check_against_checkpoint(
                     self._skeleton(config, num_classes=self._start_classes), "the options")
-            init_from = config.model.get("init_from")
+            init_from = config.model.runtime.get("init_from")
             if init_from:
                 # Before the data module is built: a bad file must fail before any other work.
                 load_checkpoint_file(init_from)
-            pretrained = config.model.get("pretrained")
+            pretrained = config.model.net.get("pretrained")
             if isinstance(pretrained, str) and Path(pretrained).is_file():
                 # Read once here for the checks the backbone loader lacks: torch.load does not
                 # verify the zip checksums (flipped bytes would load as wrong weights), and a
@@ -178,10 +181,10 @@ def make_cli_class() -> type:
             if runs_on_cpu(device):
                 # Memory format and precision per backbone and CPU (crasmra.cpu.plan_compute);
                 # a precision or channels_last set in the config or on the command line wins.
-                compute = plan_compute(str(config.model.backbone))
+                compute = plan_compute(str(config.model.net.backbone))
                 if config.trainer.get("precision") is None:
                     config.trainer.precision = compute.precision
-                channels_last = config.model.get("channels_last")
+                channels_last = config.model.runtime.get("channels_last")
                 self._compute_line = compute.describe(
                     compute.channels_last if channels_last is None else bool(channels_last),
                     config.trainer.precision,
@@ -226,8 +229,7 @@ def make_cli_class() -> type:
                 self._start_shapes = {k: tuple(v.shape) for k, v in state.items()
                                       if isinstance(v, torch.Tensor)}
                 self._start_path = str(path)
-            hparams = checkpoint.get("hyper_parameters")
-            classes = hparams.get("num_classes") if isinstance(hparams, dict) else None
+            classes = network_hparams(checkpoint.get("hyper_parameters")).get("num_classes")
             self._start_classes = classes if isinstance(classes, int) else None
             return checkpoint
 
@@ -237,8 +239,8 @@ def make_cli_class() -> type:
             # ROOT/config.yaml) nor a checkpoint, a copy or a link: refused before any work.
             folder = root if self.subcommand == "fit" else root / self.subcommand
             inputs = [*self.input_files, *(
-                p for p in (config.get("ckpt_path"), config.model.get("init_from"),
-                            config.model.get("pretrained"))
+                p for p in (config.get("ckpt_path"), config.model.runtime.get("init_from"),
+                            config.model.net.get("pretrained"))
                 if isinstance(p, str) and Path(p).is_file())]
             names = ["config.yaml", "metrics.csv", "metrics.json"]
             if self.subcommand == "fit":
@@ -248,24 +250,24 @@ def make_cli_class() -> type:
 
         def _skeleton(self, model: Any, num_classes: int | None = None) -> Any:
             """The training module with ``model``'s arguments (a config's ``model`` section or
-            a checkpoint's hyperparameters) on the meta device: its shapes, without memory.
-            ``num_classes``, when given, replaces the arguments' class count and names."""
-            import inspect
-
+            a checkpoint's hyperparameters, in either layout) on the meta device: its shapes,
+            without memory. ``num_classes``, when given, replaces the class count and names."""
             from crasmra.engine import CRASMRAModule
 
             if hasattr(model, "model"):
                 model = model.model
-            kwargs = model.as_dict() if hasattr(model, "as_dict") else dict(model)
-            known = inspect.signature(CRASMRAModule).parameters
-            # Unknown keys are the parser's to report; files and compilation play no part here.
-            kwargs = {k: v for k, v in kwargs.items() if k in known}
-            kwargs.update(pretrained=False, init_from=None, compile=False)
+            hparams = nest_flat_hparams(model.as_dict() if hasattr(model, "as_dict")
+                                        else dict(model))
+            # Files and compilation play no part here.
+            hparams["net"] = {**(hparams.get("net") or {}), "pretrained": False}
+            hparams["runtime"] = {**(hparams.get("runtime") or {}), "init_from": None,
+                                  "reinit_heads": False, "compile": False}
             if num_classes is not None:
-                kwargs.update(num_classes=num_classes, classes=None)
+                hparams["net"]["num_classes"] = num_classes
+                hparams["classes"] = None
             try:
                 with torch.device("meta"):
-                    return CRASMRAModule(**kwargs)
+                    return CRASMRAModule.from_hparams(hparams)
             except (TypeError, ValueError, KeyError) as err:
                 raise CheckpointError(
                     f"{self._start_path} describes a network that cannot be built "
@@ -295,22 +297,25 @@ def make_cli_class() -> type:
                 "`test`/`validate`), or use the checkpoint as `crasmra fit` wrote it."
             )
 
-        def before_checkpoint_hparams(self) -> None:
+        def before_checkpoint_hparams(self) -> dict[str, Any] | None:
             # LightningCLI reads --ckpt_path with a bare torch.load to recover hyperparameters,
             # before any crasmra hook runs; validating the file first turns a truncated,
             # tampered or foreign checkpoint into one clear error instead of a traceback.
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if ckpt_path and Path(ckpt_path).is_file():
-                checkpoint = self._read_start_checkpoint(ckpt_path)
-                hparams = checkpoint.get("hyper_parameters")
-                if isinstance(hparams, dict) and "_class_path" not in hparams:
-                    # Before Lightning parses them (a list of 100,000 class names alone takes
-                    # minutes) and builds the network they describe.
-                    self._check_against_checkpoint(self._skeleton(hparams),
-                                                   "its hyperparameters")
-                if subcommand in ("validate", "test"):
-                    self._data_from_checkpoint(subcommand, checkpoint)
+            if not (ckpt_path and Path(ckpt_path).is_file()):
+                return None
+            checkpoint = self._read_start_checkpoint(ckpt_path)
+            hparams = checkpoint.get("hyper_parameters")
+            if isinstance(hparams, dict) and "_class_path" not in hparams:
+                # Before Lightning parses them (a list of 100,000 class names alone takes
+                # minutes) and builds the network they describe.
+                self._check_against_checkpoint(self._skeleton(hparams), "its hyperparameters")
+                # A checkpoint written before the parts holds them flat: parsed in their parts.
+                hparams = nest_flat_hparams(hparams)
+            if subcommand in ("validate", "test"):
+                self._data_from_checkpoint(subcommand, checkpoint)
+            return hparams if isinstance(hparams, dict) else {}
 
         def _data_from_checkpoint(self, subcommand: str, checkpoint: dict[str, Any]) -> None:
             # Evaluating a checkpoint without any data option means "on the data it was trained
@@ -430,6 +435,7 @@ def run_lightning(args: Sequence[str] | dict[str, Any], verbose_test: bool = Tru
     inputs = config_files(args) if not isinstance(args, dict) else []
     args = expand_config_args(args) if not isinstance(args, dict) else args
     check_class_paths(args)
+    refuse_moved_flags(args)
     cli_class = make_cli_class()
     cli_class.verbose_test = verbose_test
     cli_class.input_files = tuple(inputs)

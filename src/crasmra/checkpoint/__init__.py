@@ -32,6 +32,7 @@ from crasmra.checkpoint.format import (
     ZIP_SLACK_BYTES,
     CheckpointError,
     build_metadata,
+    network_hparams,
 )
 from crasmra.checkpoint.metadata import (
     STORED_DATA_KEYS,
@@ -77,6 +78,7 @@ __all__ = [
     "checkpoint_metadata",
     "file_kind",
     "load_checkpoint_file",
+    "network_hparams",
     "network_state_dict",
     "read_classes",
     "read_network_state",

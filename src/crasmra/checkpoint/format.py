@@ -17,10 +17,14 @@ __all__ = [
     "ZIP_SLACK_BYTES",
     "CheckpointError",
     "build_metadata",
+    "network_hparams",
 ]
 
-#: Layout version of the ``"crasmra"`` entry in checkpoints. Bumped on incompatible changes.
-FORMAT_VERSION = 1
+#: Layout version of a crasmra checkpoint. Bumped on incompatible changes. 1: the training
+#: module's ``hyper_parameters`` are flat (one key per former ``--model.*`` flag); 2: they are
+#: its parts (``net``, ``loss``, ``optim``, ``finetune``, ``runtime``). Both are read: see
+#: :func:`network_hparams` and :func:`crasmra.flag_moves.nest_flat_hparams`.
+FORMAT_VERSION = 2
 #: Prefix of the inference network's keys inside a training checkpoint's state dict.
 NET_PREFIX = "net."
 #: Prefix of SMRAM's (training-only) keys inside a training checkpoint's state dict.
@@ -69,3 +73,12 @@ def _package_version() -> str:
     from crasmra._version import __version__
 
     return __version__
+
+
+def network_hparams(hparams: Any) -> dict[str, Any]:
+    """The network's hyperparameters among a checkpoint's ``hyper_parameters``, in either
+    layout (``{}`` when there are none)."""
+    if not isinstance(hparams, dict):
+        return {}
+    net = hparams.get("net")
+    return net if isinstance(net, dict) else hparams

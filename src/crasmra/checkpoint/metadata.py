@@ -15,6 +15,7 @@ from crasmra.checkpoint.format import (
     MAX_HEAD_WIDTH,
     MAX_IMAGE_SIDE,
     CheckpointError,
+    network_hparams,
 )
 
 __all__ = ["STORED_DATA_KEYS", "check_data_settings", "checkpoint_metadata", "validate_metadata"]
@@ -31,7 +32,7 @@ def checkpoint_metadata(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any
         raise CheckpointError(
             f"{path} was not written by crasmra (it has no 'crasmra' entry describing the "
             "network). Pass a checkpoint from `crasmra fit` or `crasmra demo`; to start from "
-            "plain backbone weights use --model.pretrained PATH instead."
+            "plain backbone weights use --model.net.pretrained PATH instead."
         )
     validate_metadata(ckpt, path)
     if not isinstance(meta["net_config"], dict):
@@ -230,6 +231,8 @@ def validate_metadata(ckpt: dict[str, Any], path: str | Path) -> None:
     # Lightning rebuilds the training module from these (--ckpt_path), before any weights load.
     hparams = ckpt.get("hyper_parameters")
     if isinstance(hparams, dict):
-        _check_network_numbers(hparams, "hyper_parameters", path)
+        nested = isinstance(hparams.get("net"), dict)
+        _check_network_numbers(network_hparams(hparams),
+                               "hyper_parameters.net" if nested else "hyper_parameters", path)
         _check_transform(hparams.get("transform_config"), "hyper_parameters.transform_config",
                          path)

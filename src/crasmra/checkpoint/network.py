@@ -13,7 +13,7 @@ from crasmra.checkpoint.format import CheckpointError
 from crasmra.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Preprocessing
 
 if TYPE_CHECKING:
-    from crasmra.model import CRASMRANet
+    from crasmra.model import Network
 
 __all__ = ["check_network_state", "read_classes", "read_preprocessing"]
 
@@ -70,7 +70,7 @@ def read_preprocessing(meta: dict[str, Any], path: str | Path) -> Preprocessing:
         raise CheckpointError(f"{path} has an unusable eval transform {config}: {err}") from err
 
 
-def check_network_state(net: CRASMRANet, state: dict[str, Tensor], path: str | Path) -> None:
+def check_network_state(net: Network, state: dict[str, Tensor], path: str | Path) -> None:
     """Refuse weights that do not fit the network the metadata describes, or are not finite.
 
     Raises:
@@ -90,8 +90,7 @@ def check_network_state(net: CRASMRANet, state: dict[str, Tensor], path: str | P
              if state[k].shape != v.shape]
     if wrong:
         # The final layer of one head: its first dimension is the number of classes.
-        last = (net.concat_head.mlp[-1].weight if net.concat_head is not None
-                else net.backbone.model.get_classifier().weight)
+        last = list(net.classifier_layers().values())[-1].weight
         head_key = next(name for name, p in net.named_parameters() if p is last)
         if head_key in state and state[head_key].shape[0] != net.num_classes:
             raise CheckpointError(

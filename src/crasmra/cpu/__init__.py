@@ -23,7 +23,7 @@ backbone fastest on this CPU, from a table per backbone family measured with
 ``benchmarks/cpu_formats.py`` (BENCHMARKS.md, "CPU memory format and precision"). bf16
 autocast is chosen only where the CPU computes bf16 natively (AVX512-BF16 or AMX): elsewhere
 oneDNN emulates it at a fraction of fp32's speed. Both can be set explicitly
-(``--model.channels_last``, ``--trainer.precision``).
+(``--model.runtime.channels_last``, ``--trainer.precision``).
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ class ComputePlan:
         return (
             f"CPU compute: {'channels_last' if chosen_cl else 'NCHW'}, precision "
             f"{chosen_precision}, {how} for {self.backbone} ({family}; CPU with {cpu}); change "
-            "with --model.channels_last and --trainer.precision"
+            "with --model.runtime.channels_last and --trainer.precision"
         )
 
 

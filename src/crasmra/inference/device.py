@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from crasmra.cpu import ComputePlan, cpu_autocast, plan_compute
-from crasmra.model import CRASMRANet
+from crasmra.model import Network
 from crasmra.outputs import ModelOutput
 
 __all__ = ["cpu_compute_plan", "resolve_device", "run_network"]
@@ -42,7 +42,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return resolved
 
 
-def cpu_compute_plan(model: CRASMRANet) -> ComputePlan | None:
+def cpu_compute_plan(model: Network) -> ComputePlan | None:
     """The memory format and precision chosen for ``model``'s backbone on this CPU (the same
     choice as training's, :func:`crasmra.cpu.plan_compute`); None when it runs elsewhere."""
     param = next(model.parameters(), None)
@@ -51,7 +51,7 @@ def cpu_compute_plan(model: CRASMRANet) -> ComputePlan | None:
     return plan_compute(str(model.config.get("backbone", "")))
 
 
-def run_network(model: CRASMRANet, images: Tensor) -> ModelOutput:
+def run_network(model: Network, images: Tensor) -> ModelOutput:
     """``model(images)`` on the model's device, in the memory format and precision of
     :func:`cpu_compute_plan` on a CPU. Call it under ``torch.inference_mode()``."""
     images = images.to(next(model.parameters()).device)

@@ -17,7 +17,7 @@ from crasmra.inference.device import run_network
 from crasmra.inference.inputs import ordered_loader
 from crasmra.inference.prediction import ProgressFn
 from crasmra.metric_names import COMBINED
-from crasmra.model import CRASMRANet
+from crasmra.model import Network
 from crasmra.runfolder import read_data_section
 
 __all__ = [
@@ -72,7 +72,7 @@ def run_dataset_config(checkpoint_path: str | Path) -> dict[str, Any] | None:
 
 
 def build_eval_dataset(
-    model: CRASMRANet, data: dict[str, Any], split: str = "test"
+    model: Network, data: dict[str, Any], split: str = "test"
 ) -> Dataset:
     """One split of a dataset, transformed with the model's own eval transform.
 
@@ -138,7 +138,7 @@ class EvalOutputs:
 
 @torch.inference_mode()
 def evaluate(
-    model: CRASMRANet,
+    model: Network,
     dataset: Dataset,
     *,
     batch_size: int = 32,

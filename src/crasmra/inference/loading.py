@@ -20,7 +20,7 @@ from crasmra.checkpoint import (
 )
 from crasmra.inference.device import cpu_compute_plan, resolve_device
 from crasmra.layers import SMRAM
-from crasmra.model import CRASMRANet, create_smram
+from crasmra.model import Network, build_network, create_smram
 
 __all__ = ["load_model", "load_smram"]
 
@@ -30,13 +30,13 @@ def load_model(
     *,
     device: str | torch.device | None = "cpu",
     num_classes: int | None = None,
-) -> CRASMRANet:
+) -> Network:
     """Rebuild the inference network of a crasmra checkpoint, in eval mode.
 
     Accepts a training checkpoint from ``crasmra fit``/``crasmra demo`` (``.ckpt``) or a
     safetensors export from ``crasmra export``. SMRAM is training-only and never loaded.
 
-    The returned object is the plain :class:`~crasmra.model.CRASMRANet` (so ``model(x).probs``
+    The returned object is the bare :class:`~crasmra.model.Network` (so ``model(x).probs``
     and ``model(x).stage_logits`` work as in training) with its inference attributes set:
 
     - ``classes``: class names in label order.
@@ -71,8 +71,8 @@ def load_model(
         raise CheckpointError(
             f"{path} was trained for {skeleton.num_classes} classes, but {num_classes} are "
             "expected here (e.g. by the dataset). Use a checkpoint trained on this data, or "
-            "fine-tune this one with `crasmra fit --model.init_from CKPT --model.reinit_heads "
-            "true`."
+            "fine-tune this one with `crasmra fit --model.runtime.init_from CKPT "
+            "--model.runtime.reinit_heads true`."
         )
     classes = read_classes(meta, skeleton.num_classes, path)
     preprocessing = read_preprocessing(meta, path)
@@ -91,10 +91,10 @@ def load_model(
 
 def _build_network(
     net_config: dict[str, Any], meta: dict[str, Any], path: str | Path, device: torch.device
-) -> CRASMRANet:
+) -> Network:
     try:
         with device:
-            return CRASMRANet(**net_config)
+            return build_network(**net_config)
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(
             f"{path} describes a network this crasmra ({__version__}) cannot build ({err}); it "
@@ -103,7 +103,7 @@ def _build_network(
         ) from err
 
 
-def load_smram(path: str | Path, model: CRASMRANet) -> SMRAM:
+def load_smram(path: str | Path, model: Network) -> SMRAM:
     """SMRAM with the weights of a ``cra-smra`` training checkpoint, in eval mode.
 
     For ``crasmra cam --train-maps``: SMRAM is not part of the inference network, so its

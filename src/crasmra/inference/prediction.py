@@ -18,7 +18,7 @@ from crasmra.inference.inputs import (
     find_images,
     ordered_loader,
 )
-from crasmra.model import CRASMRANet
+from crasmra.model import Network
 
 __all__ = ["Prediction", "PredictionResult", "ProgressFn", "predict"]
 
@@ -59,7 +59,7 @@ class PredictionResult:
 
 
 def predict(
-    model: CRASMRANet,
+    model: Network,
     inputs: Iterable[str | Path],
     *,
     top_k: int = 5,

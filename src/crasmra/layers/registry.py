@@ -18,12 +18,12 @@ and one registration::
     @register_attention("toy")
     class ToyAttention(nn.Module): ...
 
-after which ``--model.variant toy`` trains it. An installed package makes its modules known
+after which ``--model.net.variant toy`` trains it. An installed package makes its modules known
 to the ``crasmra`` command through the entry-point group ``crasmra.attention`` (name ->
 ``module:Class``); they are loaded the first time a name is looked up. Its constructor
 receives, of the network's
 settings, those its signature names (``conv_layer``, ``reduction``, ``omega``, ``delta``,
-``suppress_source``), plus ``--model.attention_options``: options of its own reach the
+``suppress_source``), plus ``--model.net.attention_options``: options of its own reach the
 command line with no other edit.
 """
 
@@ -136,7 +136,7 @@ def create_attention(
     if unknown:
         raise ValueError(
             f"Attention {name!r} ({cls.__name__}) takes no option(s) {unknown}; its options "
-            f"are {sorted(accepted)}. Change --model.attention_options."
+            f"are {sorted(accepted)}. Change --model.net.attention_options."
         )
     kwargs = {k: v for k, v in (settings or {}).items() if k in accepted}
     kwargs.update(options)

@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 
 from crasmra.errors import MissingExtraError
 from crasmra.inference import load_model
-from crasmra.model import CRASMRANet
+from crasmra.model import Network
 from crasmra.serve.guard import Gate, Guard
 from crasmra.serve.images import (
     read_header,
@@ -69,7 +69,7 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
 
 
 def create_app(
-    model: CRASMRANet | str | Path,
+    model: Network | str | Path,
     *,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -110,7 +110,7 @@ def create_app(
             or max_queue < 0 or not (math.isfinite(min_upload_rate) and min_upload_rate >= 0):
         raise ValueError("max_upload_mb, max_pixels, max_concurrent and body_timeout must be "
                          "positive and finite, max_queue and min_upload_rate at least 0.")
-    if not isinstance(model, CRASMRANet):
+    if not isinstance(model, Network):
         model = load_model(model)
     if examples is None:
         path = getattr(model, "checkpoint_path", None)

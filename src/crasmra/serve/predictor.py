@@ -19,7 +19,7 @@ from torch import Tensor
 
 from crasmra.data import create_dataset
 from crasmra.inference import run_dataset_config
-from crasmra.model import CRASMRANet
+from crasmra.model import Network
 from crasmra.serve.images import (
     decode_image,
     release_memory,
@@ -64,7 +64,7 @@ class Explanation:
     activation: list[np.ndarray]
 
 
-def explain_tensor(model: CRASMRANet, x: Tensor) -> Explanation:
+def explain_tensor(model: Network, x: Tensor) -> Explanation:
     """Predict one image and compute every stage's Grad-CAM and activation map, from one
     backbone pass (:func:`crasmra.viz.stage_gradcams`).
 
@@ -119,7 +119,7 @@ class Predictor:
     request's own data, run outside it.
     """
 
-    def __init__(self, model: CRASMRANet, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, model: Network, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.model = model.eval()
         self.max_pixels = int(max_pixels)
         self.device = next(model.parameters()).device

@@ -6,7 +6,7 @@ A sweep file names a base fit config, the seeds, values every run gets, and one 
 product. Runs are identified by their complete overrides: a setting that several grids share
 (e.g. the default CRA-SMRA run in the variant, delta and gamma grids) is trained once.
 
-A grid that varies ``model.variant`` is also reported as paired differences against reference
+A grid that varies ``model.net.variant`` is also reported as paired differences against reference
 variants (its ``compare_to``, default ``plain`` and ``baseline`` where the grid has them):
 per seed, each variant minus the reference, with the mean and a 95% Student-t interval.
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from crasmra.flag_moves import legacy_key
 from crasmra.sweep.spec import (
     SweepError,
     SweepSpec,
@@ -65,8 +66,14 @@ class RunSpec:
 
 
 def setting_key(overrides: dict[str, Any]) -> str:
-    """Identity of a setting: its overrides with numbers compared by value."""
-    return json.dumps({k: canonical(v) for k, v in sorted(overrides.items())}, sort_keys=True)
+    """Identity of a setting: its overrides with numbers compared by value.
+
+    The training module's options count under their flat names from before they moved into
+    parts (:func:`crasmra.flag_moves.legacy_key`), so that runs finished before the move keep
+    their identity (and their folder's hash, where the name has one).
+    """
+    return json.dumps({legacy_key(k): canonical(v) for k, v in sorted(overrides.items())},
+                      sort_keys=True)
 
 
 def setting_name(overrides: dict[str, Any], varied: Sequence[str]) -> str:

@@ -121,7 +121,7 @@ def paired_comparisons(grid: Grid, rows: Sequence[tuple[dict[str, Any], str]],
                        collected: dict[str, dict[int, dict[str, float]]]) -> list[dict[str, Any]]:
     """Each setting of a variant grid against each reference variant, paired by seed.
 
-    A row's reference is the grid point that differs from it only in ``model.variant``, so in
+    A row's reference is the grid point that differs from it only in ``model.net.variant``, so in
     a grid of variants x another key every value of that key is compared separately.
 
     Returns:
@@ -157,7 +157,7 @@ def paired_comparisons(grid: Grid, rows: Sequence[tuple[dict[str, Any], str]],
 def build_results(spec: SweepSpec, out: str | Path) -> dict[str, Any]:
     """Per grid, its rows (label, setting, aggregated metrics) from the finished runs in ``out``.
 
-    Grids that vary ``model.variant`` also get ``comparisons``: every variant's paired
+    Grids that vary ``model.net.variant`` also get ``comparisons``: every variant's paired
     differences against each of the grid's ``compare_to`` variants (:func:`paired_comparisons`).
     """
     runs, rows = plan_runs(spec)

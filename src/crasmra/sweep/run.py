@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from crasmra.files import check_output, same_file, write_json, write_text
+from crasmra.flag_moves import flat_model_section
 from crasmra.metric_names import TEST_COMBINED_TOP1
 from crasmra.sweep.plan import RunSpec, is_finished, plan_runs, read_metrics, select_grids
 from crasmra.sweep.spec import RUN_FILE, SweepError, SweepSpec, canonical
@@ -60,7 +61,9 @@ def base_fingerprint(base: str | dict[str, Any]) -> str:
         from crasmra.config import load_config
 
         base = load_config(base)
-    text = json.dumps(canonical(base), sort_keys=True, default=str)
+    # The model section in its flat layout from before the parts: a base config whose keys
+    # moved, values unchanged, is the same base.
+    text = json.dumps(canonical(flat_model_section(base)), sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from crasmra.errors import CrasmraError
+from crasmra.flag_moves import moved_message
 from crasmra.metric_names import TEST_COMBINED_TOP1
 
 __all__ = [
@@ -43,7 +44,7 @@ SWEEP_KEYS = frozenset({
 #: Keys of one grid.
 GRID_KEYS = frozenset({"title", "values", "labels", "compare_to"})
 #: The config key whose grids get paired comparisons against reference variants.
-VARIANT_KEY = "model.variant"
+VARIANT_KEY = "model.net.variant"
 #: Reference variants of a variant grid that names no ``compare_to``, when it has them.
 DEFAULT_REFERENCES = ("plain", "baseline")
 #: The metric the paired-difference tables show (results.json has every shared metric).
@@ -82,7 +83,7 @@ class Grid:
         title: Heading of its table.
         values: Config key -> the values it takes, in the order the table lists them.
         labels: Optional row labels, keyed by the value's text (e.g. ``cbam: "+ CBAM"``).
-        compare_to: Reference variants (values of ``model.variant`` in this grid) that every
+        compare_to: Reference variants (values of ``model.net.variant`` in this grid) that every
             other variant is compared with, seed by seed; empty for grids that do not vary
             the variant. Default: those of :data:`DEFAULT_REFERENCES` the grid has.
     """
@@ -107,7 +108,7 @@ class Grid:
             text = format_value(value)
             if text in self.labels:
                 return self.labels[text]
-            if key == "model.variant" and text in VARIANT_LABELS:
+            if key == VARIANT_KEY and text in VARIANT_LABELS:
                 return f"{VARIANT_LABELS[text]} (`{text}`)"
             return text
         return ", ".join(f"{short_key(k)}={format_value(v)}" for k, v in point.items())
@@ -168,7 +169,7 @@ class SweepSpec:
 
 
 def short_key(key: str) -> str:
-    """``model.delta`` -> ``delta``: the last component of a config key."""
+    """``model.net.delta`` -> ``delta``: the last component of a config key."""
     return key.rsplit(".", 1)[-1]
 
 
@@ -215,8 +216,11 @@ def check_key(key: Any, where: str) -> str:
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise SweepError(
             f"{where}: {key!r} is not a config key; use the dotted key of a `crasmra fit` flag "
-            "under model., data., trainer. or checkpoint. (e.g. model.delta, data.options)."
+            "under model., data., trainer. or checkpoint. (e.g. model.net.delta, data.options)."
         )
+    moved = moved_message(key, "")
+    if moved:
+        raise SweepError(f"{where}: {moved}.")
     if key in _RESERVED_KEYS:
         raise SweepError(f"{where}: {key} is set by the sweep itself and cannot be given.")
     return key
@@ -282,7 +286,7 @@ def parse_sweep(data: Any, source: Path | None = None) -> SweepSpec:
     grids_data = data["grids"]
     if not isinstance(grids_data, dict) or not grids_data:
         raise SweepError(f"{where}: `grids` must map grid names to grids, e.g. "
-                         "`grids: {delta: {values: {model.delta: [0.5, 0.9]}}}`.")
+                         "`grids: {delta: {values: {model.net.delta: [0.5, 0.9]}}}`.")
     grids = [_parse_grid(name, g, where) for name, g in grids_data.items()]
 
     launcher = data.get("launcher", "subprocess")
@@ -319,7 +323,7 @@ def _parse_grid(name: Any, data: Any, where: str) -> Grid:
     values = data.get("values")
     if not isinstance(values, dict) or not values:
         raise SweepError(f"{where}: `values` must map config keys to lists of values, "
-                         "e.g. `values: {model.delta: [0.5, 0.9]}`.")
+                         "e.g. `values: {model.net.delta: [0.5, 0.9]}`.")
     for key, options in values.items():
         check_key(key, where)
         if not isinstance(options, list) or not options:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from crasmra.data import load_image
 from crasmra.layers import SMRAM, record_channel_importance
-from crasmra.model import CRASMRANet
+from crasmra.model import Network
 from crasmra.viz.gradcam import gradcam_maps
 from crasmra.viz.maps import activation_maps, channel_importance, smram_maps
 from crasmra.viz.overlay import denormalize
@@ -54,7 +54,7 @@ def unique_names(paths: Sequence[str | Path]) -> list[str]:
 
 
 def explain_image(
-    model: CRASMRANet,
+    model: Network,
     image: str | Path | Image.Image,
     out_dir: str | Path,
     *,

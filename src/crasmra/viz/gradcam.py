@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from crasmra.errors import MissingExtraError
-from crasmra.model import CRASMRANet
+from crasmra.model import Network
 
 __all__ = ["StageGradCAMs", "StageHeads", "gradcam_maps", "stage_gradcams"]
 
@@ -57,14 +57,14 @@ def _gradcam_classes() -> tuple[Any, Any]:
     return GradCAM, ClassifierOutputTarget
 
 
-def _stage_label(model: CRASMRANet, index: int) -> str:
+def _stage_label(model: Network, index: int) -> str:
     name = model.stage_names[index] if index < len(model.stage_names) else f"stage {index}"
     if model.attention:
         return f"{name} ({type(model.attention[index]).__name__})"
     return name
 
 
-def _check_map(model: CRASMRANet, index: int, feature: Any) -> None:
+def _check_map(model: Network, index: int, feature: Any) -> None:
     if not isinstance(feature, Tensor) or feature.dim() != 4 or not feature.is_floating_point():
         shape = (f"{tuple(feature.shape)} {feature.dtype}" if isinstance(feature, Tensor)
                  else type(feature).__name__)
@@ -76,7 +76,7 @@ def _check_map(model: CRASMRANet, index: int, feature: Any) -> None:
         )
 
 
-def _no_gradient(model: CRASMRANet, index: int) -> ValueError:
+def _no_gradient(model: Network, index: int) -> ValueError:
     return ValueError(
         f"Grad-CAM: the head of {_stage_label(model, index)} does not read the map x_e that the "
         "attention module returns first, so it has no gradient. An attention module's forward "
@@ -100,7 +100,7 @@ class StageHeads(nn.Module):
         features: The cached maps x_e, detached.
     """
 
-    def __init__(self, model: CRASMRANet, image: Tensor) -> None:
+    def __init__(self, model: Network, image: Tensor) -> None:
         super().__init__()
         self.net = model
         self.image = image
@@ -139,7 +139,7 @@ class StageHeads(nn.Module):
 
 
 def stage_gradcams(
-    model: CRASMRANet, image: Tensor, class_index: int | None = None
+    model: Network, image: Tensor, class_index: int | None = None
 ) -> StageGradCAMs:
     """Predict one image and compute every attended stage's Grad-CAM.
 
@@ -195,7 +195,7 @@ def _explain_stage(grad_cam: Any, target: Any, heads: StageHeads, stage: int) ->
     return np.asarray(heat[0], dtype=np.float32)
 
 
-def gradcam_maps(model: CRASMRANet, image: Tensor, class_index: int) -> list[np.ndarray]:
+def gradcam_maps(model: Network, image: Tensor, class_index: int) -> list[np.ndarray]:
     """Grad-CAM of ``class_index`` for every attended stage, each (H, W) in [0, 1].
 
     See :func:`stage_gradcams`, which also returns the prediction.

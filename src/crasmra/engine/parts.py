@@ -1,0 +1,227 @@
+"""The training module's typed parts besides the network's: optimiser, fine-tuning, runtime.
+
+Each part is a dataclass: jsonargparse gives its fields nested flags (``--model.optim.lr_heads``),
+and constructing one checks it, with an error that names the flag to change. The network's
+part is :class:`crasmra.model.NetConfig`, the loss weights' :class:`crasmra.losses.LossWeights`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from crasmra.finetune import COMBINES, HEAD_INITS, HEAD_PATH_INITS
+from crasmra.model import NetConfig, attention_of
+
+__all__ = [
+    "MAX_LR",
+    "NONFINITE_POLICIES",
+    "FinetuneConfig",
+    "NonFinitePolicy",
+    "OptimConfig",
+    "RuntimeConfig",
+    "check_parts",
+]
+
+#: The largest learning rate accepted. SGD diverges far below it; above it, a typo such as
+#: 1e300 would overflow the optimiser's float32 state instead of failing here.
+MAX_LR = 100.0
+NonFinitePolicy = Literal["stop", "skip"]
+NONFINITE_POLICIES: tuple[str, ...] = ("stop", "skip")
+
+
+def _number(flag: str, value: object, *, allow_zero: bool = False,
+            maximum: float | None = None) -> None:
+    name = flag.rsplit(".", 1)[-1]
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}; change {flag}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:g}, got {value!r}; change {flag}.")
+
+
+def _integer(flag: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not (isinstance(value, int) and value >= minimum):
+        name = flag.rsplit(".", 1)[-1]
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}, got {value!r}; change {flag}."
+        )
+
+
+def _choice(flag: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        name = flag.rsplit(".", 1)[-1]
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}; change {flag}.")
+
+
+@dataclass
+class OptimConfig:
+    """SGD with per-module learning rates and a per-step cosine schedule (``--model.optim.*``).
+
+    Attributes:
+        lr_backbone: Learning rate of the backbone (SPEC: 2e-4).
+        lr_attention: Learning rate of CRAM/CBAM including Conv_layer (SPEC: 6e-3).
+        lr_heads: Learning rate of the classifier heads (SPEC open point, default 6e-3).
+        lr_smram: Learning rate of SMRAM; ``None`` means ``lr_backbone`` (SPEC).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        nesterov: Use Nesterov momentum. Ours, not the paper's (which does not say).
+        warmup_epochs: Linear warm-up length in epochs (may be fractional), then cosine
+            decay. Ours, not the paper's (0, the default).
+        min_lr_ratio: Final learning rate of the cosine decay, as a fraction of each group's
+            rate.
+    """
+
+    lr_backbone: float = 2e-4
+    lr_attention: float = 6e-3
+    lr_heads: float = 6e-3
+    lr_smram: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    nesterov: bool = False
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("lr_backbone", "lr_attention", "lr_heads"):
+            _number(f"--model.optim.{name}", getattr(self, name), maximum=MAX_LR)
+        if self.lr_smram is not None:
+            _number("--model.optim.lr_smram", self.lr_smram, maximum=MAX_LR)
+        if not isinstance(self.momentum, int | float) or not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}; change "
+                             "--model.optim.momentum.")
+        _number("--model.optim.weight_decay", self.weight_decay, allow_zero=True)
+        _number("--model.optim.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        if not isinstance(self.min_lr_ratio, int | float) or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}; "
+                             "change --model.optim.min_lr_ratio.")
+
+    def smram_lr(self) -> float:
+        """SMRAM's learning rate: ``lr_smram``, else ``lr_backbone``."""
+        return self.lr_smram if self.lr_smram is not None else self.lr_backbone
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning policies that keep what a pretrained backbone knows (``--model.finetune.*``).
+
+    None is part of the paper's recipe; every default leaves it out.
+
+    Attributes:
+        freeze_backbone_epochs: Train only the attention modules and the heads, with the
+            backbone's weights and BatchNorm statistics left as loaded, for this many epochs
+            before fine-tuning everything (linear probing then fine-tuning, Kumar et al.,
+            ICLR 2022). Under DDP it needs ``--trainer.strategy
+            ddp_find_unused_parameters_true`` (frozen parameters get no gradient).
+        freeze_backbone_bn: Keep the backbone's BatchNorm layers in eval mode for the whole
+            run: their running statistics stay as loaded while their scale and shift still
+            train. Small batches from a small dataset otherwise replace the pretrained
+            statistics with noisy ones.
+        head_init: ``"random"`` (PyTorch's initialisation, the paper's) or ``"imprint"``:
+            before the first step, every head's last linear layer becomes the
+            nearest-class-mean classifier of its own input features on the training data
+            (:func:`crasmra.finetune.imprint_classifiers`).
+        head_path_init: ``"random"`` or ``"identity"``: with ``head_init: imprint``, each
+            stage's projection keeps the span of its input's class means and every layer
+            between it and the classifier starts as the identity on the training features
+            (:func:`crasmra.finetune.init_head_paths`). Needs the light Conv_layer; the plain
+            variant (no projection, no head MLP) ignores it.
+        imprint_logit_scale: With ``"imprint"``, the logits' scale for a feature of average
+            norm; None fits it per head to the training images' leave-one-out cross-entropy.
+        imprint_centered: With ``"imprint"``, centre each head's features on the mean of its
+            class means before the cosine (SimpleShot's CL2N; the default) or not.
+        combine: ``"mean"`` (the paper's mean of the softmaxes, or ``net.head_weights``) or
+            ``"fitted"``: with ``head_init: imprint``, the heads' weights that maximise the
+            likelihood of the training images' leave-one-out predictions
+            (:func:`crasmra.finetune.fit_head_weights`).
+        suppression_warmup_epochs: CRAM's omega rises linearly from 1 (no suppression) to
+            ``omega`` over this many epochs (:class:`crasmra.finetune.SuppressionWarmup`);
+            validation, test and checkpoints always use ``omega``.
+    """
+
+    freeze_backbone_epochs: int = 0
+    freeze_backbone_bn: bool = False
+    head_init: Literal["random", "imprint"] = "random"
+    head_path_init: Literal["random", "identity"] = "random"
+    imprint_logit_scale: float | None = None
+    imprint_centered: bool = True
+    combine: Literal["mean", "fitted"] = "mean"
+    suppression_warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        _integer("--model.finetune.freeze_backbone_epochs", self.freeze_backbone_epochs, 0)
+        _choice("--model.finetune.head_init", self.head_init, HEAD_INITS)
+        _choice("--model.finetune.head_path_init", self.head_path_init, HEAD_PATH_INITS)
+        _choice("--model.finetune.combine", self.combine, COMBINES)
+        if self.head_path_init == "identity" and self.head_init != "imprint":
+            raise ValueError(
+                "--model.finetune.head_path_init identity prepares the heads for imprinting; "
+                "add --model.finetune.head_init imprint, or use "
+                "--model.finetune.head_path_init random."
+            )
+        if self.combine == "fitted" and self.head_init != "imprint":
+            raise ValueError(
+                "--model.finetune.combine fitted fits the heads' weights when they are "
+                "imprinted; add --model.finetune.head_init imprint, or use "
+                "--model.finetune.combine mean."
+            )
+        if self.imprint_logit_scale is not None:
+            _number("--model.finetune.imprint_logit_scale", self.imprint_logit_scale,
+                    maximum=1e4)
+        _number("--model.finetune.suppression_warmup_epochs", self.suppression_warmup_epochs,
+                allow_zero=True)
+
+
+@dataclass
+class RuntimeConfig:
+    """How the run executes, and where its weights start (``--model.runtime.*``).
+
+    Attributes:
+        channels_last: Run the network in channels-last memory format. None chooses: on a
+            CPU what :func:`crasmra.cpu.plan_compute` measured fastest for the backbone, on a
+            GPU channels-last (what AMP convolutions are fastest in).
+        compile: Wrap the network with ``torch.compile``.
+        nonfinite_loss: ``"stop"`` raises on a NaN/Inf loss naming the step and the loss
+            terms; ``"skip"`` skips that batch's optimiser step and counts it
+            (``train/skipped_batches``); see :class:`crasmra.engine.NonFiniteGuard`.
+        nonfinite_check_interval: With ``"stop"``, how often (in batches) the loss is checked
+            on the host; always before validation and before any checkpoint is written.
+        init_from: A checkpoint or weights file to initialise the network from (fine-tuning,
+            not resuming: optimiser state is not loaded).
+        reinit_heads: With ``init_from``, re-initialise the classifier heads, e.g. to
+            fine-tune on another number of classes.
+    """
+
+    channels_last: bool | None = None
+    compile: bool = False
+    nonfinite_loss: NonFinitePolicy = "stop"
+    nonfinite_check_interval: int = 1
+    init_from: str | None = None
+    reinit_heads: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("--model.runtime.nonfinite_loss", self.nonfinite_loss, NONFINITE_POLICIES)
+        _integer("--model.runtime.nonfinite_check_interval", self.nonfinite_check_interval, 1)
+        if self.reinit_heads and self.init_from is None:
+            raise ValueError("--model.runtime.reinit_heads needs --model.runtime.init_from PATH "
+                             "to fine-tune from.")
+
+
+def check_parts(net: NetConfig, finetune: FinetuneConfig) -> None:
+    """The checks that span two parts.
+
+    Raises:
+        ValueError: With the flags to change.
+    """
+    # A variant without attention (plain) has no projection or head MLP: nothing to set.
+    if finetune.head_path_init != "identity" or attention_of(net.variant) is None:
+        return
+    if net.conv_layer != "light":
+        raise ValueError(
+            "--model.finetune.head_path_init identity needs the light Conv_layer (1x1 conv, "
+            f"BN, ReLU), got --model.net.conv_layer {net.conv_layer!r}; use "
+            "--model.net.conv_layer light or --model.finetune.head_path_init random."
+        )

@@ -1,0 +1,238 @@
+"""Weight imprinting (``--model.finetune.head_init imprint``): every classifier starts as the
+nearest-class-mean classifier of its own input features."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crasmra.finetune.ncm import (
+    FALLBACK_LOGIT_SCALE,
+    centred_directions,
+    fit_logit_scale,
+    leave_one_out_logits,
+)
+from crasmra.model import Network
+
+__all__ = ["ImprintReport", "calibrate_batchnorm", "classifier_layers", "imprint_classifiers",
+           "imprint_linear"]
+
+
+def classifier_layers(net: Network) -> dict[str, nn.Linear]:
+    """The last linear layer of every head, by head name (:attr:`Network.head_names`)."""
+    layers = net.classifier_layers()
+    for layer in layers.values():
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(
+                f"head_init 'imprint' needs a linear classifier; {net.config['backbone']}'s is "
+                f"{type(layer).__name__}. Use --model.finetune.head_init random."
+            )
+    return layers
+
+
+def _added_batchnorms(net: Network) -> list[nn.modules.batchnorm._BatchNorm]:
+    """BatchNorm layers of the modules added to the backbone (attention and heads)."""
+    return [
+        m for module in net.added_modules() for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
+@torch.no_grad()
+def calibrate_batchnorm(
+    net: Network, batches: Callable[[], Iterable[Tensor]]
+) -> int:
+    """Set the running statistics of the added modules' BatchNorm layers to the data's.
+
+    Freshly initialised, their running mean and variance are 0 and 1, so in eval mode they
+    do not normalise at all while in training mode they normalise with the batch's
+    statistics: features computed in eval mode would not be the features training sees. One
+    pass over ``batches`` in training mode with a cumulative average (``momentum=None``)
+    gives them the population statistics; the backbone's BatchNorm layers stay in eval mode
+    and keep theirs.
+
+    Args:
+        net: The network.
+        batches: Returns an iterable of image batches (B, 3, H, W) on the network's device.
+
+    Returns:
+        The number of images seen.
+    """
+    norms = _added_batchnorms(net)
+    if not norms:
+        return 0
+    was_training = net.training
+    momenta = [m.momentum for m in norms]
+    net.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+        m.train()
+    seen = 0
+    try:
+        for images in batches():
+            net(images)
+            seen += images.shape[0]
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        net.train(was_training)
+    return seen
+
+
+def imprint_linear(
+    layer: nn.Linear,
+    class_means: Tensor,
+    center: Tensor,
+    scale: float,
+    present: Tensor | None = None,
+) -> None:
+    """Make ``layer`` the cosine nearest-class-mean classifier of centred features.
+
+    ``W_k = scale * (m_k - c) / ||m_k - c||`` and ``b_k = -W_k . c``, so that
+    ``layer(h) = scale * ||h - c|| * cos(h - c, m_k - c)``: its argmax is the class whose
+    centred mean is nearest in angle.
+
+    Args:
+        layer: A (K, D) linear layer.
+        class_means: (K, D) mean feature per class.
+        center: (D,) the centre subtracted from every feature (the mean of the class means).
+        scale: Multiplies the weights; the logits' scale is ``scale`` times the features'
+            centred norm.
+        present: (K,) bool, the classes that had samples; the others get zero weights and
+            bias (logit 0). None: all.
+    """
+    weight = scale * centred_directions(class_means, center, present)  # (K, D)
+    layer.weight.copy_(weight.to(layer.weight))
+    if layer.bias is not None:
+        layer.bias.copy_((-(weight @ center)).to(layer.bias))
+
+
+@dataclass(frozen=True)
+class ImprintReport:
+    """What :func:`imprint_classifiers` did, per head.
+
+    Attributes:
+        train_accuracy: Nearest-class-mean accuracy on the imprinting images themselves.
+        logit_scale: The logits' scale set (fitted or given).
+        loo_probs: Per head, (M, K) softmax of the imprinted logits of the M images whose
+            class has another image, each with its own class mean left out.
+        loo_labels: (M,) their classes.
+    """
+
+    train_accuracy: dict[str, float]
+    logit_scale: dict[str, float]
+    loo_probs: dict[str, Tensor] = field(default_factory=dict)
+    loo_labels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def describe(self) -> str:
+        """One line for the log."""
+        return ", ".join(
+            f"{name} {100 * acc:.1f}% (scale {self.logit_scale[name]:.3g})"
+            for name, acc in self.train_accuracy.items()
+        )
+
+
+@torch.no_grad()
+def imprint_classifiers(
+    net: Network,
+    batches: Callable[[], Iterable[tuple[Tensor, Tensor]]],
+    num_classes: int,
+    logit_scale: float | None = None,
+    centered: bool = True,
+    calibrate: bool = True,
+) -> ImprintReport:
+    """Imprint every head's last linear layer with the class means of its own input features.
+
+    The added modules' BatchNorm statistics are first calibrated on the data
+    (:func:`calibrate_batchnorm`); then, in eval mode, the input of each head's last linear
+    layer is averaged per class, and the layer becomes the cosine nearest-class-mean
+    classifier of those features, centred on the mean of the class means
+    (:func:`imprint_linear`). Its weights are scaled so that the logits of a feature of
+    average norm span ``logit_scale`` times the cosine. With ``logit_scale=None`` the scale is
+    fitted per head to the images' leave-one-out cross-entropy (:func:`fit_logit_scale`):
+    each head starts calibrated, so a weak head's flat softmax cannot drag the mean of the
+    softmaxes (the combined prediction) below the strong heads.
+
+    Args:
+        net: The network (any variant).
+        batches: Returns an iterable of (images, labels) batches on the network's device;
+            called once per pass (two passes for the paper's variants, one for ``plain``).
+        num_classes: K.
+        logit_scale: The logits' scale for a feature of average centred norm; None fits it
+            per head (falling back to :data:`FALLBACK_LOGIT_SCALE` when every class has a
+            single image).
+        centered: Centre the features on the mean of the class means (SimpleShot's CL2N);
+            False imprints the plain cosine classifier of the class means.
+        calibrate: Calibrate the added BatchNorm layers first; False keeps their statistics
+            (after :func:`init_head_paths`, which sets them).
+
+    Returns:
+        Per head, the nearest-class-mean accuracy on the imprinting data itself (a check
+        that the features separate the classes, not a validation figure) and the scale used.
+    """
+    if calibrate:
+        calibrate_batchnorm(net, lambda: (images for images, _ in batches()))
+    layers = classifier_layers(net)
+    was_training = net.training
+    net.eval()
+    captured: dict[str, Tensor] = {}
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda _m, args, name=name: captured.__setitem__(name, args[0].detach().float())
+        )
+        for name, layer in layers.items()
+    ]
+    sums = {name: torch.zeros(num_classes, layer.in_features) for name, layer in layers.items()}
+    counts = torch.zeros(num_classes)
+    features: dict[str, list[Tensor]] = {name: [] for name in layers}
+    labels: list[Tensor] = []
+    try:
+        for images, target in batches():
+            net(images)
+            target = target.cpu()
+            counts += torch.bincount(target, minlength=num_classes).float()
+            labels.append(target)
+            for name in layers:
+                h = captured[name].cpu()  # (B, D)
+                sums[name].index_add_(0, target, h)
+                features[name].append(h)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        net.train(was_training)
+    if counts.sum() == 0:
+        raise ValueError("head_init 'imprint' found no training images to imprint from.")
+    present = counts > 0
+    y = torch.cat(labels)
+    train_accuracy: dict[str, float] = {}
+    scales: dict[str, float] = {}
+    loo_probs: dict[str, Tensor] = {}
+    loo_labels = torch.zeros(0, dtype=torch.long)
+    for name, layer in layers.items():
+        means = sums[name] / counts.clamp(min=1).unsqueeze(1)  # (K, D)
+        center = means[present].mean(dim=0) if centered else means.new_zeros(means.shape[1])
+        h = torch.cat(features[name])  # (N, D)
+        directions = centred_directions(means, center, present)
+        cosine = F.normalize(h - center, dim=1) @ directions.T  # (N, K)
+        train_accuracy[name] = float((cosine.argmax(dim=1) == y).float().mean())
+        # W = (scale / mean centred norm) * direction: the logits of a feature of average
+        # norm span `scale` times the cosine.
+        mean_norm = float((h - center).norm(dim=1).mean())
+        loo = leave_one_out_logits(h, y, sums[name], counts, center)
+        if logit_scale is None:
+            scale = fit_logit_scale(loo, y, mean_norm, FALLBACK_LOGIT_SCALE)
+        else:
+            scale = float(logit_scale)
+        if mean_norm > 0:
+            loo_probs[name] = (scale * loo[0] / mean_norm).softmax(dim=1)
+            loo_labels = y[loo[1]]
+        weight_scale = scale / mean_norm if mean_norm > 0 and math.isfinite(mean_norm) else 0.0
+        imprint_linear(layer, means, center, weight_scale, present)
+        scales[name] = scale
+    return ImprintReport(train_accuracy, scales, loo_probs, loo_labels)
