@@ -4,11 +4,12 @@ shapes allow."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
+from crasmra.finetune.capture import run_capturing_inputs
 from crasmra.model import Network
 
 __all__ = ["init_head_paths"]
@@ -148,7 +149,7 @@ def init_head_paths(
             pixel_moments[i].add(x.flatten(2).transpose(1, 2).flatten(0, 1))  # (B*H*W, C)
             pooled_moments[i].add(x.mean(dim=(2, 3)), y)  # (B, C)
 
-        _run_with_hooks(net, batches, [conv for conv, _ in projections], record_stage)
+        run_capturing_inputs(net, batches, [conv for conv, _ in projections], record_stage)
         for stage, (conv, norm), moments, pooled in zip(
             net.stage_names, projections, pixel_moments, pooled_moments, strict=True
         ):
@@ -165,7 +166,7 @@ def init_head_paths(
         # Pass 2: the heads' pooled inputs.
         heads = [*net.heads, net.concat_head]
         head_moments = [_Moments(num_classes, head.mlp[0].num_features) for head in heads]
-        _run_with_hooks(
+        run_capturing_inputs(
             net, batches,
             [head.mlp[0] for head in heads],
             lambda i, x, y: head_moments[i].add(x, y),
@@ -190,30 +191,4 @@ def init_head_paths(
     finally:
         net.train(was_training)
     return kept
-
-
-def _run_with_hooks(
-    net: Network,
-    batches: Callable[[], Iterable[tuple[Tensor, Tensor]]],
-    modules: Sequence[nn.Module],
-    record: Callable[[int, Tensor, Tensor], object],
-) -> None:
-    """Run ``net`` over ``batches`` and call ``record(i, input of modules[i], labels)``."""
-    captured: dict[int, Tensor] = {}
-    hooks = [
-        module.register_forward_pre_hook(
-            lambda _m, args, i=i: captured.__setitem__(i, args[0].detach().float())
-        )
-        for i, module in enumerate(modules)
-    ]
-    try:
-        for images, target in batches():
-            captured.clear()
-            net(images)
-            target = target.cpu()
-            for i in range(len(modules)):
-                record(i, captured[i], target)
-    finally:
-        for hook in hooks:
-            hook.remove()
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crasmra.finetune.capture import run_capturing_inputs
 from crasmra.finetune.ncm import (
     FALLBACK_LOGIT_SCALE,
     centred_directions,
@@ -181,30 +182,23 @@ def imprint_classifiers(
     layers = classifier_layers(net)
     was_training = net.training
     net.eval()
-    captured: dict[str, Tensor] = {}
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda _m, args, name=name: captured.__setitem__(name, args[0].detach().float())
-        )
-        for name, layer in layers.items()
-    ]
+    names = list(layers)
     sums = {name: torch.zeros(num_classes, layer.in_features) for name, layer in layers.items()}
     counts = torch.zeros(num_classes)
     features: dict[str, list[Tensor]] = {name: [] for name in layers}
     labels: list[Tensor] = []
-    try:
-        for images, target in batches():
-            net(images)
-            target = target.cpu()
-            counts += torch.bincount(target, minlength=num_classes).float()
+
+    def record(i: int, h: Tensor, target: Tensor) -> None:
+        if i == 0:  # once per batch
+            counts.add_(torch.bincount(target, minlength=num_classes).float())
             labels.append(target)
-            for name in layers:
-                h = captured[name].cpu()  # (B, D)
-                sums[name].index_add_(0, target, h)
-                features[name].append(h)
+        h = h.cpu()  # (B, D)
+        sums[names[i]].index_add_(0, target, h)
+        features[names[i]].append(h)
+
+    try:
+        run_capturing_inputs(net, batches, list(layers.values()), record)
     finally:
-        for hook in hooks:
-            hook.remove()
         net.train(was_training)
     if counts.sum() == 0:
         raise ValueError("head_init 'imprint' found no training images to imprint from.")
