@@ -60,14 +60,17 @@ from torch.utils.data import DataLoader
 from crasmra.backbones import load_weights_file
 from crasmra.cpu import configure_cpu
 from crasmra.data import build_transforms, create_dataset, normalization_for_backbone
-from crasmra.data.base import stratified_split
+from crasmra.finetune.probe import (
+    DECAY_GRID,
+    FALLBACK_DECAY,
+    HOLDOUT_FRACTION,
+    PROBE_MAX_ITER,
+    DecayChoice,
+    fit_logreg,
+    select_decay,
+)
 
 METHODS = ("ncm", "ncm_centered", "linear_probe")
-DECAY_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-#: The decay used when no stratified hold-out of the training features exists.
-FALLBACK_DECAY = 1e-3
-HOLDOUT_FRACTION = 0.2
-PROBE_MAX_ITER = 500
 
 
 def _features(
@@ -131,143 +134,6 @@ def ncm_accuracy(
 # ---------------------------------------------------------------------------------------------
 # linear probe
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Probe:
-    """A fitted multinomial logistic regression on L2-normalised features."""
-
-    weight: torch.Tensor  # (K, D)
-    bias: torch.Tensor  # (K,)
-    iterations: int = 0  # L-BFGS iterations run (``max_iter``: stopped by the cap)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x.double(), dim=1) @ self.weight.T + self.bias
-
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        return float((self.logits(x).argmax(dim=1) == y).double().mean())
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        return float(F.cross_entropy(self.logits(x), y))
-
-
-def fit_logreg(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    num_classes: int,
-    weight_decay: float,
-    *,
-    max_iter: int = PROBE_MAX_ITER,
-) -> Probe:
-    """Multinomial logistic regression on the L2-normalised ``x``, by full-batch L-BFGS.
-
-    Minimises ``mean cross-entropy + weight_decay / 2 * ||W||^2`` (bias not decayed) from zero
-    weights in float64: a convex problem from a fixed start, so the fit is deterministic.
-
-    Args:
-        x: Features ``(N, D)`` (normalised here).
-        y: Labels ``(N,)`` in ``[0, num_classes)``.
-        num_classes: Number of outputs ``K``.
-        weight_decay: L2 penalty on the weights, >= 0.
-        max_iter: L-BFGS iterations at most.
-    """
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    feats = F.normalize(x.double(), dim=1)
-    weight = torch.zeros(num_classes, feats.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=max_iter,
-        history_size=20,
-        tolerance_grad=1e-7,
-        tolerance_change=1e-10,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(feats @ weight.T + bias, y)
-        loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    iterations = int(optimizer.state[optimizer.param_groups[0]["params"][0]].get("n_iter", 0))
-    return Probe(weight.detach(), bias.detach(), iterations)
-
-
-@dataclass(frozen=True)
-class DecayChoice:
-    """The probe's weight decay and how it was chosen.
-
-    Attributes:
-        decay: The chosen decay.
-        selection: ``"holdout"`` (chosen on a hold-out of the training features) or
-            ``"fixed"`` (no hold-out was possible: ``reason`` says why).
-        holdout_accuracy: ``{decay: hold-out accuracy}`` of every candidate (holdout only).
-        holdout_loss: ``{decay: hold-out cross-entropy}`` of every candidate (holdout only).
-        holdout_images: Size of the hold-out (0 when fixed).
-        reason: Why the decay was fixed, or "".
-    """
-
-    decay: float
-    selection: str
-    holdout_accuracy: dict[float, float] | None = None
-    holdout_loss: dict[float, float] | None = None
-    holdout_images: int = 0
-    reason: str = ""
-
-
-def select_decay(
-    train: torch.Tensor,
-    train_y: torch.Tensor,
-    num_classes: int,
-    decays: Sequence[float] = DECAY_GRID,
-    *,
-    holdout_fraction: float = HOLDOUT_FRACTION,
-    seed: int = 0,
-    fallback_decay: float = FALLBACK_DECAY,
-    max_iter: int = PROBE_MAX_ITER,
-) -> DecayChoice:
-    """Choose the probe's weight decay on a seeded stratified hold-out of the TRAINING features.
-
-    Takes training features only. Each class sends ``round(n * holdout_fraction)`` (at least
-    one) of its photos to the hold-out (:func:`crasmra.data.base.stratified_split`); the probe
-    is fitted on the rest with each decay, and the best hold-out accuracy wins (ties: the lower
-    hold-out cross-entropy, then the smaller decay). When some class has a single training
-    photo no stratified hold-out exists and ``fallback_decay`` is returned as ``"fixed"``.
-    """
-    if not decays:
-        raise ValueError("decays must list at least one weight decay")
-    if not 0.0 < holdout_fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    counts = torch.bincount(train_y, minlength=num_classes)
-    present = counts[counts > 0]
-    if len(decays) == 1:
-        return DecayChoice(float(decays[0]), "fixed", reason="one decay given")
-    if int(present.min()) < 2:
-        single = int((present == 1).sum())
-        return DecayChoice(
-            float(fallback_decay),
-            "fixed",
-            reason=f"{single} class(es) have a single training photo, so no stratified "
-            f"hold-out of the training features exists; fixed decay {fallback_decay:g}",
-        )
-    fit_idx, hold_idx = stratified_split(train_y.tolist(), holdout_fraction, seed)
-    fit_idx_t, hold_idx_t = torch.tensor(fit_idx), torch.tensor(hold_idx)
-    x_fit, y_fit = train[fit_idx_t], train_y[fit_idx_t]
-    x_hold, y_hold = train[hold_idx_t], train_y[hold_idx_t]
-    accuracy: dict[float, float] = {}
-    loss: dict[float, float] = {}
-    for decay in decays:
-        probe = fit_logreg(x_fit, y_fit, num_classes, float(decay), max_iter=max_iter)
-        accuracy[float(decay)] = probe.accuracy(x_hold, y_hold)
-        loss[float(decay)] = probe.loss(x_hold, y_hold)
-    best = min(accuracy, key=lambda d: (-accuracy[d], loss[d], d))
-    return DecayChoice(best, "holdout", accuracy, loss, len(hold_idx))
-
-
 @dataclass(frozen=True)
 class ProbeResult:
     """Test accuracy of the linear probe and its decay choice."""

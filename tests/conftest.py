@@ -99,13 +99,21 @@ def plain_checkpoint(plain_run: Path) -> Path:
 def build_module(**options: Any) -> Any:
     """The training module, each option (named as its flag's last component, e.g. ``omega``,
     ``lr_heads``) given in its typed part."""
+    import dataclasses
+
     from crasmra.engine import CRASMRAModule, FinetuneConfig, OptimConfig, RuntimeConfig
-    from crasmra.flag_moves import nest_flat_hparams
     from crasmra.losses import LossWeights
     from crasmra.model import NetConfig
 
-    parts = nest_flat_hparams(options)
     kinds = {"net": NetConfig, "loss": LossWeights, "optim": OptimConfig,
              "finetune": FinetuneConfig, "runtime": RuntimeConfig}
-    typed = {name: kind(**parts.pop(name, {})) for name, kind in kinds.items()}
-    return CRASMRAModule(**typed, **parts)
+    part_of = {f.name: part for part, kind in kinds.items() for f in dataclasses.fields(kind)}
+    parts: dict[str, dict[str, Any]] = {part: {} for part in kinds}
+    rest: dict[str, Any] = {}
+    for key, value in options.items():
+        if key in part_of:
+            parts[part_of[key]][key] = value
+        else:
+            rest[key] = value
+    typed = {name: kind(**parts[name]) for name, kind in kinds.items()}
+    return CRASMRAModule(**typed, **rest)

@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import ncm_probe  # noqa: E402
+from crasmra.finetune import probe as probe_module  # noqa: E402
 
 
 def gaussians(
@@ -94,6 +95,8 @@ def test_the_decay_is_chosen_on_training_features_only(monkeypatch: pytest.Monke
         return fit(x, y, *args, **kwargs)
 
     monkeypatch.setattr(ncm_probe, "fit_logreg", spy)
+    # The decay's selection fits through the package's own probe module.
+    monkeypatch.setattr(probe_module, "fit_logreg", spy)
     result = ncm_probe.linear_probe(train, train_y, test, test_y)
     # One fit per candidate decay on the training part of the hold-out, then the refit.
     assert len(seen) == len(ncm_probe.DECAY_GRID) + 1
@@ -132,6 +135,8 @@ def test_a_single_training_photo_falls_back_to_the_fixed_decay(
         return fit(x, y, num_classes, decay, **kwargs)
 
     monkeypatch.setattr(ncm_probe, "fit_logreg", spy)
+    # The decay's selection fits through the package's own probe module.
+    monkeypatch.setattr(probe_module, "fit_logreg", spy)
     result = ncm_probe.linear_probe(train, train_y, test, test_y)
     assert calls == [ncm_probe.FALLBACK_DECAY] == [1e-3]  # no hold-out fits at all
     assert result.choice.selection == "fixed"

@@ -3,14 +3,21 @@ the batches, and the random augmentations, it would have seen."""
 
 from __future__ import annotations
 
+import copy
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-__all__ = ["EpochIndex", "EpochSeededDataset", "EpochShuffleSampler", "loader_base_seed"]
+__all__ = [
+    "EpochIndex",
+    "EpochSeededDataset",
+    "EpochShuffleSampler",
+    "loader_base_seed",
+    "with_transform",
+]
 
 
 def loader_base_seed(generator_seed: int) -> int:
@@ -151,3 +158,30 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def with_transform(dataset: Dataset, transform: Callable[[Any], Any]) -> Dataset | None:
+    """A copy of ``dataset`` whose images go through ``transform`` instead of its own.
+
+    Wrappers that hold their data set in ``.dataset`` (:class:`EpochSeededDataset`, PyTorch's
+    ``Subset``) are copied down to the data set that holds the ``transform``; nothing of
+    ``dataset`` itself changes, so its loader keeps the training transform.
+
+    Returns:
+        The copy, or None when no level of ``dataset`` has a ``transform`` attribute of its
+        own.
+    """
+    own = vars(dataset)
+    if "transform" in own:
+        view = copy.copy(dataset)
+        view.transform = transform  # type: ignore[attr-defined]
+        return view
+    inner = own.get("dataset")
+    if not isinstance(inner, Dataset):
+        return None
+    inner_view = with_transform(inner, transform)
+    if inner_view is None:
+        return None
+    view = copy.copy(dataset)
+    view.dataset = inner_view  # type: ignore[attr-defined]
+    return view

@@ -234,8 +234,9 @@ class CRASMRAModule(L.LightningModule):
         self._apply_policies()
         self._suppression.apply(self.net, self.global_step)
         # A resumed run restores imprinted (and trained) weights from its checkpoint.
-        if self.finetune.head_init == "imprint" and self.global_step == 0:
-            imprint_heads(self.net, lambda: training_batches(self.trainer, self._channels_last),
+        if self.finetune.imprints and self.global_step == 0:
+            imprint_heads(self.net, lambda: training_batches(
+                self.trainer, self._channels_last, self.finetune.imprint_transform),
                           self.finetune)
 
     def on_train_epoch_start(self) -> None:

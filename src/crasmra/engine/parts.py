@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from crasmra.finetune import COMBINES, HEAD_INITS, HEAD_PATH_INITS
+from crasmra.finetune import COMBINES, HEAD_INITS, HEAD_PATH_INITS, IMPRINT_TRANSFORMS
 from crasmra.model import NetConfig, attention_of
 
 __all__ = [
@@ -120,10 +120,14 @@ class FinetuneConfig:
             run: their running statistics stay as loaded while their scale and shift still
             train. Small batches from a small dataset otherwise replace the pretrained
             statistics with noisy ones.
-        head_init: ``"random"`` (PyTorch's initialisation, the paper's) or ``"imprint"``:
+        head_init: ``"random"`` (PyTorch's initialisation, the paper's), ``"imprint"``:
             before the first step, every head's last linear layer becomes the
             nearest-class-mean classifier of its own input features on the training data
-            (:func:`crasmra.finetune.imprint_classifiers`).
+            (:func:`crasmra.finetune.imprint_classifiers`), or ``"probe"``: imprinted, then
+            refitted as the logistic regression of the same features, its weight decay
+            chosen on a hold-out of them (:func:`crasmra.finetune.probe.probe_linear`; linear
+            probing, then fine-tuning). Everything said below of ``"imprint"`` holds for
+            ``"probe"`` too.
         head_path_init: ``"random"`` or ``"identity"``: with ``head_init: imprint``, each
             stage's projection keeps the span of its input's class means and every layer
             between it and the classifier starts as the identity on the training features
@@ -133,6 +137,11 @@ class FinetuneConfig:
             norm; None fits it per head to the training images' leave-one-out cross-entropy.
         imprint_centered: With ``"imprint"``, centre each head's features on the mean of its
             class means before the cosine (SimpleShot's CL2N; the default) or not.
+        imprint_transform: With ``"imprint"``, the view of the training images that the
+            heads are imprinted (and the head paths initialised) from: ``"train"``, the
+            training transform's random crops and flips, or ``"eval"``, the evaluation
+            transform's resize and centre crop, the view that validation, test and predict
+            see.
         combine: ``"mean"`` (the paper's mean of the softmaxes, or ``net.head_weights``) or
             ``"fitted"``: with ``head_init: imprint``, the heads' weights that maximise the
             likelihood of the training images' leave-one-out predictions
@@ -144,10 +153,11 @@ class FinetuneConfig:
 
     freeze_backbone_epochs: int = 0
     freeze_backbone_bn: bool = False
-    head_init: Literal["random", "imprint"] = "random"
+    head_init: Literal["random", "imprint", "probe"] = "random"
     head_path_init: Literal["random", "identity"] = "random"
     imprint_logit_scale: float | None = None
     imprint_centered: bool = True
+    imprint_transform: Literal["train", "eval"] = "train"
     combine: Literal["mean", "fitted"] = "mean"
     suppression_warmup_epochs: float = 0.0
 
@@ -156,13 +166,15 @@ class FinetuneConfig:
         _choice("--model.finetune.head_init", self.head_init, HEAD_INITS)
         _choice("--model.finetune.head_path_init", self.head_path_init, HEAD_PATH_INITS)
         _choice("--model.finetune.combine", self.combine, COMBINES)
-        if self.head_path_init == "identity" and self.head_init != "imprint":
+        _choice("--model.finetune.imprint_transform", self.imprint_transform,
+                IMPRINT_TRANSFORMS)
+        if self.head_path_init == "identity" and not self.imprints:
             raise ValueError(
                 "--model.finetune.head_path_init identity prepares the heads for imprinting; "
                 "add --model.finetune.head_init imprint, or use "
                 "--model.finetune.head_path_init random."
             )
-        if self.combine == "fitted" and self.head_init != "imprint":
+        if self.combine == "fitted" and not self.imprints:
             raise ValueError(
                 "--model.finetune.combine fitted fits the heads' weights when they are "
                 "imprinted; add --model.finetune.head_init imprint, or use "
@@ -173,6 +185,11 @@ class FinetuneConfig:
                     maximum=1e4)
         _number("--model.finetune.suppression_warmup_epochs", self.suppression_warmup_epochs,
                 allow_zero=True)
+
+    @property
+    def imprints(self) -> bool:
+        """Whether the heads are imprinted before the first step (``imprint`` or ``probe``)."""
+        return self.head_init in ("imprint", "probe")
 
 
 @dataclass

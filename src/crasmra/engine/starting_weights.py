@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from crasmra.checkpoint import read_network_state
+from crasmra.data.sampling import with_transform
 from crasmra.engine.parts import FinetuneConfig
 from crasmra.finetune import fit_head_weights, imprint_classifiers, init_head_paths
 from crasmra.model import Network
@@ -91,12 +92,16 @@ def imprint_heads(
         report = imprint_classifiers(
             net, batches, net.num_classes, finetune.imprint_logit_scale,
             calibrate=not identity_paths, centered=finetune.imprint_centered,
+            probe=finetune.head_init == "probe",
         )
     log.info(
         "Imprinted the heads with the class means of their features (nearest class mean "
         "on the training images, logit scale): %s.",
         report.describe(),
     )
+    if report.probe_decay:
+        log.info("Refitted the heads' classifiers as logistic regressions of their features "
+                 "(linear probe): %s.", report.describe_probe())
     if finetune.combine == "fitted" and len(net.head_names) > 1:
         # With a single photo per class nothing can be held out: the head that reads the
         # backbone's last stage then decides alone (with final_features it is the nearest
@@ -113,15 +118,35 @@ def imprint_heads(
 
 
 def training_batches(
-    trainer: Any, channels_last: bool
+    trainer: Any, channels_last: bool, transform: str = "train"
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The training images and labels, in order, on the trainer's device."""
+    """The training images and labels, in order, on the trainer's device.
+
+    Args:
+        trainer: The Lightning trainer (its training loader, and its data module).
+        channels_last: Hand the images over in channels-last memory format.
+        transform: ``"train"``: through the training loader's own transform (random crops
+            and flips); ``"eval"``: through the data module's evaluation transform (the view
+            of an image that validation, test and predict see), where the data module has one
+            (``build_transform``); otherwise the training transform, with a warning.
+    """
     # A loader of its own over the training set, in order and in this process: iterating
     # the trainer's loader here would start its (persistent) workers and its sampler's
     # epoch out of turn.
     train_loader = trainer.train_dataloader
+    dataset = train_loader.dataset
+    if transform == "eval":
+        datamodule = getattr(trainer, "datamodule", None)
+        build = getattr(datamodule, "build_transform", None)
+        view = with_transform(dataset, build(train=False)) if callable(build) else None
+        if view is None:
+            log.warning("The training images have no evaluation transform to imprint from "
+                        "(no data module with build_transform); imprinting from the "
+                        "training transform.")
+        else:
+            dataset = view
     loader = torch.utils.data.DataLoader(
-        train_loader.dataset, batch_size=train_loader.batch_size or 1, shuffle=False,
+        dataset, batch_size=train_loader.batch_size or 1, shuffle=False,
         num_workers=0, collate_fn=train_loader.collate_fn)
     for batch in loader:
         images, target = trainer.strategy.batch_to_device(batch)

@@ -26,7 +26,7 @@ suppression warm-up):
 
 from __future__ import annotations
 
-from crasmra.finetune.choices import COMBINES, HEAD_INITS, HEAD_PATH_INITS
+from crasmra.finetune.choices import COMBINES, HEAD_INITS, HEAD_PATH_INITS, IMPRINT_TRANSFORMS
 from crasmra.finetune.combination import fit_head_weights
 from crasmra.finetune.head_paths import init_head_paths
 from crasmra.finetune.imprint import (
@@ -49,6 +49,7 @@ __all__ = [
     "FALLBACK_LOGIT_SCALE",
     "HEAD_INITS",
     "HEAD_PATH_INITS",
+    "IMPRINT_TRANSFORMS",
     "ImprintReport",
     "SuppressionWarmup",
     "calibrate_batchnorm",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["COMBINES", "HEAD_INITS", "HEAD_PATH_INITS"]
+__all__ = ["COMBINES", "HEAD_INITS", "HEAD_PATH_INITS", "IMPRINT_TRANSFORMS"]
 
-#: ``--model.finetune.head_init`` values: PyTorch's default initialisation, or weight imprinting.
-HEAD_INITS: tuple[str, ...] = ("random", "imprint")
+#: ``--model.finetune.head_init`` values: PyTorch's default initialisation, weight imprinting,
+#: or imprinting followed by a logistic-regression fit of every classifier (a linear probe).
+HEAD_INITS: tuple[str, ...] = ("random", "imprint", "probe")
 #: ``--model.finetune.head_path_init`` values: PyTorch's initialisation of the projection and the
 #: heads' hidden layers, or the identity on the training images' features (:func:`init_head_paths`).
 HEAD_PATH_INITS: tuple[str, ...] = ("random", "identity")
 #: ``--model.finetune.combine`` values: the paper's mean of the softmaxes, or fitted head weights.
 COMBINES: tuple[str, ...] = ("mean", "fitted")
+#: ``--model.finetune.imprint_transform`` values: the view of the training images that the heads
+#: are imprinted from, the training transform's or the evaluation transform's.
+IMPRINT_TRANSFORMS: tuple[str, ...] = ("train", "eval")

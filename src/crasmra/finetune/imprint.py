@@ -18,6 +18,7 @@ from crasmra.finetune.ncm import (
     fit_logit_scale,
     leave_one_out_logits,
 )
+from crasmra.finetune.probe import probe_linear
 from crasmra.model import Network
 
 __all__ = ["ImprintReport", "calibrate_batchnorm", "classifier_layers", "imprint_classifiers",
@@ -124,18 +125,30 @@ class ImprintReport:
         loo_probs: Per head, (M, K) softmax of the imprinted logits of the M images whose
             class has another image, each with its own class mean left out.
         loo_labels: (M,) their classes.
+        probe_decay: With ``probe``, per head, the weight decay of its logistic regression.
+        probe_selection: With ``probe``, per head, how the decay was chosen (``"holdout"`` or
+            ``"fixed"``, :func:`crasmra.finetune.probe.select_decay`).
     """
 
     train_accuracy: dict[str, float]
     logit_scale: dict[str, float]
     loo_probs: dict[str, Tensor] = field(default_factory=dict)
     loo_labels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    probe_decay: dict[str, float] = field(default_factory=dict)
+    probe_selection: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for the log."""
         return ", ".join(
             f"{name} {100 * acc:.1f}% (scale {self.logit_scale[name]:.3g})"
             for name, acc in self.train_accuracy.items()
+        )
+
+    def describe_probe(self) -> str:
+        """One line for the log: each head's probe decay and how it was chosen."""
+        return ", ".join(
+            f"{name} decay {decay:g} ({self.probe_selection[name]})"
+            for name, decay in self.probe_decay.items()
         )
 
 
@@ -147,6 +160,7 @@ def imprint_classifiers(
     logit_scale: float | None = None,
     centered: bool = True,
     calibrate: bool = True,
+    probe: bool = False,
 ) -> ImprintReport:
     """Imprint every head's last linear layer with the class means of its own input features.
 
@@ -172,6 +186,10 @@ def imprint_classifiers(
             False imprints the plain cosine classifier of the class means.
         calibrate: Calibrate the added BatchNorm layers first; False keeps their statistics
             (after :func:`init_head_paths`, which sets them).
+        probe: After imprinting, refit every classifier as the logistic regression of the
+            same features (:func:`crasmra.finetune.probe.probe_linear`; linear probing before
+            fine-tuning, Kumar et al., ICLR 2022). The leave-one-out predictions (and so the
+            fitted combination weights) stay those of the imprinted classifiers.
 
     Returns:
         Per head, the nearest-class-mean accuracy on the imprinting data itself (a check
@@ -208,6 +226,8 @@ def imprint_classifiers(
     scales: dict[str, float] = {}
     loo_probs: dict[str, Tensor] = {}
     loo_labels = torch.zeros(0, dtype=torch.long)
+    probe_decay: dict[str, float] = {}
+    probe_selection: dict[str, str] = {}
     for name, layer in layers.items():
         means = sums[name] / counts.clamp(min=1).unsqueeze(1)  # (K, D)
         center = means[present].mean(dim=0) if centered else means.new_zeros(means.shape[1])
@@ -229,4 +249,8 @@ def imprint_classifiers(
         weight_scale = scale / mean_norm if mean_norm > 0 and math.isfinite(mean_norm) else 0.0
         imprint_linear(layer, means, center, weight_scale, present)
         scales[name] = scale
-    return ImprintReport(train_accuracy, scales, loo_probs, loo_labels)
+        if probe and mean_norm > 0 and math.isfinite(mean_norm):
+            _, choice = probe_linear(layer, h, y, center, mean_norm)
+            probe_decay[name], probe_selection[name] = choice.decay, choice.selection
+    return ImprintReport(train_accuracy, scales, loo_probs, loo_labels, probe_decay,
+                         probe_selection)
