@@ -23,8 +23,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-SHOTS_KEY = "data.train_per_class"
-VARIANT_KEY = "model.variant"
 METRIC = "test/combined_top1"
 
 
