@@ -3,35 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from crasmra.data.base import Annotations, FGVCImageDataset, check_train_per_class
-from crasmra.data.errors import DatasetRootError
-from crasmra.data.factory import (
-    SYNTHETIC_SUBSET_ERROR,
-    build_split,
-    check_options,
-    create_dataset,
-    dataset_classes,
-    dataset_names,
-    load_annotations,
-)
-from crasmra.data.sampling import EpochShuffleSampler
-from crasmra.data.transforms import (
-    BACKENDS,
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    build_transforms,
-    default_resize_size,
-    normalization_for_backbone,
-    to_hw,
-)
+from crasmra.data.arguments import check_arguments, image_sizes, normalization
+from crasmra.data.loaders import make_loader
+from crasmra.data.splits import make_split, read_classes
+from crasmra.data.transforms import DeviceNormalize, build_transforms
 
 __all__ = ["FGVCDataModule"]
 
@@ -40,23 +21,6 @@ logger = logging.getLogger(__name__)
 
 def _plain_size(hw: tuple[int, int]) -> int | list[int]:
     return hw[0] if hw[0] == hw[1] else [hw[0], hw[1]]
-
-
-def _check_stats(
-    name: str, values: Sequence[float] | None, positive: bool
-) -> tuple[float, ...] | None:
-    if values is None:
-        return None
-    try:
-        out = tuple(float(v) for v in values)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be 3 numbers (one per RGB channel), got {values!r}") from err
-    if len(out) != 3 or (positive and min(out) <= 0):
-        raise ValueError(
-            f"{name} must be 3 numbers{' > 0' if positive else ''} (one per RGB channel), "
-            f"got {values!r}"
-        )
-    return out
 
 
 class FGVCDataModule(L.LightningDataModule):
@@ -138,61 +102,14 @@ class FGVCDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         options = dict(options or {})
-        if dataset not in dataset_names():
-            raise ValueError(
-                f"unknown dataset {dataset!r}; choose one of {', '.join(dataset_names())}"
-            )
-        check_options(dataset, options)
-        if dataset != "synthetic" and root is None:
-            raise ValueError(
-                f"dataset {dataset!r} needs root= (the folder its archive was extracted into)"
-            )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(
-                "num_workers must be an int >= 0 (0 loads in the main process), "
-                f"got {num_workers!r}"
-            )
-        if not 0.0 <= float(val_fraction) < 1.0:
-            raise ValueError(
-                f"val_fraction must be in [0, 1), got {val_fraction}; use 0 to disable validation"
-            )
-        if prefetch_factor is not None and (
-            not isinstance(prefetch_factor, int) or prefetch_factor < 1
-        ):
-            raise ValueError(
-                f"prefetch_factor must be None or an int >= 1, got {prefetch_factor!r}"
-            )
-        if decode_backend not in BACKENDS:
-            raise ValueError(
-                f"decode_backend must be one of {', '.join(map(repr, BACKENDS))}, "
-                f"got {decode_backend!r}"
-            )
-        if normalize_on_device and decode_backend != "tensor":
-            raise ValueError(
-                "normalize_on_device=True needs decode_backend='tensor' (the PIL pipeline "
-                "normalises in the workers); set decode_backend: tensor or turn it off"
-            )
-        check_train_per_class(train_per_class, subset_seed)
-        if dataset == "synthetic" and train_per_class is not None:
-            raise ValueError(SYNTHETIC_SUBSET_ERROR)
-        crop = to_hw(image_size, "image_size")
-        resize = (
-            default_resize_size(crop) if resize_size is None else to_hw(resize_size, "resize_size")
+        check_arguments(
+            dataset, root, options, batch_size=batch_size, num_workers=num_workers,
+            val_fraction=val_fraction, prefetch_factor=prefetch_factor,
+            decode_backend=decode_backend, normalize_on_device=normalize_on_device,
+            train_per_class=train_per_class, subset_seed=subset_seed,
         )
-        if resize[0] < crop[0] or resize[1] < crop[1]:
-            raise ValueError(
-                f"image_size {crop} is larger than resize_size {resize}; lower image_size or raise "
-                "resize_size (the paper: 448 from 550), or leave resize_size unset"
-            )
-        base_mean, base_std = (
-            normalization_for_backbone(backbone)
-            if backbone
-            else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-        )
-        self.mean = _check_stats("mean", mean, positive=False) or tuple(base_mean)
-        self.std = _check_stats("std", std, positive=True) or tuple(base_std)
+        crop, resize = image_sizes(image_size, resize_size)
+        self.mean, self.std = normalization(backbone, mean, std)
 
         self.dataset = dataset
         self.root = root
@@ -214,25 +131,9 @@ class FGVCDataModule(L.LightningDataModule):
         self.normalize_on_device = bool(normalize_on_device)
         self.train_per_class = None if train_per_class is None else int(train_per_class)
         self.subset_seed = int(subset_seed)
-        self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._normalize: DeviceNormalize | None = None
 
-        self._annotations: Annotations | None = None
-        if dataset == "synthetic":
-            self.classes = dataset_classes("synthetic", None, **options)
-        else:
-            loader_options = {k: v for k, v in options.items() if k != "bbox_crop"}
-            self._annotations = load_annotations(
-                dataset, root, skip_bad_images=skip_bad_images, **loader_options
-            )
-            self.classes = list(self._annotations.classes)
-            if len(self.classes) < 2:
-                # Caught here, where the data is named; otherwise torchmetrics refuses
-                # num_classes=1 when the model is built, in its own words. (Not in the
-                # readers: one class is fine for create_dataset, e.g. to evaluate a subset.)
-                raise DatasetRootError(
-                    f"{dataset}: {root} has one class ({self.classes[0]!r}); a "
-                    "classifier needs at least 2 classes: add images of the other classes"
-                )
+        self._annotations, self.classes = read_classes(dataset, root, options, skip_bad_images)
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
@@ -279,46 +180,18 @@ class FGVCDataModule(L.LightningDataModule):
         )
 
     def _make(self, split: str) -> Dataset:
-        transform = self.build_transform(split == "train")
-        if self._annotations is None:
-            return create_dataset(
-                "synthetic",
-                None,
-                split,
-                transform=transform,
-                val_fraction=self.val_fraction,
-                split_seed=self.split_seed,
-                **self.options,
-            )
-        dataset = build_split(
-            self._annotations,
-            split,
-            transform,
-            val_fraction=self.val_fraction,
-            split_seed=self.split_seed,
-            bbox_crop=bool(self.options.get("bbox_crop", False)),
-            skip_bad_images=self.skip_bad_images,
-            train_per_class=self.train_per_class,
-            subset_seed=self.subset_seed,
+        return make_split(
+            self._annotations, split, self.build_transform(split == "train"),
+            options=self.options, val_fraction=self.val_fraction, split_seed=self.split_seed,
+            skip_bad_images=self.skip_bad_images, train_per_class=self.train_per_class,
+            subset_seed=self.subset_seed, decode_backend=self.decode_backend,
         )
-        # The synthetic set renders PIL images, which the tensor transforms convert; file
-        # sets decode straight to tensors.
-        if isinstance(dataset, FGVCImageDataset):
-            dataset.decode_backend = self.decode_backend
-        return dataset
 
     def normalize_batch(self, images: torch.Tensor) -> torch.Tensor:
         """``uint8`` images ``(N, 3, H, W)`` to float32 normalised with this module's mean/std."""
-        stats = self._device_stats.get(images.device)
-        if stats is None:
-            mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device)
-            std = torch.tensor(self.std, dtype=torch.float32, device=images.device)
-            # (x / 255 - mean) / std as one multiply-add: x * scale + shift.
-            scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
-            shift = (-mean / std).view(1, 3, 1, 1)
-            stats = self._device_stats[images.device] = (scale, shift)
-        scale, shift = stats
-        return torch.addcmul(shift, images.to(torch.float32), scale)
+        if self._normalize is None:
+            self._normalize = DeviceNormalize(self.mean, self.std)
+        return self._normalize(images)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``normalize_on_device``: normalise the ``uint8`` images of a batch on the device."""
@@ -339,30 +212,13 @@ class FGVCDataModule(L.LightningDataModule):
             self.test_dataset = self._make("test")
 
     def _loader(self, dataset: Dataset | None, split: str, train: bool = False) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"the {split} dataset is not set up; call setup() first")
-        workers = self.num_workers
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        # Own generators everywhere: creating a loader's iterator then never draws from the
-        # global RNG, whose state a resumed run restores (see EpochShuffleSampler).
-        generator = torch.Generator().manual_seed(seed)
-        sampler = None
         trainer = getattr(self, "trainer", None)
-        if train and not (trainer is not None and trainer.world_size > 1):
-            sampler = EpochShuffleSampler(len(dataset), seed=seed, generator=generator)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            # Under DDP Lightning swaps a shuffling loader's sampler for a DistributedSampler,
-            # which is seeded per epoch too.
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            generator=generator,
-            num_workers=workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            drop_last=self.drop_last and train,
-            persistent_workers=self.persistent_workers and workers > 0,
-            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+        return make_loader(
+            dataset, split, train=train,
+            distributed=trainer is not None and trainer.world_size > 1,
+            batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
+            drop_last=self.drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -22,6 +22,7 @@ __all__ = [
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "CropThenResize",
+    "DeviceNormalize",
     "Preprocessing",
     "build_transforms",
     "check_normalization",
@@ -257,6 +258,31 @@ def _tensor_transforms(
     if normalize:
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
+
+
+class DeviceNormalize:
+    """The normalisation that ``normalize=False`` leaves out, applied to a batch on its device.
+
+    ``uint8`` images ``(N, 3, H, W)`` become float32 ``(x / 255 - mean) / std``. The constants
+    are made once per device, so each batch costs one multiply-add.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, images: Tensor) -> Tensor:
+        stats = self._stats.get(images.device)
+        if stats is None:
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device)
+            std = torch.tensor(self.std, dtype=torch.float32, device=images.device)
+            # (x / 255 - mean) / std as one multiply-add: x * scale + shift.
+            scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
+            shift = (-mean / std).view(1, 3, 1, 1)
+            stats = self._stats[images.device] = (scale, shift)
+        scale, shift = stats
+        return torch.addcmul(shift, images.to(torch.float32), scale)
 
 
 def normalization_for_backbone(
