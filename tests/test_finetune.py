@@ -162,3 +162,39 @@ def test_a_run_resumed_inside_an_epoch_keeps_the_freezing_and_batchnorm_policies
     # layers in eval mode.
     assert resumed.seen[0][0] == 1
     assert resumed.seen[0][1:] == (False, False)
+
+
+def _classifier_keys(module: CRASMRAModule) -> set[str]:
+    ids = {id(p) for layer in module.net.classifier_layers().values() for p in layer.parameters()}
+    return {name for name, p in module.net.named_parameters() if id(p) in ids}
+
+
+@pytest.mark.parametrize("variant", ["cra-smra", "plain"])
+def test_below_probe_below_images_per_class_only_the_classifiers_train(
+    tmp_path: Path, variant: str
+) -> None:
+    # The tiny set has 8 training images per class: 9 is above that.
+    initial, trained = _fit(tmp_path, epochs=1, variant=variant, probe_below=9)
+    assert trained.backbone_policy.classifiers_only
+    changed = _changed(initial.net, trained.net)
+    classifiers = _classifier_keys(trained)
+    assert classifiers and all(changed[k] for k in classifiers)
+    rest = {k: v for k, v in changed.items() if k not in classifiers}
+    # Everything else, the heads' and attention's BatchNorm statistics included, stays.
+    assert any(k.endswith("running_mean") for k in rest)
+    assert not any(rest.values()), [k for k, v in rest.items() if v]
+
+
+def test_at_probe_below_images_per_class_the_whole_network_trains(tmp_path: Path) -> None:
+    initial, trained = _fit(tmp_path, epochs=1, probe_below=8)
+    assert not trained.backbone_policy.classifiers_only
+    backbone = _changed(initial.net.backbone, trained.net.backbone)
+    assert all(v for k, v in backbone.items() if k.endswith("conv1.weight"))
+    heads = _changed(initial.net.heads, trained.net.heads)
+    assert any(v for k, v in heads.items() if k.endswith("running_mean"))
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), True, "2"])
+def test_probe_below_is_validated(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"--model\.finetune\.probe_below"):
+        build_module(backbone="resnet10t", num_classes=3, probe_below=bad)

@@ -176,7 +176,8 @@ class _Recorder(L.Callback):
         self.val_omegas.append(module.net.attention[0].omega)
 
 
-def _fit(tmp_path: Path, epochs: int = 1, val: float = 0.0, **model_kwargs) -> _Recorder:
+def _fit(tmp_path: Path, epochs: int = 1, val: float = 0.0, callbacks: tuple = (),
+         **model_kwargs) -> _Recorder:
     L.seed_everything(0)
     dm = FGVCDataModule(**{**TINY_DATA, "val_fraction": val})
     module = build_module(
@@ -188,7 +189,7 @@ def _fit(tmp_path: Path, epochs: int = 1, val: float = 0.0, **model_kwargs) -> _
         default_root_dir=tmp_path, max_epochs=epochs, accelerator="cpu", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
-        callbacks=[recorder],
+        callbacks=[recorder, *callbacks],
     )
     trainer.fit(module, datamodule=dm)
     return recorder

@@ -1,5 +1,5 @@
 """The backbone's freezing and BatchNorm policy (``--model.finetune.freeze_backbone_epochs``,
-``--model.finetune.freeze_backbone_bn``)."""
+``--model.finetune.freeze_backbone_bn``, ``--model.finetune.probe_below``)."""
 
 from __future__ import annotations
 
@@ -21,20 +21,46 @@ class BackbonePolicy:
         freeze_epochs: Epochs during which the backbone's weights get no gradient and its
             BatchNorm statistics stay as loaded.
         freeze_bn: Keep the backbone's BatchNorm layers in eval mode for the whole run.
+        probe_below: With fewer training images per class than this (see
+            :meth:`choose_regime`), only the heads' classifiers train for the whole run.
     """
 
-    def __init__(self, freeze_epochs: int = 0, freeze_bn: bool = False) -> None:
+    def __init__(self, freeze_epochs: int = 0, freeze_bn: bool = False,
+                 probe_below: float = 0.0) -> None:
         self.freeze_epochs = freeze_epochs
         self.freeze_bn = freeze_bn
+        self.probe_below = probe_below
+        self.classifiers_only = False
         self.frozen = False
         self._frozen_params: list[nn.Parameter] = []
 
+    def choose_regime(self, net: Network, train_images: int) -> None:
+        """Train only the classifiers when the training set has fewer than ``probe_below``
+        images per class (its size over the network's class count), else fine-tune.
+
+        With one or two photos per class a linear classifier on the pretrained features is
+        what generalises; every step on the layers below it fits those few photos at the
+        cost of the rest (EXPERIMENTS.md, "Few photos per class").
+        """
+        per_class = train_images / max(1, net.num_classes)
+        self.classifiers_only = per_class < self.probe_below
+        if self.classifiers_only:
+            log.info("%.1f training images per class (fewer than --model.finetune.probe_below "
+                     "%g): only the classifiers train; the backbone, the attention modules "
+                     "and the heads' inner layers stay as initialised.", per_class,
+                     self.probe_below)
+
     def start_epoch(self, net: Network, epoch: int) -> None:
         """Freeze or release the backbone for ``epoch``."""
-        frozen = epoch < self.freeze_epochs
+        frozen = self.classifiers_only or epoch < self.freeze_epochs
         if frozen == self.frozen:
             return
-        if frozen:
+        if self.classifiers_only:
+            classifiers = {id(p) for layer in net.classifier_layers().values()
+                           for p in layer.parameters()}
+            self._frozen_params = [p for p in net.parameters()
+                                   if p.requires_grad and id(p) not in classifiers]
+        elif frozen:
             # The backbone learning-rate group: for "plain" it excludes timm's classifier,
             # which sits inside the timm model.
             self._frozen_params = list(net.parameter_groups()["backbone"])
@@ -43,6 +69,8 @@ class BackbonePolicy:
         for param in self._frozen_params:
             param.requires_grad_(not frozen)
         self.frozen = frozen
+        if self.classifiers_only:
+            return
         if frozen:
             log.info("Epochs 0-%d: backbone frozen, training the attention modules and heads "
                      "only.", self.freeze_epochs - 1)
@@ -51,8 +79,10 @@ class BackbonePolicy:
 
     def apply_modes(self, net: Network) -> None:
         """After ``train()``: put the backbone's BatchNorm layers in eval mode when the
-        backbone is frozen or with ``freeze_bn``."""
+        backbone is frozen or with ``freeze_bn``, and every BatchNorm layer of the network
+        when only the classifiers train."""
         if self.frozen or self.freeze_bn:
-            for module in net.backbone.modules():
+            scope = net if self.classifiers_only else net.backbone
+            for module in scope.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()

@@ -123,7 +123,8 @@ class CRASMRAModule(L.LightningModule):
         self.nonfinite = NonFiniteGuard(self.runtime.nonfinite_loss,
                                         self.runtime.nonfinite_check_interval)
         self.backbone_policy = BackbonePolicy(self.finetune.freeze_backbone_epochs,
-                                              self.finetune.freeze_backbone_bn)
+                                              self.finetune.freeze_backbone_bn,
+                                              self.finetune.probe_below)
         # suppression_warmup_epochs, in optimiser steps once the trainer knows them.
         self._suppression = SuppressionWarmup(float(self.net_config.omega), 0)
 
@@ -231,13 +232,14 @@ class CRASMRAModule(L.LightningModule):
     def on_train_start(self) -> None:
         # A run resumed inside an epoch (step-interval checkpoints) continues it without an
         # epoch-start hook: the freezing and BatchNorm policies must be in force from here.
+        self.backbone_policy.choose_regime(self.net, len(self.trainer.train_dataloader.dataset))
         self._apply_policies()
         self._suppression.apply(self.net, self.global_step)
         # A resumed run restores imprinted (and trained) weights from its checkpoint.
         if self.finetune.imprints and self.global_step == 0:
             imprint_heads(self.net, lambda: training_batches(
                 self.trainer, self._channels_last, self.finetune.imprint_transform),
-                          self.finetune)
+                self.finetune)
 
     def on_train_epoch_start(self) -> None:
         self.nonfinite.epoch_start()

@@ -116,6 +116,11 @@ class FinetuneConfig:
             before fine-tuning everything (linear probing then fine-tuning, Kumar et al.,
             ICLR 2022). Under DDP it needs ``--trainer.strategy
             ddp_find_unused_parameters_true`` (frozen parameters get no gradient).
+        probe_below: With fewer training images per class than this (the training set's
+            size over the class count), only the heads' classifiers train, from their
+            imprinted (or probed) start, for the whole run: the backbone, the attention
+            modules and the heads' inner layers, BatchNorm statistics included, stay as
+            loaded and initialised (a linear probe). 0 (the default): always fine-tune.
         freeze_backbone_bn: Keep the backbone's BatchNorm layers in eval mode for the whole
             run: their running statistics stay as loaded while their scale and shift still
             train. Small batches from a small dataset otherwise replace the pretrained
@@ -153,6 +158,7 @@ class FinetuneConfig:
 
     freeze_backbone_epochs: int = 0
     freeze_backbone_bn: bool = False
+    probe_below: float = 0.0
     head_init: Literal["random", "imprint", "probe"] = "random"
     head_path_init: Literal["random", "identity"] = "random"
     imprint_logit_scale: float | None = None
@@ -163,6 +169,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _integer("--model.finetune.freeze_backbone_epochs", self.freeze_backbone_epochs, 0)
+        _number("--model.finetune.probe_below", self.probe_below, allow_zero=True,
+                maximum=1e6)
         _choice("--model.finetune.head_init", self.head_init, HEAD_INITS)
         _choice("--model.finetune.head_path_init", self.head_path_init, HEAD_PATH_INITS)
         _choice("--model.finetune.combine", self.combine, COMBINES)
