@@ -30,6 +30,11 @@ __all__ = ["describe_model", "make_cli_class", "run_lightning", "with_atomic_che
 log = logging.getLogger("crasmra")
 
 
+def _plain_image_size(size: Any) -> int | list[int] | None:
+    """``--data.image_size`` as NetConfig.img_size takes it: an int or ``[h, w]``."""
+    return size if size is None or isinstance(size, int) else [int(s) for s in size]
+
+
 def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
     """``plugins`` plus :class:`~crasmra.callbacks.AtomicCheckpointIO` if none is a CheckpointIO."""
     from lightning.fabric.plugins import CheckpointIO
@@ -118,6 +123,9 @@ def make_cli_class() -> type:
                 "checkpoints or metrics (they are replaced). Without it such a folder is refused.",
             )
             parser.link_arguments("model.net.backbone", "data.backbone", apply_on="parse")
+            # A Transformer that timm builds for one input size is built for the crop size.
+            parser.link_arguments("data.image_size", "model.net.img_size", apply_on="parse",
+                                  compute_fn=_plain_image_size)
             parser.link_arguments("data.num_classes", "model.net.num_classes",
                                   apply_on="instantiate")
             parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
