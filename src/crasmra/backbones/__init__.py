@@ -5,7 +5,7 @@ attention module can act between two stages (see :mod:`crasmra.backbones.staged`
 """
 
 from crasmra.backbones.families import CNN, HIERARCHICAL, TOKENS, backbone_family
-from crasmra.backbones.plan import check_backbone
+from crasmra.backbones.plan import check_backbone, timm_size_options
 from crasmra.backbones.segments import resolve_stage_indices
 from crasmra.backbones.staged import StagedBackbone
 from crasmra.backbones.weights import (
@@ -25,4 +25,5 @@ __all__ = [
     "check_backbone_name",
     "load_weights_file",
     "resolve_stage_indices",
+    "timm_size_options",
 ]

@@ -26,7 +26,7 @@ from crasmra.backbones.segments import (
 )
 from crasmra.backbones.weights import PretrainedArg, check_backbone_name, create_timm_model
 
-__all__ = ["StagePlan", "build_timm_model", "check_backbone", "plan_stages"]
+__all__ = ["StagePlan", "build_timm_model", "check_backbone", "plan_stages", "timm_size_options"]
 
 ImageSize = int | Sequence[int]
 
@@ -55,6 +55,16 @@ class StagePlan:
     num_feature_stages: int
 
 
+def timm_size_options(name: str, img_size: ImageSize | None) -> dict[str, object]:
+    """The ``timm.create_model`` options crasmra builds ``name`` with for ``img_size`` px:
+    none for a CNN; ``img_size`` and dynamic sizes for a Transformer timm pins to one size
+    (see :func:`~crasmra.backbones.families.size_options`). For scripts that build timm's
+    own model beside crasmra's, e.g. the plain classifier in the benchmarks."""
+    with torch.device("meta"):  # the class and its default config, without memory
+        probe = timm.create_model(name, pretrained=False)
+    return size_options(probe, name, img_size)
+
+
 def build_timm_model(
     name: str, pretrained: PretrainedArg = False, img_size: ImageSize | None = None
 ) -> tuple[nn.Module, bool]:
@@ -66,9 +76,7 @@ def build_timm_model(
         The model, and whether it was built for ``img_size`` (False for CNNs, which take any
         size, and when ``img_size`` is None).
     """
-    with torch.device("meta"):  # the class and its default config, without memory
-        probe = timm.create_model(name, pretrained=False)
-    options = size_options(probe, name, img_size)
+    options = timm_size_options(name, img_size)
     return create_timm_model(name, pretrained, **options), "img_size" in options
 
 
