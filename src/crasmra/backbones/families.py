@@ -205,7 +205,7 @@ class TokenSegments:
         grid = (x.shape[1], x.shape[2]) if x.dim() == 4 else tuple(model.patch_embed.grid_size)
         embedded = model._pos_embed(x)  # (B, P + H*W, C); EVA also returns its rope
         tokens, rope = embedded if isinstance(embedded, tuple) else (embedded, None)
-        return model.norm_pre(tokens), (int(grid[0]), int(grid[1])), rope
+        return model.norm_pre(tokens), (grid[0], grid[1]), rope
 
     def _split(self, tokens: Tensor, grid: tuple[int, int], rope: Tensor | None) -> TokenState:
         b, _, c = tokens.shape
