@@ -154,3 +154,18 @@ def test_patch_dropout_is_refused() -> None:
     model = timm.create_model("vit_tiny_patch16_224", patch_drop_rate=0.5, img_size=32)
     with pytest.raises(ValueError, match="patch_drop_rate=0"):
         TokenSegments.check(model, "vit_tiny_patch16_224")
+
+
+@pytest.mark.parametrize(("name", "size"), [CASES[0], CASES[2]])
+def test_final_features_end_with_timms_final_norm(name: str, size: int) -> None:
+    ours = StagedBackbone(name, final_features=True, img_size=size).eval()
+    reference = timm.create_model(name, img_size=size, dynamic_img_size=True).eval()
+    reference.load_state_dict(ours.model.state_dict(), strict=False)
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        [want] = reference.forward_intermediates(
+            x, indices=[ours.stage_indices[-1]], norm=True, intermediates_only=True
+        )
+        got = ours(x)
+    torch.testing.assert_close(got[-1], want)
+    assert not isinstance(ours.model.norm, torch.nn.Identity)
