@@ -148,7 +148,7 @@ def test_demo_config_file_matches_the_demo_command() -> None:
         ("--model.optim.lr_heads=0", "lr_heads"),
         ("--data.batch_size=0", "batch_size"),
         ("--model.optim.lr_backbone=1e300", "lr_backbone must be at most"),
-        ("--model.net.backbone=vit_tiny_patch16_224", "needs a timm CNN"),
+        ("--model.net.backbone=maxvit_tiny_tf_224", "neither dynamic_img_size nor strict_img_size"),
         ("--trainer.max_epochs=-5", "max_epochs"),
         ("--data.image_size=100000", "at most 4096 pixels"),
     ],
