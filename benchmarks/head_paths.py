@@ -88,16 +88,18 @@ def stage_features(
     suppressed = [0.0 for _ in net.attention]
     labels, seen = [], 0
     for images, target in loader:
-        x = images
+        state = images
         for i, attention in enumerate(net.attention):
-            x = net.backbone.forward_segment(i, x)
+            state = net.backbone.forward_segment(i, state)
+            x = net.backbone.stage_map(state)  # (B, C, H, W), whatever the backbone's layout
             feats[i].append(x.mean(dim=(2, 3)))
             if suppress and i < len(net.attention) - 1:
                 importance = attention.channel_importance(x).flatten(1)  # (B, C)
                 probs = importance.softmax(dim=1)
                 mask = probs >= attention.delta * probs.amax(dim=1, keepdim=True)
                 suppressed[i] += float(mask.sum())
-                _, x = attention(x)
+                _, x_s = attention(x)
+                state = net.backbone.with_map(state, x_s)
         labels.append(target)
         seen += len(target)
     return [torch.cat(f) for f in feats], torch.cat(labels), [s / max(seen, 1) for s in suppressed]

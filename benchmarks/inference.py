@@ -28,6 +28,7 @@ from benchlib import (
     pick_device,
     time_alternating,
 )
+from crasmra.backbones import timm_size_options
 from crasmra.model import create_model
 
 INFER_KINDS: tuple[str, ...] = ("plain", "cra-smra")
@@ -50,9 +51,10 @@ def build_network(kind: str, cfg: InferConfig) -> nn.Module:
     """The eval-mode network of ``kind``: ``plain`` or a CRA-SMRA variant (same graph for all
     variants with attention, so ``cra-smra`` stands for ``cram`` too)."""
     if kind == "plain":
-        net = timm.create_model(cfg.backbone, num_classes=cfg.num_classes)
+        net = timm.create_model(cfg.backbone, num_classes=cfg.num_classes,
+                                **timm_size_options(cfg.backbone, cfg.size))
     else:
-        net = create_model(cfg.backbone, cfg.num_classes, variant=kind)
+        net = create_model(cfg.backbone, cfg.num_classes, variant=kind, img_size=cfg.size)
     net = net.to(pick_device(cfg.device)).eval()
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -7,7 +7,9 @@ benchmark, ``input_pipeline.py``).
 
 Step kinds:
 
-* ``plain``: ``timm.create_model(backbone, num_classes=K)`` with cross-entropy.
+* ``plain``: ``timm.create_model(backbone, num_classes=K)`` with cross-entropy. A Transformer
+  that timm builds for one input size (Swin, ViT) is built for ``--size`` here and in every
+  other kind, with the options crasmra uses (:func:`crasmra.backbones.timm_size_options`).
 * ``baseline``, ``cbam``, ``cram``, ``cra-smra``: :func:`crasmra.model.create_model` with
   :class:`crasmra.losses.CRASMRALoss`; ``cra-smra`` adds :func:`crasmra.model.create_smram`'s
   diversity loss (SMRAM's parameters are optimised too).
@@ -43,6 +45,7 @@ from benchlib import (
     pick_device,
     time_alternating,
 )
+from crasmra.backbones import timm_size_options
 from crasmra.losses import CRASMRALoss, trains_with_smram
 from crasmra.model import PAPER_VARIANTS, create_model, create_smram
 
@@ -101,9 +104,11 @@ class PMGNet(nn.Module):
     forward computes all four outputs; each training pass uses one of them.
     """
 
-    def __init__(self, backbone: str, num_classes: int, feature: int = 512, width: int = 1024):
+    def __init__(self, backbone: str, num_classes: int, feature: int = 512, width: int = 1024,
+                 size: int | None = None):
         super().__init__()
-        self.features = timm.create_model(backbone, features_only=True, out_indices=(-3, -2, -1))
+        self.features = timm.create_model(backbone, features_only=True, out_indices=(-3, -2, -1),
+                                          **timm_size_options(backbone, size))
         channels = self.features.feature_info.channels()
         self.blocks = nn.ModuleList(
             nn.Sequential(BasicConv(c, feature, 1), BasicConv(feature, width, 3)) for c in channels
@@ -155,11 +160,15 @@ class TrainStep:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.smram: nn.Module | None = None
         if kind == "plain":
-            self.net: nn.Module = timm.create_model(cfg.backbone, num_classes=cfg.num_classes)
+            self.net: nn.Module = timm.create_model(
+                cfg.backbone, num_classes=cfg.num_classes,
+                **timm_size_options(cfg.backbone, cfg.size),
+            )
         elif kind == "pmg":
-            self.net = PMGNet(cfg.backbone, cfg.num_classes)
+            self.net = PMGNet(cfg.backbone, cfg.num_classes, size=cfg.size)
         else:
-            self.net = create_model(cfg.backbone, cfg.num_classes, variant=kind)
+            self.net = create_model(cfg.backbone, cfg.num_classes, variant=kind,
+                                    img_size=cfg.size)
             self.criterion = CRASMRALoss()
             if trains_with_smram(kind):
                 self.smram = create_smram(self.net).to(self.device)

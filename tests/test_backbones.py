@@ -67,7 +67,7 @@ def test_resnet50_stage_names_channels_and_trimmed_head() -> None:
 def test_densenet161_attends_after_the_last_three_dense_blocks() -> None:
     backbone = StagedBackbone("densenet161")
     assert backbone.stage_channels == (768, 2112, 2208)
-    segments = backbone._segments
+    segments = backbone._runner.segments
     assert segments[0][-1] == "features.denseblock2"
     assert segments[1][-1] == "features.denseblock3"
     assert segments[2][-2:] == ("features.denseblock4", "features.norm5")

@@ -49,6 +49,9 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
         if path.parent.name in ("cub10", "cub100", "finetune"):
             _check_finetune_recipe(path, resolved)
             continue
+        if path.stem in TRANSFORMER_RECIPES:
+            _check_transformer_recipe(path, resolved)
+            continue
         dataset = path.parent.name
         assert resolved["data"]["dataset"] == dataset
         backbone, _, variant = path.stem.partition("-")
@@ -73,6 +76,30 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
         assert resolved["trainer"]["default_root_dir"].endswith(
             path.stem if variant else f"{path.stem}-cra-smra"
         )
+
+
+#: Our Transformer recipes (the paper has none): file stem -> (timm weights, crop, resize).
+TRANSFORMER_RECIPES = {
+    "vit_base": ("vit_base_patch16_224.orig_in21k", 448, 600),
+    "swin_base": ("swin_base_patch4_window12_384.ms_in22k_ft_in1k", 384, 510),
+}
+
+
+def _check_transformer_recipe(path: Path, resolved: dict) -> None:
+    """A Transformer recipe: named timm weights, the crop of the recipe it follows, the paper's
+    CRAM and loss weights, stages that the backbone can be split at."""
+    from crasmra.backbones import check_backbone
+
+    weights, crop, resize = TRANSFORMER_RECIPES[path.stem]
+    net = resolved["model"]["net"]
+    assert resolved["data"]["dataset"] == path.parent.name == "cub"
+    assert net["backbone"] == weights and net["pretrained"] is True
+    assert net["variant"] == "cra-smra" and (net["omega"], net["delta"]) == (0.5, 0.9)
+    assert [resolved["model"]["loss"][k] for k in ("alpha", "beta", "gamma")] == [2.0, 1.0, 1.0]
+    assert (resolved["data"]["image_size"], resolved["data"]["resize_size"]) == (crop, resize)
+    assert resolved["data"]["random_crop"] is True and resolved["data"]["val_fraction"] == 0
+    assert tuple(net["stage_indices"]) == check_backbone(weights, net["stage_indices"], crop)
+    assert resolved["trainer"]["default_root_dir"] == f"runs/cub/{path.stem}-cra-smra"
 
 
 def _check_finetune_recipe(path: Path, resolved: dict) -> None:
@@ -121,7 +148,7 @@ def test_demo_config_file_matches_the_demo_command() -> None:
         ("--model.optim.lr_heads=0", "lr_heads"),
         ("--data.batch_size=0", "batch_size"),
         ("--model.optim.lr_backbone=1e300", "lr_backbone must be at most"),
-        ("--model.net.backbone=vit_tiny_patch16_224", "needs a timm CNN"),
+        ("--model.net.backbone=maxvit_tiny_tf_224", "neither dynamic_img_size nor strict_img_size"),
         ("--trainer.max_epochs=-5", "max_epochs"),
         ("--data.image_size=100000", "at most 4096 pixels"),
     ],

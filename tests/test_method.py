@@ -31,6 +31,13 @@ from crasmra.model import CRASMRANet, ModelOutput, create_model, create_smram, v
 
 TINY_NET = dict(head_channels=16, head_hidden=8)
 TINY_MODULE = dict(backbone="resnet10t", num_classes=4, pretrained=False, **TINY_NET)
+#: One CNN and Transformers at the smallest size their stages allow: (backbone, image size).
+#: Swin hands CRAM channels-last maps turned to (B, C, H, W); a ViT its patch tokens as a map.
+CNN_AND_TRANSFORMERS = [
+    ("resnet10t", 64),
+    ("swin_tiny_patch4_window7_224", 64),
+    ("vit_tiny_patch16_224", 32),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -309,25 +316,31 @@ def _spy_network(net: CRASMRANet, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     return seen
 
 
+@pytest.mark.parametrize(("backbone", "size"), CNN_AND_TRANSFORMERS)
 def test_each_stage_reads_the_suppressed_map_and_heads_read_the_enhanced_map(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, backbone: str, size: int
 ) -> None:
     """Segment i+1 reads X_s = S X of stage i; the heads and ``features`` are X_e."""
-    net = create_model("resnet10t", 5, variant="cram", **TINY_NET).eval()
+    net = create_model(backbone, 5, variant="cram", img_size=size, **TINY_NET).eval()
     seen = _spy_network(net, monkeypatch)
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randn(2, 3, size, size)
     with torch.no_grad():
         out = net(images)
     assert [i for i, _, _ in seen["segments"]] == [0, 1, 2]
     assert seen["segments"][0][1] is images
+    stage_map = net.backbone.stage_map  # (B, C, H, W) of a segment's input or output
     for i, (cram, x, (x_e, x_s)) in enumerate(seen["attention"]):
-        assert torch.equal(x, seen["segments"][i][2])  # CRAM reads the stage output X
+        output = seen["segments"][i][2]
+        assert x.dim() == 4 and torch.equal(x, stage_map(output))  # CRAM reads the stage's X
         importance = ref_importance(cram, x)
         torch.testing.assert_close(x_s, ref_mask(importance, 0.5, 0.9)[:, :, None, None] * x)
         assert not torch.equal(x_s, x)
         if i + 1 < len(seen["segments"]):
             next_input = seen["segments"][i + 1][1]
-            assert torch.equal(next_input, x_s) and not torch.equal(next_input, x)
+            assert torch.equal(stage_map(next_input), x_s)
+            assert not torch.equal(stage_map(next_input), x)
+            if hasattr(output, "prefix"):  # a ViT's class token passes CRAM unchanged
+                assert next_input.prefix is output.prefix
         assert torch.equal(out.features[i], x_e)
         assert torch.equal(seen["pooled"][i], x_e)
     pooled = [f.flatten(2).max(dim=2).values for f in out.features]
@@ -494,13 +507,17 @@ def test_training_step_optimises_the_objective(monkeypatch: pytest.MonkeyPatch) 
         torch.testing.assert_close(logged[f"train/{k}"], v)
 
 
-def test_smram_reads_the_enhanced_maps_and_its_gradient_reaches_the_network() -> None:
+@pytest.mark.parametrize(("backbone", "size"), [CNN_AND_TRANSFORMERS[0], CNN_AND_TRANSFORMERS[2]])
+def test_smram_reads_the_enhanced_maps_and_its_gradient_reaches_the_network(
+    backbone: str, size: int
+) -> None:
     """With alpha = beta = 0 the loss is gamma L_div alone: it must train CRAM and the
     backbone through X_e, and SMRAM must read exactly the heads' maps."""
-    module = _module(alpha=0.0, beta=0.0, gamma=1.0).train()
+    module = _module(backbone=backbone, net={"img_size": size}, alpha=0.0, beta=0.0, gamma=1.0)
+    module.train()
     inputs: list[list[Tensor]] = []
     module.smram.register_forward_hook(lambda mod, args, out: inputs.append(list(args[0])))
-    out = module(torch.randn(4, 3, 64, 64))
+    out = module(torch.randn(4, 3, size, size))
     total, _ = module.compute_loss(out, torch.tensor([0, 1, 2, 3]))
     assert len(inputs) == 1 and all(
         a is b or torch.equal(a, b) for a, b in zip(inputs[0], out.features, strict=True)

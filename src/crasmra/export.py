@@ -196,6 +196,9 @@ def _export_onnx(
         # onnxscript, which is not a dependency. The parity check below validates the result.
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message=".*feature will be removed.*")
+        # Only the batch is dynamic: the traced image size (a ViT's patch grid, a Swin's
+        # window masks) is meant to be a constant, and the parity check validates the graph.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         try:
             torch.onnx.export(
                 wrapper, (example,), str(path), dynamo=False, input_names=["images"],

@@ -97,7 +97,8 @@ class NetConfig:
     checkpoint's ``net_config`` is :meth:`as_dict` of it. Constructing one validates it.
 
     Attributes:
-        backbone: timm CNN name with at least three feature stages.
+        backbone: timm model name with at least three feature stages: a CNN, a Swin or a
+            plain ViT (see :mod:`crasmra.backbones`).
         num_classes: Number of classes K.
         variant: One of :func:`variant_names`.
         pretrained: False (random init), True (timm ImageNet weights by name) or a path to a
@@ -126,6 +127,10 @@ class NetConfig:
             (EfficientNet: 1280 channels after its final 1x1 convolution, instead of the last
             block's 320); no change for ResNets. Ours, for backbones whose last feature stage
             is not their final feature map.
+        img_size: The input size (int or ``[h, w]``) a Transformer that timm builds for one
+            size is built for (Swin's attention windows, ViT's position embedding); it still
+            runs at other sizes. None: timm's default (224 for most). The command line sets it
+            from ``--data.image_size``. CNNs ignore it.
         head_weights: Weights of the heads (stage heads, then concat; plain: its one head)
             in the combined prediction, non-negative, normalised to sum 1; None for the
             paper's mean of the softmaxes. Set by ``--model.finetune.combine fitted``
@@ -148,11 +153,14 @@ class NetConfig:
     suppress_source: str = "input"
     attention_options: dict[str, Any] | None = None
     final_features: bool = False
+    img_size: int | list[int] | None = None
     head_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.stage_indices is not None:
             self.stage_indices = list(self.stage_indices)
+        if isinstance(self.img_size, tuple):
+            self.img_size = list(self.img_size)
         self.check()
 
     @classmethod
@@ -221,6 +229,15 @@ class NetConfig:
                 f"final_features must be true or false, got {self.final_features!r}; change "
                 "--model.net.final_features."
             )
+        size = self.img_size
+        sizes = [size] if is_int(size) else size if isinstance(size, list) else []
+        if size is not None and not (
+            len(sizes) == (1 if is_int(size) else 2) and all(is_int(s) and s >= 1 for s in sizes)
+        ):
+            raise ValueError(
+                f"img_size must be an int >= 1 or [h, w], got {size!r}; change --data.image_size "
+                "(the command line links it to --model.net.img_size)."
+            )
         if self.head_weights is not None:
             self.head_weights = normalized_head_weights(self.head_weights)
         if self.attention_options is not None and not isinstance(self.attention_options, dict):
@@ -283,5 +300,7 @@ def validate_hparams(
                              "change --model.net.pretrained.")
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"Pretrained weights file not found: {str(pretrained)!r}")
-    config.stage_indices = list(check_backbone(backbone, config.stage_indices))
+    config.stage_indices = list(
+        check_backbone(backbone, config.stage_indices, config.img_size)
+    )
     return {**dataclasses.asdict(config), "pretrained": pretrained}

@@ -26,7 +26,7 @@ class CRASMRANet(Network):
     of every registered attention module; ``plain`` is :class:`~crasmra.model.PlainNet`.
 
     Args:
-        backbone: timm CNN name with at least three feature stages.
+        backbone: timm model name with at least three feature stages (CNN, Swin, ViT).
         num_classes: Number of classes K.
         variant: One of :func:`~crasmra.model.variant_names` but ``"plain"``; which attention
             module follows each attended stage (see
@@ -63,6 +63,7 @@ class CRASMRANet(Network):
             pretrained=pretrained,
             stage_indices=cfg.stage_indices,
             final_features=bool(cfg.final_features),
+            img_size=cfg.img_size,
         )
         super().__init__(cfg, staged, staged.stage_names)
         self.attention = nn.ModuleList(
@@ -123,9 +124,13 @@ class CRASMRANet(Network):
     def forward_features(self, x: Tensor) -> tuple[Tensor, ...]:
         """Run backbone and attention; return the head-side maps x_e, one per stage."""
         features = []
+        state: Any = x
         for i, attention in enumerate(self.attention):
-            x = self.backbone.forward_segment(i, x)
-            x_e, x = attention(x)  # x becomes x_s, the next segment's input
+            state = self.backbone.forward_segment(i, state)
+            # The attention reads the stage's (B, C, H, W) map X; x_s, in the backbone's own
+            # layout (Swin: channels-last; ViT: behind its class tokens), feeds the next stage.
+            x_e, x_s = attention(self.backbone.stage_map(state))
+            state = self.backbone.with_map(state, x_s)
             features.append(x_e)
         return tuple(features)
 

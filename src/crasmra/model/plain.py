@@ -27,7 +27,7 @@ class PlainNet(Network):
     variants.
 
     Args:
-        backbone: timm CNN name.
+        backbone: timm model name (CNN, Swin, ViT).
         num_classes: Number of classes K.
         pretrained: False, True (timm ImageNet weights by name) or a local weights file.
         **hparams: The other fields of :class:`~crasmra.model.NetConfig`.
@@ -52,6 +52,7 @@ class PlainNet(Network):
             stage_indices=cfg.stage_indices,
             num_classes=num_classes,  # timm's own head, its classifier reset to K classes
             final_features=bool(cfg.final_features),
+            img_size=cfg.img_size,
         )
         super().__init__(cfg, staged, (f"stage{staged.num_feature_stages}",))
         self._finish(cfg)

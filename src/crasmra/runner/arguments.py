@@ -3,12 +3,19 @@ that carry the data's class list and transform into the model."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.pytorch.cli import LightningArgumentParser
 
 from crasmra.callbacks import ResumableCheckpoint
 from crasmra.metric_names import MONITOR
 
 __all__ = ["add_run_arguments"]
+
+
+def _plain_image_size(size: Any) -> int | list[int] | None:
+    """``--data.image_size`` as NetConfig.img_size takes it: an int or ``[h, w]``."""
+    return size if size is None or isinstance(size, int) else [int(s) for s in size]
 
 
 def add_run_arguments(parser: LightningArgumentParser) -> None:
@@ -48,6 +55,9 @@ def add_run_arguments(parser: LightningArgumentParser) -> None:
         "checkpoints or metrics (they are replaced). Without it such a folder is refused.",
     )
     parser.link_arguments("model.net.backbone", "data.backbone", apply_on="parse")
+    # A Transformer that timm builds for one input size is built for the crop size.
+    parser.link_arguments("data.image_size", "model.net.img_size", apply_on="parse",
+                          compute_fn=_plain_image_size)
     parser.link_arguments("data.num_classes", "model.net.num_classes", apply_on="instantiate")
     parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
     parser.link_arguments(

@@ -68,6 +68,15 @@ def _check_map(model: Network, index: int, feature: Any) -> None:
     if not isinstance(feature, Tensor) or feature.dim() != 4 or not feature.is_floating_point():
         shape = (f"{tuple(feature.shape)} {feature.dtype}" if isinstance(feature, Tensor)
                  else type(feature).__name__)
+        if not model.attention and isinstance(feature, Tensor) and feature.dim() == 3:
+            # A plain ViT: timm's features are (N, tokens, C) and its classifier reads the
+            # class token, so the patch tokens of its last block carry no gradient to explain.
+            raise ValueError(
+                f"Grad-CAM of the plain variant needs timm's last feature map as (N, C, h, w); "
+                f"{model.config['backbone']} gives {shape} tokens. Explain one of its CRA-SMRA "
+                "variants instead (--model.net.variant cra-smra), whose stage maps are "
+                "(N, C, h, w)."
+            )
         raise ValueError(
             f"Grad-CAM needs each stage's head-side map x_e as a floating-point (N, C, h, w) "
             f"tensor; {_stage_label(model, index)} gave {shape}. An attention module's forward "
