@@ -111,7 +111,9 @@ def build_module(**options: Any) -> Any:
     parts: dict[str, dict[str, Any]] = {part: {} for part in kinds}
     rest: dict[str, Any] = {}
     for key, value in options.items():
-        if key in part_of:
+        if key in kinds and isinstance(value, dict):  # a part given whole, e.g. net={...}
+            parts[key].update(value)
+        elif key in part_of:
             parts[part_of[key]][key] = value
         else:
             rest[key] = value

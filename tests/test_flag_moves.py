@@ -109,8 +109,9 @@ def flatten_checkpoint(path: Path) -> None:
     hparams = ckpt["hyper_parameters"]
     flat: dict[str, Any] = {"_instantiator": "lightning.pytorch.cli.instantiate_module"}
     for key, value in hparams.items():
-        flat.update(value if key in ("net", "loss", "optim", "finetune", "runtime") else
-                    {key: value})
+        # Options added after the move never stood in a flat checkpoint.
+        flat.update({k: v for k, v in value.items() if k in MOVED_KEYS}
+                    if key in ("net", "loss", "optim", "finetune", "runtime") else {key: value})
     assert set(flat) - {"_instantiator", "classes", "transform_config"} >= set(MOVED_KEYS)
     ckpt["hyper_parameters"] = flat
     meta = ckpt["crasmra"]
