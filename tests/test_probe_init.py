@@ -28,15 +28,29 @@ def _stretched_classes(per_class: int, seed: int = 0) -> tuple[torch.Tensor, tor
     return x + torch.tensor([3.0, 1.0]), y
 
 
-def test_probe_linear_makes_the_layer_compute_the_probes_logits() -> None:
-    x, y = _stretched_classes(40)
-    layer = nn.Linear(2, 2)
-    center, norm = x.mean(dim=0), 7.0
+def _directional_classes(per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three classes told apart by their direction from a centre; each feature's norm varies
+    tenfold and says nothing of its class."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.eye(3)
+    y = torch.arange(3).repeat_interleave(per_class)
+    radius = 1.0 + 9.0 * torch.rand(3 * per_class, 1, generator=g)
+    x = radius * (directions[y] + 0.3 * torch.randn(3 * per_class, 3, generator=g))
+    return x + torch.tensor([5.0, -2.0, 1.0]), y
+
+
+def test_probe_linear_makes_the_layer_compute_the_probes_logits_scaled_by_the_norm() -> None:
+    x, y = _directional_classes(30)
+    layer = nn.Linear(3, 3)
+    center, norm = torch.tensor([5.0, -2.0, 1.0]), 4.0
     probe, choice = probe_linear(layer, x, y, center, norm)
-    expected = probe.logits((x - center) / norm)  # (N, K) on the centred, scaled features
+    centred = (x - center).double()
+    unit = torch.nn.functional.normalize(centred, dim=1)  # (N, D)
+    # A bias-free probe of directions: the layer's logits are its logits times |h - c| / norm.
+    assert torch.count_nonzero(probe.bias) == 0
+    expected = probe.logits(unit) * (centred.norm(dim=1, keepdim=True) / norm)
     assert torch.allclose(layer(x).double(), expected, atol=1e-4)
-    # It separates what the nearest class mean cannot.
-    assert probe.accuracy((x - center) / norm, y) >= 0.95
+    assert torch.equal(layer(x).argmax(dim=1), probe.logits(unit).argmax(dim=1))
     assert float((layer(x).argmax(dim=1) == y).float().mean()) >= 0.95
     assert choice.selection == "holdout"
 
@@ -113,93 +127,3 @@ def test_engine_fits_the_probe_before_the_first_step(tmp_path: Path) -> None:
 def test_probe_init_is_an_imprinting_init_for_the_other_switches(kwargs: dict) -> None:
     module = build_module(backbone="resnet10t", num_classes=3, head_init="probe", **kwargs)
     assert module.finetune.imprints
-
-
-# ---------------------------------------------------------------- keep_probe_decay
-
-
-def test_the_probe_is_a_stationary_point_of_the_training_objective_with_the_carried_decay(
-) -> None:
-    # carry_probe_decay's conversion: on the layer's own weights the probe's objective is
-    # CE + decay * norm**2 / 2 * ||W||^2, so its fitted weights have (nearly) zero gradient.
-    x, y = _stretched_classes(30)
-    layer = nn.Linear(2, 2).double()
-    center, norm, decay = x.mean(dim=0).double(), 7.0, 1e-2
-    probe_linear(layer, x.double(), y, center, norm, decays=(decay,))
-
-    def gradient(layer_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
-        layer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(layer(x.double()), y)
-        (loss + 0.5 * layer_decay * layer.weight.pow(2).sum()).backward()
-        return layer.weight.grad.abs().max(), layer.bias.grad.abs().max()
-
-    weight_grad, bias_grad = gradient(decay * norm**2)
-    assert weight_grad < 1e-4 and bias_grad < 1e-4
-    # The decay unscaled, or scaled by the norm once, is another objective.
-    assert gradient(decay)[0] > 1e-2 and gradient(decay * norm)[0] > 1e-2
-
-
-def test_split_classifiers_gives_each_classifier_weight_a_group_of_its_own() -> None:
-    from crasmra.engine.parts import OptimConfig
-    from crasmra.engine.schedule import CLASSIFIER_GROUP, parameter_groups
-
-    for variant in ("cra-smra", "plain"):
-        net = _net(variant)
-        optim = OptimConfig()
-        plain_groups = parameter_groups(net, None, optim)
-        split = parameter_groups(net, None, optim, split_classifiers=True)
-        everything = [id(p) for g in plain_groups for p in g["params"]]
-        assert sorted(id(p) for g in split for p in g["params"]) == sorted(everything)
-        own = {g["name"]: g for g in split if g["name"].startswith(CLASSIFIER_GROUP)}
-        assert set(own) == {CLASSIFIER_GROUP + h for h in net.head_names}
-        for head, layer in net.classifier_layers().items():
-            group = own[CLASSIFIER_GROUP + head]
-            assert group["params"] == [layer.weight] and group["lr"] == optim.lr_heads
-        heads = next(g for g in split if g["name"] == "heads")
-        first_bias = next(iter(net.classifier_layers().values())).bias
-        assert any(p is first_bias for p in heads["params"])
-
-
-def test_carry_probe_decay_weighs_each_head_by_its_loss_weight() -> None:
-    from crasmra.engine.parts import OptimConfig
-    from crasmra.engine.probe_decay import carry_probe_decay, head_loss_weights
-    from crasmra.engine.schedule import parameter_groups
-    from crasmra.finetune import ImprintReport
-    from crasmra.losses import LossWeights
-
-    net = _net("cra-smra")
-    loss = LossWeights(alpha=2.0, beta=0.5)
-    assert head_loss_weights(net, loss) == {**dict.fromkeys(net.stage_names, 2.0),
-                                            "concat": 0.5}
-    assert head_loss_weights(_net("plain"), loss) == {"classifier": 1.0}
-    optimizer = torch.optim.SGD(
-        parameter_groups(net, None, OptimConfig(), split_classifiers=True), lr=0.1,
-        weight_decay=1e-5)
-    last, concat = net.stage_names[-1], "concat"
-    report = ImprintReport({}, {}, probe_decay={last: 1e-3, concat: 1e-2},
-                           probe_selection={last: "fixed", concat: "holdout"},
-                           probe_norm={last: 10.0, concat: 4.0})
-    applied = carry_probe_decay(optimizer, net, report, loss)
-    assert applied == pytest.approx({last: 2.0 * 1e-3 * 100.0, concat: 0.5 * 1e-2 * 16.0})
-    decay = {g["name"]: g["weight_decay"] for g in optimizer.param_groups}
-    assert decay[f"classifier/{last}"] == pytest.approx(0.2)
-    assert decay[f"classifier/{net.stage_names[0]}"] == 1e-5  # no probe: unchanged
-    assert decay["heads"] == 1e-5
-
-
-def test_engine_carries_the_probe_decay_into_the_optimiser(tmp_path: Path) -> None:
-    import lightning as L
-
-    seen: dict[str, float] = {}
-
-    class _Decays(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-            if not seen:
-                seen.update({g["name"]: g["weight_decay"]
-                             for g in trainer.optimizers[0].param_groups})
-
-    _fit(tmp_path, head_init="probe", keep_probe_decay=True, callbacks=(_Decays(),))
-    carried = {k: v for k, v in seen.items() if k.startswith("classifier/")}
-    assert len(carried) == 4 and all(v > 1e-5 for v in carried.values())
-    with pytest.raises(ValueError, match=r"--model\.finetune\.head_init probe"):
-        build_module(backbone="resnet10t", num_classes=3, keep_probe_decay=True)

@@ -20,8 +20,9 @@ from crasmra.engine.parts import FinetuneConfig, OptimConfig, RuntimeConfig, che
 from crasmra.engine.schedule import build_scheduler, build_sgd, parameter_groups
 from crasmra.engine.starting_weights import (
     apply_checkpoint_metadata,
+    imprint_heads,
     init_network_from,
-    start_heads,
+    training_batches,
 )
 from crasmra.finetune import SuppressionWarmup
 from crasmra.flag_moves import PARTS, nest_flat_hparams
@@ -236,8 +237,9 @@ class CRASMRAModule(L.LightningModule):
         self._suppression.apply(self.net, self.global_step)
         # A resumed run restores imprinted (and trained) weights from its checkpoint.
         if self.finetune.imprints and self.global_step == 0:
-            start_heads(self.net, self.trainer, self._channels_last, self.finetune,
-                        self.loss_weights)
+            imprint_heads(self.net, lambda: training_batches(
+                self.trainer, self._channels_last, self.finetune.imprint_transform),
+                self.finetune)
 
     def on_train_epoch_start(self) -> None:
         self.nonfinite.epoch_start()
@@ -270,8 +272,7 @@ class CRASMRAModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
         """SGD parameter groups with the paper's per-module learning rates."""
-        return parameter_groups(self.net, self.smram, self.optim,
-                                split_classifiers=self.finetune.keep_probe_decay)
+        return parameter_groups(self.net, self.smram, self.optim)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_sgd(self.parameter_groups(), self.optim, self.device)

@@ -142,12 +142,6 @@ class FinetuneConfig:
             norm; None fits it per head to the training images' leave-one-out cross-entropy.
         imprint_centered: With ``"imprint"``, centre each head's features on the mean of its
             class means before the cosine (SimpleShot's CL2N; the default) or not.
-        keep_probe_decay: With ``"probe"``, every classifier keeps, while it trains, the
-            weight decay its logistic regression chose on held-out training photos, in the
-            layer's own scale and its head's loss weight
-            (:func:`crasmra.engine.probe_decay.carry_probe_decay`), instead of the
-            optimiser's ``weight_decay``: the probe is then a fixed point of training
-            instead of a start that unregularised steps on a few photos drift away from.
         imprint_transform: With ``"imprint"``, the view of the training images that the
             heads are imprinted (and the head paths initialised) from: ``"train"``, the
             training transform's random crops and flips, or ``"eval"``, the evaluation
@@ -170,7 +164,6 @@ class FinetuneConfig:
     imprint_logit_scale: float | None = None
     imprint_centered: bool = True
     imprint_transform: Literal["train", "eval"] = "train"
-    keep_probe_decay: bool = False
     combine: Literal["mean", "fitted"] = "mean"
     suppression_warmup_epochs: float = 0.0
 
@@ -194,12 +187,6 @@ class FinetuneConfig:
                 "--model.finetune.combine fitted fits the heads' weights when they are "
                 "imprinted; add --model.finetune.head_init imprint, or use "
                 "--model.finetune.combine mean."
-            )
-        if self.keep_probe_decay and self.head_init != "probe":
-            raise ValueError(
-                "--model.finetune.keep_probe_decay keeps the weight decay of the heads' "
-                "logistic regressions; add --model.finetune.head_init probe, or use "
-                "--model.finetune.keep_probe_decay false."
             )
         if self.imprint_logit_scale is not None:
             _number("--model.finetune.imprint_logit_scale", self.imprint_logit_scale,

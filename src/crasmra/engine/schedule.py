@@ -12,40 +12,17 @@ from torch import nn
 from crasmra.engine.parts import OptimConfig
 from crasmra.model import Network
 
-__all__ = ["CLASSIFIER_GROUP", "WarmupCosine", "build_scheduler", "build_sgd", "parameter_groups"]
+__all__ = ["WarmupCosine", "build_scheduler", "build_sgd", "parameter_groups"]
 
 
-#: Name prefix of a classifier's own parameter group (``classifier/<head>``).
-CLASSIFIER_GROUP = "classifier/"
-
-
-def parameter_groups(net: Network, smram: nn.Module | None, optim: OptimConfig,
-                     split_classifiers: bool = False) -> list[dict[str, Any]]:
-    """SGD parameter groups with the paper's per-module learning rates (empty ones left out).
-
-    Args:
-        net: The network.
-        smram: SMRAM, trained with the network, or None.
-        optim: The learning rates.
-        split_classifiers: Give every head's classifier weight a group of its own
-            (``classifier/<head>``, at the heads' learning rate), so that its weight decay can
-            be set apart (``--model.finetune.keep_probe_decay``).
-    """
+def parameter_groups(net: Network, smram: nn.Module | None,
+                     optim: OptimConfig) -> list[dict[str, Any]]:
+    """SGD parameter groups with the paper's per-module learning rates (empty ones left out)."""
     groups = net.parameter_groups()
-    heads = groups["heads"]
-    classifiers: list[tuple[str, list[nn.Parameter], float]] = []
-    if split_classifiers:
-        for head, layer in net.classifier_layers().items():
-            weight = getattr(layer, "weight", None)
-            if isinstance(weight, nn.Parameter) and weight.requires_grad:
-                classifiers.append((CLASSIFIER_GROUP + head, [weight], optim.lr_heads))
-        split = {id(params[0]) for _, params, _ in classifiers}
-        heads = [p for p in heads if id(p) not in split]
     spec = [
         ("backbone", groups["backbone"], optim.lr_backbone),
         ("attention", groups["attention"], optim.lr_attention),
-        ("heads", heads, optim.lr_heads),
-        *classifiers,
+        ("heads", groups["heads"], optim.lr_heads),
         ("smram", list(smram.parameters()) if smram is not None else [], optim.smram_lr()),
     ]
     return [{"name": n, "params": p, "lr": lr} for n, p, lr in spec if p]

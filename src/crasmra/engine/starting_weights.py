@@ -12,14 +12,12 @@ import torch
 from crasmra.checkpoint import read_network_state
 from crasmra.data.sampling import with_transform
 from crasmra.engine.parts import FinetuneConfig
-from crasmra.engine.probe_decay import carry_probe_decay
 from crasmra.finetune import (
     ImprintReport,
     fit_head_weights,
     imprint_classifiers,
     init_head_paths,
 )
-from crasmra.losses import LossWeights
 from crasmra.model import Network
 
 __all__ = [
@@ -27,7 +25,6 @@ __all__ = [
     "head_state_keys",
     "imprint_heads",
     "init_network_from",
-    "start_heads",
     "training_batches",
 ]
 
@@ -126,21 +123,6 @@ def imprint_heads(
             "predictions of the training images).",
             ", ".join(f"{n} {w:.2f}" for n, w in zip(net.head_names, weights, strict=True)),
         )
-    return report
-
-
-def start_heads(
-    net: Network, trainer: Any, channels_last: bool, finetune: FinetuneConfig,
-    loss: LossWeights,
-) -> ImprintReport:
-    """Before the first step: imprint (and probe) the heads on the training images
-    (:func:`imprint_heads`) and, with ``keep_probe_decay``, give the trainer's optimiser the
-    probes' weight decay (:func:`crasmra.engine.probe_decay.carry_probe_decay`)."""
-    report = imprint_heads(
-        net, lambda: training_batches(trainer, channels_last, finetune.imprint_transform),
-        finetune)
-    if finetune.keep_probe_decay:
-        carry_probe_decay(trainer.optimizers[0], net, report, loss)
     return report
 
 

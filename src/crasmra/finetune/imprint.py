@@ -128,8 +128,6 @@ class ImprintReport:
         probe_decay: With ``probe``, per head, the weight decay of its logistic regression.
         probe_selection: With ``probe``, per head, how the decay was chosen (``"holdout"`` or
             ``"fixed"``, :func:`crasmra.finetune.probe.select_decay`).
-        probe_norm: With ``probe``, per head, the norm that scaled its features for the fit:
-            the probe's decay on the layer's own weights is ``decay * norm**2``.
     """
 
     train_accuracy: dict[str, float]
@@ -138,7 +136,6 @@ class ImprintReport:
     loo_labels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     probe_decay: dict[str, float] = field(default_factory=dict)
     probe_selection: dict[str, str] = field(default_factory=dict)
-    probe_norm: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for the log."""
@@ -231,7 +228,6 @@ def imprint_classifiers(
     loo_labels = torch.zeros(0, dtype=torch.long)
     probe_decay: dict[str, float] = {}
     probe_selection: dict[str, str] = {}
-    probe_norm: dict[str, float] = {}
     for name, layer in layers.items():
         means = sums[name] / counts.clamp(min=1).unsqueeze(1)  # (K, D)
         center = means[present].mean(dim=0) if centered else means.new_zeros(means.shape[1])
@@ -256,6 +252,5 @@ def imprint_classifiers(
         if probe and mean_norm > 0 and math.isfinite(mean_norm):
             _, choice = probe_linear(layer, h, y, center, mean_norm)
             probe_decay[name], probe_selection[name] = choice.decay, choice.selection
-            probe_norm[name] = mean_norm
     return ImprintReport(train_accuracy, scales, loo_probs, loo_labels, probe_decay,
-                         probe_selection, probe_norm)
+                         probe_selection)

@@ -80,6 +80,7 @@ def fit_logreg(
     *,
     max_iter: int = PROBE_MAX_ITER,
     normalize: bool = True,
+    bias: bool = True,
 ) -> Probe:
     """Multinomial logistic regression on ``x`` (L2-normalised first), by full-batch L-BFGS.
 
@@ -93,15 +94,17 @@ def fit_logreg(
         weight_decay: L2 penalty on the weights, >= 0.
         max_iter: L-BFGS iterations at most.
         normalize: L2-normalise the features first (the anchor's probe); False fits a
-            classifier that is linear in ``x`` (a network's last layer).
+            classifier that is linear in ``x``.
+        bias: Fit a bias per class; False keeps it at zero, so that on normalised features
+            the classifier's argmax does not depend on a feature's norm.
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     feats = F.normalize(x.double(), dim=1) if normalize else x.double()
     weight = torch.zeros(num_classes, feats.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    bias_ = torch.zeros(num_classes, dtype=torch.float64, requires_grad=bias)
     optimizer = torch.optim.LBFGS(
-        [weight, bias],
+        [weight, bias_] if bias else [weight],
         lr=1.0,
         max_iter=max_iter,
         history_size=20,
@@ -112,7 +115,7 @@ def fit_logreg(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(feats @ weight.T + bias, y)
+        loss = F.cross_entropy(feats @ weight.T + bias_, y)
         loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
         loss.backward()
         return loss
@@ -120,7 +123,7 @@ def fit_logreg(
     with torch.enable_grad():
         optimizer.step(closure)
     iterations = int(optimizer.state[optimizer.param_groups[0]["params"][0]].get("n_iter", 0))
-    return Probe(weight.detach(), bias.detach(), iterations, normalize)
+    return Probe(weight.detach(), bias_.detach(), iterations, normalize)
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,7 @@ def select_decay(
     fallback_decay: float = FALLBACK_DECAY,
     max_iter: int = PROBE_MAX_ITER,
     normalize: bool = True,
+    bias: bool = True,
 ) -> DecayChoice:
     """Choose the probe's weight decay on a seeded stratified hold-out of the TRAINING features.
 
@@ -164,7 +168,7 @@ def select_decay(
     is fitted on the rest with each decay, and the best hold-out accuracy wins (ties: the lower
     hold-out cross-entropy, then the smaller decay). When some class has a single training
     photo no stratified hold-out exists and ``fallback_decay`` is returned as ``"fixed"``.
-    ``normalize`` is passed to :func:`fit_logreg`.
+    ``normalize`` and ``bias`` are passed to :func:`fit_logreg`.
     """
     if not decays:
         raise ValueError("decays must list at least one weight decay")
@@ -190,7 +194,7 @@ def select_decay(
     loss: dict[float, float] = {}
     for decay in decays:
         probe = fit_logreg(x_fit, y_fit, num_classes, float(decay), max_iter=max_iter,
-                           normalize=normalize)
+                           normalize=normalize, bias=bias)
         accuracy[float(decay)] = probe.accuracy(x_hold, y_hold)
         loss[float(decay)] = probe.loss(x_hold, y_hold)
     best = min(accuracy, key=lambda d: (-accuracy[d], loss[d], d))
@@ -212,22 +216,26 @@ def probe_linear(
 ) -> tuple[Probe, DecayChoice]:
     """Make ``layer`` the logistic regression of its own input features (a linear probe).
 
-    The probe is fitted on ``(h - center) / norm``, features of about unit norm, so that one
-    decay grid suits every layer; the layer computes the same logits from ``h`` itself
-    (``W = W' / norm``, ``b = b' - W' . center / norm``). The decay is chosen on a seeded
-    stratified hold-out of these training features (:func:`select_decay`).
+    The probe is fitted, without a bias, on the centred features L2-normalised one by one,
+    ``x = (h - center) / ||h - center||``: as the anchors' probe and the imprinted (cosine)
+    classifier, it compares directions, which is what generalises from one or two photos per
+    class. The layer computes ``W' (h - center) / norm``: for every feature the anchors'
+    logits ``W' x`` scaled by ``||h - center|| / norm`` (1 for a feature of average norm), so
+    its argmax is the probe's. The decay is chosen on a seeded stratified hold-out of these
+    training features (:func:`select_decay`).
 
     Args:
         layer: A (K, D) linear layer.
         features: (N, D) its inputs on the training images.
         labels: (N,) their classes in ``[0, K)``.
         center: (D,) subtracted from every feature.
-        norm: Divides every centred feature (> 0; e.g. their mean norm).
+        norm: Divides the weights (> 0; e.g. the centred features' mean norm), so that the
+            logits of a feature of that norm are the probe's.
         decays: The weight decays to choose from.
         seed: Seed of the hold-out split.
 
     Returns:
-        The probe (on the centred, scaled features) and how its decay was chosen.
+        The probe (on the centred, normalised features) and how its decay was chosen.
     """
     if not norm > 0:
         raise ValueError(f"norm must be > 0, got {norm}")
@@ -235,11 +243,11 @@ def probe_linear(
         raise ValueError("head_init 'probe' needs classifiers with a bias; use "
                          "--model.finetune.head_init imprint.")
     num_classes = layer.out_features
-    x = (features.double() - center.double()) / norm  # (N, D)
-    choice = select_decay(x, labels, num_classes, decays, seed=seed, normalize=False)
-    probe = fit_logreg(x, labels, num_classes, choice.decay, normalize=False)
+    x = F.normalize(features.double() - center.double(), dim=1)  # (N, D), unit norm
+    choice = select_decay(x, labels, num_classes, decays, seed=seed, normalize=False,
+                          bias=False)
+    probe = fit_logreg(x, labels, num_classes, choice.decay, normalize=False, bias=False)
     weight = probe.weight / norm  # (K, D)
     layer.weight.copy_(weight.to(layer.weight))
-    if layer.bias is not None:
-        layer.bias.copy_((probe.bias - weight @ center.double()).to(layer.bias))
+    layer.bias.copy_((-(weight @ center.double())).to(layer.bias))
     return probe, choice
