@@ -129,10 +129,10 @@ class FinetuneConfig:
             before the first step, every head's last linear layer becomes the
             nearest-class-mean classifier of its own input features on the training data
             (:func:`crasmra.finetune.imprint_classifiers`), or ``"probe"``: imprinted, then
-            refitted as the logistic regression of the same features, its weight decay
-            chosen on a hold-out of them (:func:`crasmra.finetune.probe.probe_linear`; linear
-            probing, then fine-tuning). Everything said below of ``"imprint"`` holds for
-            ``"probe"`` too.
+            refitted as the bias-free logistic regression of the same features' directions
+            (centred, L2-normalised), its weight decay chosen on a hold-out of them
+            (:func:`crasmra.finetune.probe.probe_linear`; linear probing, then fine-tuning).
+            Everything said below of ``"imprint"`` holds for ``"probe"`` too.
         head_path_init: ``"random"`` or ``"identity"``: with ``head_init: imprint``, each
             stage's projection keeps the span of its input's class means and every layer
             between it and the classifier starts as the identity on the training features

@@ -186,10 +186,11 @@ def imprint_classifiers(
             False imprints the plain cosine classifier of the class means.
         calibrate: Calibrate the added BatchNorm layers first; False keeps their statistics
             (after :func:`init_head_paths`, which sets them).
-        probe: After imprinting, refit every classifier as the logistic regression of the
-            same features (:func:`crasmra.finetune.probe.probe_linear`; linear probing before
-            fine-tuning, Kumar et al., ICLR 2022). The leave-one-out predictions (and so the
-            fitted combination weights) stay those of the imprinted classifiers.
+        probe: After imprinting, refit every classifier as the bias-free logistic regression
+            of the same features' directions (:func:`crasmra.finetune.probe.probe_linear`;
+            linear probing before fine-tuning, Kumar et al., ICLR 2022). The leave-one-out
+            predictions (and so the fitted combination weights) stay those of the imprinted
+            classifiers.
 
     Returns:
         Per head, the nearest-class-mean accuracy on the imprinting data itself (a check
