@@ -44,6 +44,17 @@ def _net(variant: str = "cra-smra", num_classes: int = 3):
     return create_model("resnet10t", num_classes, variant=variant, head_channels=16, head_hidden=16)
 
 
+def _training_accuracy(net) -> float:
+    """Top-1 of ``net``'s combined prediction, in eval mode, on :func:`_batches`' images."""
+    net.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, target in _batches()():
+            correct += int((net(images).probs.argmax(1) == target).sum())
+            total += len(target)
+    return correct / total
+
+
 def test_imprint_linear_is_the_centred_cosine_nearest_class_mean() -> None:
     torch.manual_seed(0)
     means = torch.randn(4, 6)
@@ -136,13 +147,7 @@ def test_calibration_sets_the_added_batchnorm_statistics_and_leaves_the_backbone
 def test_imprinted_heads_classify_their_training_data() -> None:
     net = _net("cra-smra")
     report = imprint_classifiers(net, _batches(), num_classes=3)
-    net.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for images, target in _batches()():
-            correct += int((net(images).probs.argmax(1) == target).sum())
-            total += len(target)
-    assert correct / total >= 0.9
+    assert _training_accuracy(net) >= 0.9
     assert min(report.train_accuracy.values()) >= 0.9
     # Fitted scales: every head's scale is one of the grid's, not the fallback by default.
     assert set(report.logit_scale) == set(net.head_names)

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import build_module
 from crasmra.finetune import imprint_classifiers
 from crasmra.finetune.probe import fit_logreg, probe_linear, select_decay
-from test_imprint import _batches, _fit, _net
+from test_imprint import _batches, _fit, _net, _training_accuracy
 
 
 def _stretched_classes(per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +103,7 @@ def test_probe_init_refits_every_classifier_and_keeps_the_imprinted_combination(
     ]
     assert all(changed)
     # The probed network classifies its training images.
-    probed_net.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for images, target in _batches()():
-            correct += int((probed_net(images).probs.argmax(1) == target).sum())
-            total += len(target)
-    assert correct / total >= 0.9
+    assert _training_accuracy(probed_net) >= 0.9
 
 
 def test_engine_fits_the_probe_before_the_first_step(tmp_path: Path) -> None:

@@ -12,12 +12,7 @@ import torch
 from crasmra.checkpoint import read_network_state
 from crasmra.data.sampling import with_transform
 from crasmra.engine.parts import FinetuneConfig
-from crasmra.finetune import (
-    ImprintReport,
-    fit_head_weights,
-    imprint_classifiers,
-    init_head_paths,
-)
+from crasmra.finetune import fit_head_weights, imprint_classifiers, init_head_paths
 from crasmra.model import Network
 
 __all__ = [
@@ -74,7 +69,7 @@ def imprint_heads(
     net: Network,
     batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
     finetune: FinetuneConfig,
-) -> ImprintReport:
+) -> None:
     """Imprint every head on the training images (and first, with ``head_path_init
     identity``, set the paths to them); with ``combine fitted``, weigh the heads.
 
@@ -82,9 +77,6 @@ def imprint_heads(
         net: The network.
         batches: Returns the training images and labels in order, on the network's device.
         finetune: The fine-tuning part.
-
-    Returns:
-        What imprinting (and the probe) did per head.
     """
     # A network without attention (plain) has no projection or head MLP: nothing to initialise.
     identity_paths = finetune.head_path_init == "identity" and len(net.attention) > 0
@@ -123,7 +115,6 @@ def imprint_heads(
             "predictions of the training images).",
             ", ".join(f"{n} {w:.2f}" for n, w in zip(net.head_names, weights, strict=True)),
         )
-    return report
 
 
 def training_batches(

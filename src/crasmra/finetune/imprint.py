@@ -247,10 +247,11 @@ def imprint_classifiers(
         if mean_norm > 0:
             loo_probs[name] = (scale * loo[0] / mean_norm).softmax(dim=1)
             loo_labels = y[loo[1]]
-        weight_scale = scale / mean_norm if mean_norm > 0 and math.isfinite(mean_norm) else 0.0
+        usable_norm = mean_norm > 0 and math.isfinite(mean_norm)
+        weight_scale = scale / mean_norm if usable_norm else 0.0
         imprint_linear(layer, means, center, weight_scale, present)
         scales[name] = scale
-        if probe and mean_norm > 0 and math.isfinite(mean_norm):
+        if probe and usable_norm:
             _, choice = probe_linear(layer, h, y, center, mean_norm)
             probe_decay[name], probe_selection[name] = choice.decay, choice.selection
     return ImprintReport(train_accuracy, scales, loo_probs, loo_labels, probe_decay,
