@@ -14,6 +14,8 @@ import yaml
 
 from conftest import REPO, TINY_CONFIG, run_cli
 from crasmra import sweep as sw
+from crasmra.config import load_config, set_key
+from crasmra.errors import UsageError
 
 
 def _spec(**overrides: Any) -> sw.SweepSpec:
@@ -76,22 +78,38 @@ def test_multi_key_grid_is_a_product_and_rows_keep_file_order() -> None:
     assert spec.grids[0].label(points[1]) == "delta=0.5, gamma=1"
 
 
-def test_fit_args_carry_overrides_seed_and_run_folder(tmp_path: Path) -> None:
+def test_run_config_sets_overrides_seed_and_run_folder_on_the_merged_base(tmp_path: Path) -> None:
     run = sw.plan_runs(_spec())[0][0]
-    args = run.fit_args(str(TINY_CONFIG), tmp_path, ["--data.num_workers=0"], resume=True)
-    assert args[:2] == ["fit", f"--config={TINY_CONFIG}"]
-    assert "--model.net.variant=baseline" in args and "--model.net.delta=0.9" in args
-    assert "--seed_everything=0" in args and f"--trainer.default_root_dir={tmp_path}" in args
-    assert args[-2:] == ["--data.num_workers=0", "--ckpt_path=last"]
-    inline = run.fit_args({"model": {"net": {"backbone": "resnet10t"}}}, tmp_path)
-    inline_base = yaml.safe_load(inline[1].removeprefix("--config="))
-    assert inline_base == {"model": {"net": {"backbone": "resnet10t"}}}
+    base = load_config(TINY_CONFIG)
+    config = run.fit_config(str(TINY_CONFIG), tmp_path, resume=True)
+    assert config["model"]["net"]["variant"] == "baseline"
+    assert config["model"]["net"]["delta"] == 0.9 and config["model"]["loss"]["gamma"] == 1.0
+    # Keys the setting does not name keep the base's values, in the same section.
+    assert config["model"]["net"]["backbone"] == base["model"]["net"]["backbone"]
+    assert config["data"] == base["data"]
+    assert config["seed_everything"] == 0 and config["ckpt_path"] == "last"
+    assert config["trainer"]["default_root_dir"] == str(tmp_path)
+    assert "overwrite" not in config and "__base__" not in config
+    fresh = run.fit_config({"model": {"net": {"backbone": "resnet10t"}}}, tmp_path)
+    assert fresh["overwrite"] is True and "ckpt_path" not in fresh
+    assert fresh["model"]["net"] == {"backbone": "resnet10t", "variant": "baseline", "delta": 0.9}
 
 
-def test_values_become_flags_jsonargparse_reads_back() -> None:
-    assert sw.cli_value(True) == "true" and sw.cli_value(None) == "null"
-    assert sw.cli_value(0.5) == "0.5" and sw.cli_value({"num_classes": 4}) == '{"num_classes": 4}'
-    assert sw.format_value(1.0) == "1" and sw.format_value(0.25) == "0.25"
+def test_fit_args_name_the_config_then_the_sweeps_flags(tmp_path: Path) -> None:
+    assert sw.fit_args(tmp_path / "c.yaml", ["--threads=1"]) == [
+        "fit", f"--config={tmp_path / 'c.yaml'}", "--threads=1"]
+    inline = sw.fit_args({"model": {"net": {"backbone": "resnet10t"}}})
+    assert yaml.safe_load(inline[1].removeprefix("--config=")) == {
+        "model": {"net": {"backbone": "resnet10t"}}}
+
+
+def test_set_key_creates_sections_and_refuses_a_value_on_the_way() -> None:
+    config: dict = {"model": {"net": None}}
+    set_key(config, "model.net.delta", 0.5)
+    set_key(config, "data.options", {"num_classes": 4})
+    assert config == {"model": {"net": {"delta": 0.5}}, "data": {"options": {"num_classes": 4}}}
+    with pytest.raises(UsageError, match=r"model\.net\.delta is 0\.5"):
+        set_key(config, "model.net.delta.x", 1)
 
 
 def test_setting_names_stay_unique_when_last_components_collide() -> None:
@@ -174,14 +192,16 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(
     (tmp_path / runs[1].folder / "checkpoints").mkdir()
     (tmp_path / runs[1].folder / "checkpoints" / "last.ckpt").write_bytes(b"")  # ...resumable
     _write_metrics(tmp_path / runs[2].folder, 0.5, test=False)     # failed before a checkpoint
-    calls: list[list[str]] = []
+    calls: list[dict[str, Any]] = []
 
     def fake_fit(args: list[str]) -> None:
-        calls.append(args)
-        root = Path(next(a for a in args if a.startswith("--trainer.default_root_dir="))
-                    .split("=", 1)[1])
-        assert not (root / "metrics.json").exists() or "--ckpt_path=last" in args
-        if "--model.net.delta=0.9" in args and "--seed_everything=1" in args:
+        assert args[0] == "fit" and args[1].startswith("--config=")
+        config = yaml.safe_load(Path(args[1].removeprefix("--config=")).read_text())
+        calls.append(config)
+        root = Path(config["trainer"]["default_root_dir"])
+        assert root / sw.RUN_CONFIG == Path(args[1].removeprefix("--config="))
+        assert not (root / "metrics.json").exists() or config.get("ckpt_path") == "last"
+        if config["model"]["net"]["delta"] == 0.9 and config["seed_everything"] == 1:
             raise RuntimeError("boom")
         _write_metrics(root, 0.6)
 
@@ -191,7 +211,8 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(
     assert summary["finished"] == 1 and summary["ran"] == 2
     assert summary["failed"] == [str(runs[3].folder)]
     assert len(calls) == 3
-    assert calls[0][-1] == "--ckpt_path=last" and "--ckpt_path=last" not in calls[1]
+    assert calls[0]["ckpt_path"] == "last" and "ckpt_path" not in calls[1]
+    assert calls[1]["overwrite"] is True
     record = json.loads((tmp_path / runs[3].folder / sw.RUN_FILE).read_text())
     assert record["status"] == "failed" and "boom" in record["error"]
     assert "boom" in (tmp_path / runs[3].folder / "error.txt").read_text()
@@ -313,6 +334,12 @@ def test_mini_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert not (run_dir / "checkpoints").exists()
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert config["seed_everything"] == seed and config["model"]["net"]["delta"] == 0.5
+        # The run's own config file, which `crasmra fit --config` repeats it from.
+        own = yaml.safe_load((run_dir / sw.RUN_CONFIG).read_text())
+        assert own["seed_everything"] == seed and own["model"]["net"]["delta"] == 0.5
+        assert own["trainer"]["default_root_dir"] == str(run_dir.resolve())
+        record = json.loads((run_dir / sw.RUN_FILE).read_text())
+        assert record["args"][:2] == ["fit", f"--config={run_dir.resolve() / sw.RUN_CONFIG}"]
     failed = out / "runs" / "lr_heads=-1" / "seed-0"
     assert "lr_heads" in (failed / "error.txt").read_text()
     text = (out / "results.md").read_text()

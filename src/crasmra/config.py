@@ -20,6 +20,7 @@ __all__ = [
     "expand_config_args",
     "load_config",
     "load_yaml",
+    "set_key",
 ]
 
 
@@ -130,6 +131,27 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             merged[key] = value
     return merged
+
+
+def set_key(config: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key (``model.net.delta``) of a nested config, creating missing sections.
+
+    The value replaces what was there, as the same flag on the command line would.
+
+    Raises:
+        UsageError: A section on the way holds a value that is not a mapping.
+    """
+    *sections, last = key.split(".")
+    node = config
+    for i, name in enumerate(sections):
+        child = node.setdefault(name, {})
+        if child is None:
+            child = node[name] = {}
+        if not isinstance(child, dict):
+            where = ".".join(sections[: i + 1])
+            raise UsageError(f"cannot set {key}: {where} is {child!r}, not a section of settings.")
+        node = child
+    node[last] = value
 
 
 def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Layout of the output folder ``OUT``::
     OUT/sweep.yaml                      the sweep file as run (normalised)
     OUT/runs/<setting>/seed-<k>/        one crasmra run folder per (setting, seed)
     OUT/runs/<setting>/seed-<k>/sweep_run.json   the run's overrides, status and wall time
+    OUT/runs/<setting>/seed-<k>/sweep_config.yaml  its whole fit config (`crasmra fit --config`)
     REPORT/results.md, results.json     tables (REPORT defaults to OUT)
     REPORT/plots/<grid>.png             accuracy against the grid's value, with error bars
 

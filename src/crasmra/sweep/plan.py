@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -11,18 +12,19 @@ from typing import Any
 
 import yaml
 
+from crasmra.config import load_config, set_key
 from crasmra.flag_moves import legacy_key
 from crasmra.sweep.spec import (
     SweepError,
     SweepSpec,
     canonical,
-    cli_value,
     format_value,
     short_key,
 )
 
 __all__ = [
     "RunSpec",
+    "fit_args",
     "is_finished",
     "plan_runs",
     "read_metrics",
@@ -51,18 +53,32 @@ class RunSpec:
         """The run folder, relative to the sweep's output folder."""
         return Path("runs") / self.setting_name / f"seed-{self.seed}"
 
-    def fit_args(self, base: str | dict[str, Any], root: Path, extra: Sequence[str] = (),
-                 resume: bool = False) -> list[str]:
-        """Arguments of ``crasmra fit`` for this run, writing into ``root``."""
-        config = base if isinstance(base, str) else yaml.safe_dump(base, sort_keys=False)
-        args = ["fit", f"--config={config}"]
-        args += [f"--{k}={cli_value(v)}" for k, v in self.overrides]
-        args += [f"--seed_everything={self.seed}", f"--trainer.default_root_dir={root}"]
-        args += list(extra)
+    def fit_config(self, base: str | dict[str, Any], root: Path,
+                   resume: bool = False) -> dict[str, Any]:
+        """The complete ``crasmra fit`` config of this run, writing into ``root``.
+
+        The base config with its ``__base__`` chain merged (:func:`crasmra.config.load_config`),
+        the setting's values set on it, the seed and the run folder.
+        """
+        config = load_config(base) if isinstance(base, str) else copy.deepcopy(base)
+        for key, value in self.overrides:
+            set_key(config, key, copy.deepcopy(value))
+        config["seed_everything"] = self.seed
+        set_key(config, "trainer.default_root_dir", str(root))
         # A run that is not resumed starts over in its own folder, replacing what an
         # interrupted attempt left there.
-        args.append("--ckpt_path=last" if resume else "--overwrite=true")
-        return args
+        if resume:
+            config["ckpt_path"] = "last"
+        else:
+            config["overwrite"] = True
+        return config
+
+
+def fit_args(config: str | Path | dict[str, Any], extra: Sequence[str] = ()) -> list[str]:
+    """``crasmra fit`` arguments for a run config (a file, or a dict given inline as YAML),
+    followed by the sweep's ``--set`` flags and thread count (``extra``)."""
+    text = yaml.safe_dump(config, sort_keys=False) if isinstance(config, dict) else str(config)
+    return ["fit", f"--config={text}", *extra]
 
 
 def setting_key(overrides: dict[str, Any]) -> str:

@@ -21,17 +21,29 @@ import yaml
 from crasmra.files import check_output, same_file, write_json, write_text
 from crasmra.flag_moves import flat_model_section
 from crasmra.metric_names import TEST_COMBINED_TOP1
-from crasmra.sweep.plan import RunSpec, is_finished, plan_runs, read_metrics, select_grids
+from crasmra.sweep.plan import (
+    RunSpec,
+    fit_args,
+    is_finished,
+    plan_runs,
+    read_metrics,
+    select_grids,
+)
 from crasmra.sweep.spec import RUN_FILE, SweepError, SweepSpec, canonical
 
 __all__ = [
     "CHILD_COMMAND",
+    "RUN_CONFIG",
     "base_fingerprint",
     "check_same_base",
     "record_spec",
     "run_sweep",
     "validate_settings",
 ]
+
+#: The file in each run folder holding the run's whole ``crasmra fit`` config.
+RUN_CONFIG = "sweep_config.yaml"
+
 
 def record_spec(spec: SweepSpec, out: Path, echo: Callable[[str], None] = print) -> None:
     """Write the sweep as run to ``out/sweep.yaml``, atomically, never over an input.
@@ -90,47 +102,47 @@ def check_same_base(spec: SweepSpec, out: Path, runs: Sequence[RunSpec]) -> None
 
 
 def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[str] = ()) -> None:
-    """Parse every distinct setting with the `crasmra fit` parser, instantiating nothing.
+    """Parse every distinct setting's config with the `crasmra fit` parser, instantiating
+    nothing.
 
     Catches misspelt keys and values of the wrong type before any run starts.
 
     Raises:
         SweepError: A setting does not parse; the message names the setting and the parser's error.
     """
-    from crasmra.config import expand_config_args
+    from jsonargparse import ArgumentError
+
     from crasmra.data import FGVCDataModule
     from crasmra.engine import CRASMRAModule
     from crasmra.flags import check_class_paths
     from crasmra.lightning_private import ParseOnly
     from crasmra.runner import make_cli_class
 
-    seen: set[str] = set()
-
     class _ParseOnly(ParseOnly, make_cli_class()):  # type: ignore[misc]
         """The fit command's parser (same class, same links) with every action removed."""
 
+    # Errors are raised as ArgumentError instead of printed before an exit.
+    no_exit = {"exit_on_error": False, "fit": {"exit_on_error": False}}
+    seen: set[str] = set()
     cli = None
     for run in runs:
         if run.setting_name in seen:
             continue
         seen.add(run.setting_name)
-        # The same `__base__` resolution as `crasmra fit` (cli.run_lightning) applies.
-        args = expand_config_args(run.fit_args(spec.base, Path("sweep-validation"), extra))
+        args = fit_args(run.fit_config(spec.base, Path("sweep-validation")), extra)
         check_class_paths(args)
-        stderr = io.StringIO()
         try:
-            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                # The sweep's own command line is in sys.argv; the fit arguments are not from it.
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
                 if cli is None:
-                    cli = _ParseOnly(CRASMRAModule, FGVCDataModule, args=args)
+                    cli = _ParseOnly(CRASMRAModule, FGVCDataModule, args=args,
+                                     parser_kwargs=no_exit)
                 else:  # building the parser is the slow part: parse with the same one
                     cli.parser.parse_args(args)
-        except SystemExit as err:
-            lines = [ln for ln in stderr.getvalue().splitlines() if ln.strip()]
-            reason = next((ln for ln in reversed(lines) if "error:" in ln), lines[-1] if lines else
-                          f"exit status {err.code}")
+        except ArgumentError as err:
             raise SweepError(
-                f"setting {run.setting_name} does not parse as `crasmra fit` arguments: "
-                f"{reason.split('error:', 1)[-1].strip()}"
+                f"setting {run.setting_name} does not parse as `crasmra fit` arguments: {err}"
             ) from None
 
 
@@ -249,7 +261,12 @@ def run_sweep(
         resume = spec.resume and (run_dir / "checkpoints" / "last.ckpt").is_file()
         if not resume:
             _clean_for_fresh_start(run_dir)
-        args = run.fit_args(spec.base, run_dir, run_flags, resume=resume)
+        # The run's whole config in its folder: `crasmra fit --config` with it (and the
+        # sweep's --set flags) repeats the run on its own.
+        config_file = run_dir / RUN_CONFIG
+        write_text(config_file, yaml.safe_dump(
+            run.fit_config(spec.base, run_dir, resume=resume), sort_keys=False))
+        args = fit_args(config_file, run_flags)
         record = {"setting": dict(run.overrides), "seed": run.seed, "args": args,
                   "base_fingerprint": fingerprint, "launcher": spec.launcher,
                   "resumed": resume, "status": "running"}

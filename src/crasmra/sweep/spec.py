@@ -29,7 +29,6 @@ __all__ = [
     "SweepSpec",
     "canonical",
     "check_key",
-    "cli_value",
     "format_value",
     "load_sweep",
     "parse_sweep",
@@ -184,19 +183,6 @@ def format_value(value: Any) -> str:
     if isinstance(value, int | float | str):
         return str(value)
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def cli_value(value: Any) -> str:
-    """A value as the text of a ``--key=value`` flag that jsonargparse parses back to it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return value
-    return json.dumps(value)
 
 
 def canonical(value: Any) -> Any:
