@@ -21,18 +21,10 @@ TINY_DATA = {**ENGINE_TINY_DATA, "val_fraction": 0.0}
 def _fit(tmp_path: Path, epochs: int, **model_kwargs) -> tuple[CRASMRAModule, CRASMRAModule]:
     L.seed_everything(0)
     dm = FGVCDataModule(**TINY_DATA)
-    module = build_module(
-        backbone="resnet10t",
-        pretrained=False,
-        num_classes=dm.num_classes,
-        head_channels=16,
-        head_hidden=16,
-        lr_backbone=0.05,
-        lr_attention=0.05,
-        lr_heads=0.05,
-        weight_decay=1e-3,
-        **model_kwargs,
-    )
+    options = {"backbone": "resnet10t", "pretrained": False, "num_classes": dm.num_classes,
+               "head_channels": 16, "head_hidden": 16, "lr_backbone": 0.05,
+               "lr_attention": 0.05, "lr_heads": 0.05, "weight_decay": 1e-3}
+    module = build_module(**{**options, **model_kwargs})
     initial = copy.deepcopy(module)
     trainer = L.Trainer(
         default_root_dir=tmp_path,
@@ -198,3 +190,52 @@ def test_at_probe_below_images_per_class_the_whole_network_trains(tmp_path: Path
 def test_probe_below_is_validated(bad: object) -> None:
     with pytest.raises(ValueError, match=r"--model\.finetune\.probe_below"):
         build_module(backbone="resnet10t", num_classes=3, probe_below=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# CRAM's neutral start (--model.finetune.cram_init neutral)
+# ---------------------------------------------------------------------------------------------
+def test_neutral_cram_start_gives_equal_importances_and_one_suppressed_channel() -> None:
+    from crasmra.finetune import neutral_cram_start
+    from crasmra.layers.cram import CRAM, suppression_mask
+    from crasmra.model import create_model
+
+    torch.manual_seed(0)
+    net = create_model("resnet10t", 5, pretrained=False, variant="cra-smra", delta=1.0,
+                       head_channels=16, head_hidden=16).eval()
+    crams = [m for m in net.attention if isinstance(m, CRAM)]
+    x = [torch.randn(2, m.in_channels, 6, 6).abs() for m in crams]
+    before = [m.channel_importance(xi).flatten(1) for m, xi in zip(crams, x, strict=True)]
+    weights = [m.mlp[0].weight.clone() for m in crams]
+    assert neutral_cram_start(net) == len(crams) == 3
+    for m, xi, old, w in zip(crams, x, before, weights, strict=True):
+        importance = m.channel_importance(xi).flatten(1)  # (B, C)
+        # A random start spreads the importances; the neutral one keeps them near 0.5.
+        assert (old - 0.5).abs().max() > 0.05
+        assert (importance - 0.5).abs().max() < 5e-3
+        # Not a tie: the mask still damps one channel per sample (delta 1), not all of them.
+        mask = suppression_mask(importance, m.omega, m.delta)
+        assert torch.equal((mask < 1).sum(dim=1), torch.ones(2, dtype=torch.long))
+        torch.testing.assert_close(importance * xi[:, :, 0, 0], 0.5 * xi[:, :, 0, 0],
+                                   atol=5e-3 * xi.max().item(), rtol=0)
+        assert torch.equal(m.mlp[0].weight, w)  # only the last layer is scaled
+
+
+def test_neutral_cram_start_applies_before_the_first_step_only(tmp_path: Path) -> None:
+    from crasmra.layers.cram import CRAM
+
+    torch.manual_seed(0)
+    initial, trained = _fit(tmp_path, epochs=1, variant="cra-smra", cram_init="neutral",
+                            lr_attention=1e-12)
+    for before, after in zip(initial.net.attention, trained.net.attention, strict=True):
+        assert isinstance(after, CRAM)
+        # A vanishing rate for the attention modules: the run ends with the start it was given.
+        torch.testing.assert_close(after.mlp[-1].weight, before.mlp[-1].weight * 1e-3)
+        torch.testing.assert_close(after.mlp[0].weight, before.mlp[0].weight)
+
+
+def test_unknown_cram_init_is_refused_naming_the_flag() -> None:
+    from crasmra.engine import FinetuneConfig
+
+    with pytest.raises(ValueError, match=r"--model\.finetune\.cram_init"):
+        FinetuneConfig(cram_init="zero")  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ from crasmra.engine.starting_weights import (
     init_network_from,
     training_batches,
 )
-from crasmra.finetune import SuppressionWarmup
+from crasmra.finetune import SuppressionWarmup, neutral_cram_start
 from crasmra.flag_moves import PARTS, nest_flat_hparams
 from crasmra.layers import SMRAM
 from crasmra.losses import CRASMRALoss, LossWeights, trains_with_smram
@@ -236,6 +236,9 @@ class CRASMRAModule(L.LightningModule):
         self._apply_policies()
         self._suppression.apply(self.net, self.global_step)
         # A resumed run restores imprinted (and trained) weights from its checkpoint.
+        if self.finetune.cram_init == "neutral" and self.global_step == 0:
+            log.info("CRAM's channel importances start nearly equal (--model.finetune.cram_init "
+                     "neutral): %d module(s).", neutral_cram_start(self.net))
         if self.finetune.imprints and self.global_step == 0:
             imprint_heads(self.net, lambda: training_batches(
                 self.trainer, self._channels_last, self.finetune.imprint_transform),

@@ -11,7 +11,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from crasmra.finetune import COMBINES, HEAD_INITS, HEAD_PATH_INITS, IMPRINT_TRANSFORMS
+from crasmra.finetune import (
+    COMBINES,
+    CRAM_INITS,
+    HEAD_INITS,
+    HEAD_PATH_INITS,
+    IMPRINT_TRANSFORMS,
+)
 from crasmra.model import NetConfig, attention_of
 
 __all__ = [
@@ -151,6 +157,11 @@ class FinetuneConfig:
             ``"fitted"``: with ``head_init: imprint``, the heads' weights that maximise the
             likelihood of the training images' leave-one-out predictions
             (:func:`crasmra.finetune.fit_head_weights`).
+        cram_init: ``"random"`` (PyTorch's initialisation of CRAM's importance MLP) or
+            ``"neutral"``: before the first step its last layer is scaled by 1e-3
+            (:func:`crasmra.finetune.neutral_cram_start`), so that every channel starts at
+            nearly the same importance and the heads first read the stage's map rescaled
+            rather than reweighted at random.
         suppression_warmup_epochs: CRAM's omega rises linearly from 1 (no suppression) to
             ``omega`` over this many epochs (:class:`crasmra.finetune.SuppressionWarmup`);
             validation, test and checkpoints always use ``omega``.
@@ -165,6 +176,7 @@ class FinetuneConfig:
     imprint_centered: bool = True
     imprint_transform: Literal["train", "eval"] = "train"
     combine: Literal["mean", "fitted"] = "mean"
+    cram_init: Literal["random", "neutral"] = "random"
     suppression_warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
@@ -174,6 +186,7 @@ class FinetuneConfig:
         _choice("--model.finetune.head_init", self.head_init, HEAD_INITS)
         _choice("--model.finetune.head_path_init", self.head_path_init, HEAD_PATH_INITS)
         _choice("--model.finetune.combine", self.combine, COMBINES)
+        _choice("--model.finetune.cram_init", self.cram_init, CRAM_INITS)
         _choice("--model.finetune.imprint_transform", self.imprint_transform,
                 IMPRINT_TRANSFORMS)
         if self.head_path_init == "identity" and not self.imprints:

@@ -18,6 +18,10 @@ suppression warm-up):
   images. A random projection and hidden layer otherwise scramble the pretrained features
   before the imprinted classifier reads them (on cub100 with one photo per class the
   stage-5 head's nearest class mean falls from 50.6% to 41.1%, EXPERIMENTS.md).
+- :func:`neutral_cram_start` (``--model.finetune.cram_init neutral``): CRAM's importance MLP
+  starts with its last layer scaled down, so every channel starts at nearly the same
+  importance and ``x_e`` at the stage's map rescaled, instead of a random reweighting of the
+  pretrained channels before the heads read them. Training moves the importances from there.
 - :class:`SuppressionWarmup` (``--model.finetune.suppression_warmup_epochs``): CRAM's suppression
   factor omega rises from 1 (no suppression) to its configured value over the first epochs,
   so the later pretrained stages meet the suppressed maps gradually instead of at the first
@@ -26,7 +30,14 @@ suppression warm-up):
 
 from __future__ import annotations
 
-from crasmra.finetune.choices import COMBINES, HEAD_INITS, HEAD_PATH_INITS, IMPRINT_TRANSFORMS
+from crasmra.finetune.attention_init import NEUTRAL_SCALE, neutral_cram_start
+from crasmra.finetune.choices import (
+    COMBINES,
+    CRAM_INITS,
+    HEAD_INITS,
+    HEAD_PATH_INITS,
+    IMPRINT_TRANSFORMS,
+)
 from crasmra.finetune.combination import fit_head_weights
 from crasmra.finetune.head_paths import init_head_paths
 from crasmra.finetune.imprint import (
@@ -46,10 +57,12 @@ from crasmra.finetune.suppression import SuppressionWarmup
 
 __all__ = [
     "COMBINES",
+    "CRAM_INITS",
     "FALLBACK_LOGIT_SCALE",
     "HEAD_INITS",
     "HEAD_PATH_INITS",
     "IMPRINT_TRANSFORMS",
+    "NEUTRAL_SCALE",
     "ImprintReport",
     "SuppressionWarmup",
     "calibrate_batchnorm",
@@ -61,4 +74,5 @@ __all__ = [
     "imprint_linear",
     "init_head_paths",
     "leave_one_out_logits",
+    "neutral_cram_start",
 ]

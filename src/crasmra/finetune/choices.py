@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["COMBINES", "HEAD_INITS", "HEAD_PATH_INITS", "IMPRINT_TRANSFORMS"]
+__all__ = ["COMBINES", "CRAM_INITS", "HEAD_INITS", "HEAD_PATH_INITS", "IMPRINT_TRANSFORMS"]
 
 #: ``--model.finetune.head_init`` values: PyTorch's default initialisation, weight imprinting,
 #: or imprinting followed by a logistic-regression fit of every classifier (a linear probe).
@@ -15,3 +15,6 @@ COMBINES: tuple[str, ...] = ("mean", "fitted")
 #: ``--model.finetune.imprint_transform`` values: the view of the training images that the heads
 #: are imprinted from, the training transform's or the evaluation transform's.
 IMPRINT_TRANSFORMS: tuple[str, ...] = ("train", "eval")
+#: ``--model.finetune.cram_init`` values: PyTorch's initialisation of CRAM's importance MLP, or
+#: its last layer scaled down so that every channel starts at nearly the same importance.
+CRAM_INITS: tuple[str, ...] = ("random", "neutral")
