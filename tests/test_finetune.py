@@ -18,7 +18,8 @@ from test_engine import TINY_DATA as ENGINE_TINY_DATA
 TINY_DATA = {**ENGINE_TINY_DATA, "val_fraction": 0.0}
 
 
-def _fit(tmp_path: Path, epochs: int, **model_kwargs) -> tuple[CRASMRAModule, CRASMRAModule]:
+def _fit(tmp_path: Path, epochs: int, callbacks: list[L.Callback] | None = None,
+         **model_kwargs) -> tuple[CRASMRAModule, CRASMRAModule]:
     L.seed_everything(0)
     dm = FGVCDataModule(**TINY_DATA)
     options = {"backbone": "resnet10t", "pretrained": False, "num_classes": dm.num_classes,
@@ -35,6 +36,7 @@ def _fit(tmp_path: Path, epochs: int, **model_kwargs) -> tuple[CRASMRAModule, CR
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_train_batches=2,
+        callbacks=callbacks,
     )
     trainer.fit(module, datamodule=dm)
     return initial, module
@@ -186,10 +188,49 @@ def test_at_probe_below_images_per_class_the_whole_network_trains(tmp_path: Path
     assert any(v for k, v in heads.items() if k.endswith("running_mean"))
 
 
+class _StateAtFirstBatch(L.Callback):
+    """The network's state when the first batch arrives (after imprinting)."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: object, batch_idx: int) -> None:
+        if trainer.global_step == 0 and batch_idx == 0:
+            self.state = copy.deepcopy(pl_module.net.state_dict())
+
+
+@pytest.mark.parametrize("variant", ["cra-smra", "plain"])
+def test_below_no_steps_below_the_fitted_probes_are_the_result(tmp_path: Path,
+                                                               variant: str) -> None:
+    start = _StateAtFirstBatch()
+    initial, trained = _fit(tmp_path, epochs=2, callbacks=[start], variant=variant,
+                            no_steps_below=9, head_init="probe")
+    assert trained.backbone_policy.no_steps
+    final = trained.net.state_dict()
+    # Nothing moved after the probes were fitted: no weight, no BatchNorm statistic.
+    changed = [k for k, v in start.state.items() if not torch.equal(v, final[k])]
+    assert not changed, changed
+    classifiers = _classifier_keys(trained)
+    # ...and the probes were fitted: the classifiers are not PyTorch's random start.
+    before = initial.net.state_dict()
+    assert classifiers and all(not torch.equal(start.state[k], before[k]) for k in classifiers)
+
+
+def test_from_no_steps_below_on_the_network_trains(tmp_path: Path) -> None:
+    initial, trained = _fit(tmp_path, epochs=1, no_steps_below=8, head_init="probe")
+    assert not trained.backbone_policy.no_steps
+    backbone = _changed(initial.net.backbone, trained.net.backbone)
+    assert all(v for k, v in backbone.items() if k.endswith("conv1.weight"))
+
+
+def test_no_steps_below_needs_fitted_classifiers() -> None:
+    with pytest.raises(ValueError, match=r"--model\.finetune\.head_init probe"):
+        build_module(backbone="resnet10t", num_classes=3, no_steps_below=2)
+
+
+@pytest.mark.parametrize("flag", ["probe_below", "no_steps_below"])
 @pytest.mark.parametrize("bad", [-1, float("nan"), True, "2"])
-def test_probe_below_is_validated(bad: object) -> None:
-    with pytest.raises(ValueError, match=r"--model\.finetune\.probe_below"):
-        build_module(backbone="resnet10t", num_classes=3, probe_below=bad)
+def test_probe_below_is_validated(flag: str, bad: object) -> None:
+    with pytest.raises(ValueError, match=rf"--model\.finetune\.{flag}"):
+        build_module(backbone="resnet10t", num_classes=3, **{flag: bad})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,28 +23,39 @@ class BackbonePolicy:
         freeze_bn: Keep the backbone's BatchNorm layers in eval mode for the whole run.
         probe_below: With fewer training images per class than this (see
             :meth:`choose_regime`), only the heads' classifiers train for the whole run.
+        no_steps_below: With fewer training images per class than this, nothing trains
+            (:attr:`no_steps`).
     """
 
     def __init__(self, freeze_epochs: int = 0, freeze_bn: bool = False,
-                 probe_below: float = 0.0) -> None:
+                 probe_below: float = 0.0, no_steps_below: float = 0.0) -> None:
         self.freeze_epochs = freeze_epochs
         self.freeze_bn = freeze_bn
         self.probe_below = probe_below
+        self.no_steps_below = no_steps_below
         self.classifiers_only = False
+        self.no_steps = False
         self.frozen = False
         self._frozen_params: list[nn.Parameter] = []
 
     def choose_regime(self, net: Network, train_images: int) -> None:
-        """Train only the classifiers when the training set has fewer than ``probe_below``
-        images per class (its size over the network's class count), else fine-tune.
+        """Take no step when the training set has fewer than ``no_steps_below`` images per
+        class (its size over the network's class count), train only the classifiers below
+        ``probe_below``, else fine-tune.
 
         With one or two photos per class a linear classifier on the pretrained features is
         what generalises; every step on the layers below it fits those few photos at the
-        cost of the rest (EXPERIMENTS.md, "Few photos per class").
+        cost of the rest, and with one photo per class so do the classifiers' own steps
+        after their probe's fit (EXPERIMENTS.md, "Few photos per class").
         """
         per_class = train_images / max(1, net.num_classes)
-        self.classifiers_only = per_class < self.probe_below
-        if self.classifiers_only:
+        self.no_steps = per_class < self.no_steps_below
+        self.classifiers_only = self.no_steps or per_class < self.probe_below
+        if self.no_steps:
+            log.info("%.1f training images per class (fewer than "
+                     "--model.finetune.no_steps_below %g): the heads' fitted classifiers are "
+                     "the result; no gradient step is taken.", per_class, self.no_steps_below)
+        elif self.classifiers_only:
             log.info("%.1f training images per class (fewer than --model.finetune.probe_below "
                      "%g): only the classifiers train; the backbone, the attention modules "
                      "and the heads' inner layers stay as initialised.", per_class,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -124,7 +125,8 @@ class CRASMRAModule(L.LightningModule):
                                         self.runtime.nonfinite_check_interval)
         self.backbone_policy = BackbonePolicy(self.finetune.freeze_backbone_epochs,
                                               self.finetune.freeze_backbone_bn,
-                                              self.finetune.probe_below)
+                                              self.finetune.probe_below,
+                                              self.finetune.no_steps_below)
         # suppression_warmup_epochs, in optimiser steps once the trainer knows them.
         self._suppression = SuppressionWarmup(float(self.net_config.omega), 0)
 
@@ -173,6 +175,9 @@ class CRASMRAModule(L.LightningModule):
         return self.criterion(output, target, div_loss=div)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        if self.backbone_policy.no_steps:
+            # A None loss: no forward, no backward, no optimiser step (see choose_regime).
+            return None
         images, target = batch
         total, parts = self.compute_loss(self(images), target)
         world_size = self._trainer.world_size if self._trainer is not None else 1
@@ -233,6 +238,14 @@ class CRASMRAModule(L.LightningModule):
         # A run resumed inside an epoch (step-interval checkpoints) continues it without an
         # epoch-start hook: the freezing and BatchNorm policies must be in force from here.
         self.backbone_policy.choose_regime(self.net, len(self.trainer.train_dataloader.dataset))
+        if self.backbone_policy.no_steps:
+            if self.trainer.world_size > 1:
+                raise ValueError(
+                    "Below --model.finetune.no_steps_below no step is taken, which "
+                    "Lightning allows on one device only; run it with --trainer.devices 1."
+                )
+            # Every training_step returns None on purpose (see training_step).
+            warnings.filterwarnings("ignore", message="`training_step` returned `None`")
         self._apply_policies()
         self._suppression.apply(self.net, self.global_step)
         # A resumed run restores imprinted (and trained) weights from its checkpoint.

@@ -127,6 +127,10 @@ class FinetuneConfig:
             imprinted (or probed) start, for the whole run: the backbone, the attention
             modules and the heads' inner layers, BatchNorm statistics included, stay as
             loaded and initialised (a linear probe). 0 (the default): always fine-tune.
+        no_steps_below: With fewer training images per class than this, no gradient step
+            is taken: the fitted classifiers (``head_init`` ``imprint`` or ``probe``) and
+            everything below them are the result (the epochs still run, validating the same
+            weights). 0 (the default): every run trains.
         freeze_backbone_bn: Keep the backbone's BatchNorm layers in eval mode for the whole
             run: their running statistics stay as loaded while their scale and shift still
             train. Small batches from a small dataset otherwise replace the pretrained
@@ -170,6 +174,7 @@ class FinetuneConfig:
     freeze_backbone_epochs: int = 0
     freeze_backbone_bn: bool = False
     probe_below: float = 0.0
+    no_steps_below: float = 0.0
     head_init: Literal["random", "imprint", "probe"] = "random"
     head_path_init: Literal["random", "identity"] = "random"
     imprint_logit_scale: float | None = None
@@ -194,6 +199,14 @@ class FinetuneConfig:
                 "--model.finetune.head_path_init identity prepares the heads for imprinting; "
                 "add --model.finetune.head_init imprint, or use "
                 "--model.finetune.head_path_init random."
+            )
+        _number("--model.finetune.no_steps_below", self.no_steps_below, allow_zero=True,
+                maximum=1e6)
+        if self.no_steps_below > 0 and not self.imprints:
+            raise ValueError(
+                "--model.finetune.no_steps_below keeps the classifiers as they start, and "
+                "random ones predict at chance; add --model.finetune.head_init probe (or "
+                "imprint), or use --model.finetune.no_steps_below 0."
             )
         if self.combine == "fitted" and not self.imprints:
             raise ValueError(
