@@ -250,8 +250,10 @@ class CRASMRAModule(L.LightningModule):
         self._suppression.apply(self.net, self.global_step)
         # A resumed run restores imprinted (and trained) weights from its checkpoint.
         if self.finetune.cram_init == "neutral" and self.global_step == 0:
-            log.info("CRAM's channel importances start nearly equal (--model.finetune.cram_init "
-                     "neutral): %d module(s).", neutral_cram_start(self.net))
+            changed = neutral_cram_start(self.net)  # 0 for variants without CRAM
+            if changed:
+                log.info("CRAM's channel importances start nearly equal "
+                         "(--model.finetune.cram_init neutral): %d module(s).", changed)
         if self.finetune.imprints and self.global_step == 0:
             imprint_heads(self.net, lambda: training_batches(
                 self.trainer, self._channels_last, self.finetune.imprint_transform),
