@@ -52,6 +52,12 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
             assert finetune["head_init"] == "imprint" and finetune["probe_below"] == 0
             assert finetune["imprint_transform"] == "train"
             continue
+        if path.name == "probe-recipe.yaml":
+            # The frozen copy of the recipe before no_steps_below and cram_init neutral.
+            finetune = resolved["model"]["finetune"]
+            assert finetune["head_init"] == "probe" and finetune["probe_below"] == 6
+            assert finetune["no_steps_below"] == 0 and finetune["cram_init"] == "random"
+            continue
         if path.parent.name in ("cub10", "cub100", "finetune"):
             _check_finetune_recipe(path, resolved)
             continue
@@ -128,7 +134,8 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
                        "finetune.imprint_transform": "eval", "finetune.probe_below": 6.0,
                        "finetune.combine": "fitted", "net.final_features": True,
                        "runtime.channels_last": None, "finetune.head_path_init": "identity",
-                       "net.head_pool": "avg"}.items():
+                       "net.head_pool": "avg", "finetune.no_steps_below": 2.0,
+                       "finetune.cram_init": "neutral"}.items():
         part, name = key.split(".")
         assert resolved["model"][part][name] == value, key
     assert resolved["trainer"]["precision"] is None
