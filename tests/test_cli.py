@@ -135,7 +135,7 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
                        "finetune.combine": "fitted", "net.final_features": True,
                        "runtime.channels_last": None, "finetune.head_path_init": "identity",
                        "net.head_pool": "avg", "finetune.no_steps_below": 2.0,
-                       "finetune.cram_init": "neutral"}.items():
+                       "finetune.cram_init": "auto"}.items():
         part, name = key.split(".")
         assert resolved["model"][part][name] == value, key
     assert resolved["trainer"]["precision"] is None

@@ -280,3 +280,19 @@ def test_unknown_cram_init_is_refused_naming_the_flag() -> None:
 
     with pytest.raises(ValueError, match=r"--model\.finetune\.cram_init"):
         FinetuneConfig(cram_init="zero")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("probe_below", "neutral"), [(9, True), (8, False)])
+def test_auto_cram_init_is_neutral_only_where_cram_does_not_train(
+        tmp_path: Path, probe_below: int, neutral: bool) -> None:
+    from crasmra.layers.cram import CRAM
+
+    # The tiny set has 8 training images per class: below 9 CRAM does not train, at 8 it does.
+    start = _StateAtFirstBatch()
+    initial, _ = _fit(tmp_path, epochs=1, callbacks=[start], cram_init="auto",
+                      probe_below=probe_below)
+    for i, module in enumerate(initial.net.attention):
+        assert isinstance(module, CRAM)
+        key = f"attention.{i}.mlp.2.weight"
+        expected = module.mlp[-1].weight * (1e-3 if neutral else 1.0)
+        torch.testing.assert_close(start.state[key], expected)

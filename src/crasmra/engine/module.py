@@ -249,7 +249,12 @@ class CRASMRAModule(L.LightningModule):
         self._apply_policies()
         self._suppression.apply(self.net, self.global_step)
         # A resumed run restores imprinted (and trained) weights from its checkpoint.
-        if self.finetune.cram_init == "neutral" and self.global_step == 0:
+        cram_init = self.finetune.cram_init
+        if cram_init == "auto":
+            # Where CRAM trains, it moves its importances itself; where it does not, a random
+            # start would stay a random reweighting of the pretrained channels.
+            cram_init = "neutral" if self.backbone_policy.classifiers_only else "random"
+        if cram_init == "neutral" and self.global_step == 0:
             changed = neutral_cram_start(self.net)  # 0 for variants without CRAM
             if changed:
                 log.info("CRAM's channel importances start nearly equal "

@@ -165,7 +165,8 @@ class FinetuneConfig:
             ``"neutral"``: before the first step its last layer is scaled by 1e-3
             (:func:`crasmra.finetune.neutral_cram_start`), so that every channel starts at
             nearly the same importance and the heads first read the stage's map rescaled
-            rather than reweighted at random.
+            rather than reweighted at random; ``"auto"``: neutral where CRAM does not train
+            (fewer training images per class than ``probe_below``), random elsewhere.
         suppression_warmup_epochs: CRAM's omega rises linearly from 1 (no suppression) to
             ``omega`` over this many epochs (:class:`crasmra.finetune.SuppressionWarmup`);
             validation, test and checkpoints always use ``omega``.
@@ -181,7 +182,7 @@ class FinetuneConfig:
     imprint_centered: bool = True
     imprint_transform: Literal["train", "eval"] = "train"
     combine: Literal["mean", "fitted"] = "mean"
-    cram_init: Literal["random", "neutral"] = "random"
+    cram_init: Literal["random", "neutral", "auto"] = "random"
     suppression_warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:

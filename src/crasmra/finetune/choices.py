@@ -15,6 +15,7 @@ COMBINES: tuple[str, ...] = ("mean", "fitted")
 #: ``--model.finetune.imprint_transform`` values: the view of the training images that the heads
 #: are imprinted from, the training transform's or the evaluation transform's.
 IMPRINT_TRANSFORMS: tuple[str, ...] = ("train", "eval")
-#: ``--model.finetune.cram_init`` values: PyTorch's initialisation of CRAM's importance MLP, or
-#: its last layer scaled down so that every channel starts at nearly the same importance.
-CRAM_INITS: tuple[str, ...] = ("random", "neutral")
+#: ``--model.finetune.cram_init`` values: PyTorch's initialisation of CRAM's importance MLP, its
+#: last layer scaled down so that every channel starts at nearly the same importance, or the
+#: latter only where CRAM does not train (below ``probe_below``).
+CRAM_INITS: tuple[str, ...] = ("random", "neutral", "auto")
