@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 from torch import nn
 
+from crasmra.engine.parts import FinetuneConfig
 from crasmra.model import Network
 
 __all__ = ["BackbonePolicy"]
@@ -38,7 +40,13 @@ class BackbonePolicy:
         self.frozen = False
         self._frozen_params: list[nn.Parameter] = []
 
-    def choose_regime(self, net: Network, train_images: int) -> None:
+    @classmethod
+    def from_config(cls, finetune: FinetuneConfig) -> BackbonePolicy:
+        """The policy of the fine-tuning part (``--model.finetune.*``)."""
+        return cls(finetune.freeze_backbone_epochs, finetune.freeze_backbone_bn,
+                   finetune.probe_below, finetune.no_steps_below)
+
+    def choose_regime(self, net: Network, train_images: int, world_size: int = 1) -> None:
         """Take no step when the training set has fewer than ``no_steps_below`` images per
         class (its size over the network's class count), train only the classifiers below
         ``probe_below``, else fine-tune.
@@ -47,11 +55,21 @@ class BackbonePolicy:
         what generalises; every step on the layers below it fits those few photos at the
         cost of the rest, and with one photo per class so do the classifiers' own steps
         after their probe's fit (EXPERIMENTS.md, "Few photos per class").
+
+        Raises:
+            ValueError: No step is to be taken on more than one device (``world_size``).
         """
         per_class = train_images / max(1, net.num_classes)
         self.no_steps = per_class < self.no_steps_below
         self.classifiers_only = self.no_steps or per_class < self.probe_below
         if self.no_steps:
+            if world_size > 1:
+                raise ValueError(
+                    "Below --model.finetune.no_steps_below no step is taken, which "
+                    "Lightning allows on one device only; run it with --trainer.devices 1."
+                )
+            # Every training_step returns None on purpose (CRASMRAModule.training_step).
+            warnings.filterwarnings("ignore", message="`training_step` returned `None`")
             log.info("%.1f training images per class (fewer than "
                      "--model.finetune.no_steps_below %g): the heads' fitted classifiers are "
                      "the result; no gradient step is taken.", per_class, self.no_steps_below)

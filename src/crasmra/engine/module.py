@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -21,11 +20,11 @@ from crasmra.engine.parts import FinetuneConfig, OptimConfig, RuntimeConfig, che
 from crasmra.engine.schedule import build_scheduler, build_sgd, parameter_groups
 from crasmra.engine.starting_weights import (
     apply_checkpoint_metadata,
-    imprint_heads,
     init_network_from,
+    start_fresh_run,
     training_batches,
 )
-from crasmra.finetune import SuppressionWarmup, neutral_cram_start
+from crasmra.finetune import SuppressionWarmup
 from crasmra.flag_moves import PARTS, nest_flat_hparams
 from crasmra.layers import SMRAM
 from crasmra.losses import CRASMRALoss, LossWeights, trains_with_smram
@@ -123,10 +122,7 @@ class CRASMRAModule(L.LightningModule):
         self.test_metrics = accuracy_metrics(self.head_names, num_classes, "test/")
         self.nonfinite = NonFiniteGuard(self.runtime.nonfinite_loss,
                                         self.runtime.nonfinite_check_interval)
-        self.backbone_policy = BackbonePolicy(self.finetune.freeze_backbone_epochs,
-                                              self.finetune.freeze_backbone_bn,
-                                              self.finetune.probe_below,
-                                              self.finetune.no_steps_below)
+        self.backbone_policy = BackbonePolicy.from_config(self.finetune)
         # suppression_warmup_epochs, in optimiser steps once the trainer knows them.
         self._suppression = SuppressionWarmup(float(self.net_config.omega), 0)
 
@@ -237,32 +233,16 @@ class CRASMRAModule(L.LightningModule):
     def on_train_start(self) -> None:
         # A run resumed inside an epoch (step-interval checkpoints) continues it without an
         # epoch-start hook: the freezing and BatchNorm policies must be in force from here.
-        self.backbone_policy.choose_regime(self.net, len(self.trainer.train_dataloader.dataset))
-        if self.backbone_policy.no_steps:
-            if self.trainer.world_size > 1:
-                raise ValueError(
-                    "Below --model.finetune.no_steps_below no step is taken, which "
-                    "Lightning allows on one device only; run it with --trainer.devices 1."
-                )
-            # Every training_step returns None on purpose (see training_step).
-            warnings.filterwarnings("ignore", message="`training_step` returned `None`")
+        self.backbone_policy.choose_regime(
+            self.net, len(self.trainer.train_dataloader.dataset), self.trainer.world_size)
         self._apply_policies()
         self._suppression.apply(self.net, self.global_step)
-        # A resumed run restores imprinted (and trained) weights from its checkpoint.
-        cram_init = self.finetune.cram_init
-        if cram_init == "auto":
-            # Where CRAM trains, it moves its importances itself; where it does not, a random
-            # start would stay a random reweighting of the pretrained channels.
-            cram_init = "neutral" if self.backbone_policy.classifiers_only else "random"
-        if cram_init == "neutral" and self.global_step == 0:
-            changed = neutral_cram_start(self.net)  # 0 for variants without CRAM
-            if changed:
-                log.info("CRAM's channel importances start nearly equal "
-                         "(--model.finetune.cram_init neutral): %d module(s).", changed)
-        if self.finetune.imprints and self.global_step == 0:
-            imprint_heads(self.net, lambda: training_batches(
-                self.trainer, self._channels_last, self.finetune.imprint_transform),
-                self.finetune)
+        # A resumed run restores its starting (and trained) weights from its checkpoint.
+        if self.global_step == 0:
+            start_fresh_run(
+                self.net, self.finetune, not self.backbone_policy.classifiers_only,
+                lambda: training_batches(self.trainer, self._channels_last,
+                                         self.finetune.imprint_transform))
 
     def on_train_epoch_start(self) -> None:
         self.nonfinite.epoch_start()

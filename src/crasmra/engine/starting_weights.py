@@ -12,7 +12,12 @@ import torch
 from crasmra.checkpoint import read_network_state
 from crasmra.data.sampling import with_transform
 from crasmra.engine.parts import FinetuneConfig
-from crasmra.finetune import fit_head_weights, imprint_classifiers, init_head_paths
+from crasmra.finetune import (
+    fit_head_weights,
+    imprint_classifiers,
+    init_head_paths,
+    neutral_cram_start,
+)
 from crasmra.model import Network
 
 __all__ = [
@@ -20,6 +25,7 @@ __all__ = [
     "head_state_keys",
     "imprint_heads",
     "init_network_from",
+    "start_fresh_run",
     "training_batches",
 ]
 
@@ -115,6 +121,36 @@ def imprint_heads(
             "predictions of the training images).",
             ", ".join(f"{n} {w:.2f}" for n, w in zip(net.head_names, weights, strict=True)),
         )
+
+
+def start_fresh_run(
+    net: Network,
+    finetune: FinetuneConfig,
+    cram_trains: bool,
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+) -> None:
+    """Before the first step of a run that does not resume: CRAM's start
+    (``--model.finetune.cram_init``), then the imprinted heads (``head_init``).
+
+    Args:
+        net: The network.
+        finetune: The fine-tuning part.
+        cram_trains: Whether the attention modules train in this run (``cram_init auto``
+            starts CRAM neutral only where they do not).
+        batches: Returns the training images and labels in order, on the network's device.
+    """
+    cram_init = finetune.cram_init
+    if cram_init == "auto":
+        # Where CRAM trains, it moves its importances itself; where it does not, a random
+        # start would stay a random reweighting of the pretrained channels.
+        cram_init = "random" if cram_trains else "neutral"
+    if cram_init == "neutral":
+        changed = neutral_cram_start(net)  # 0 for variants without CRAM
+        if changed:
+            log.info("CRAM's channel importances start nearly equal "
+                     "(--model.finetune.cram_init neutral): %d module(s).", changed)
+    if finetune.imprints:
+        imprint_heads(net, batches, finetune)
 
 
 def training_batches(
