@@ -148,7 +148,8 @@ def start_fresh_run(
         changed = neutral_cram_start(net)  # 0 for variants without CRAM
         if changed:
             log.info("CRAM's channel importances start nearly equal "
-                     "(--model.finetune.cram_init neutral): %d module(s).", changed)
+                     "(--model.finetune.cram_init %s): %d module(s).", finetune.cram_init,
+                     changed)
     if finetune.imprints:
         imprint_heads(net, batches, finetune)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from crasmra.config import load_config
 from crasmra.files import check_output, same_file, write_json, write_text
 from crasmra.flag_moves import flat_model_section
 from crasmra.metric_names import TEST_COMBINED_TOP1
@@ -70,8 +71,6 @@ def base_fingerprint(base: str | dict[str, Any]) -> str:
     import hashlib
 
     if isinstance(base, str):
-        from crasmra.config import load_config
-
         base = load_config(base)
     # The model section in its flat layout from before the parts: a base config whose keys
     # moved, values unchanged, is the same base.
@@ -123,13 +122,14 @@ def validate_settings(spec: SweepSpec, runs: Sequence[RunSpec], extra: Sequence[
 
     # Errors are raised as ArgumentError instead of printed before an exit.
     no_exit = {"exit_on_error": False, "fit": {"exit_on_error": False}}
+    base = load_config(spec.base) if isinstance(spec.base, str) else spec.base
     seen: set[str] = set()
     cli = None
     for run in runs:
         if run.setting_name in seen:
             continue
         seen.add(run.setting_name)
-        args = fit_args(run.fit_config(spec.base, Path("sweep-validation")), extra)
+        args = fit_args(run.fit_config(base, Path("sweep-validation")), extra)
         check_class_paths(args)
         try:
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -250,7 +250,10 @@ def run_sweep(
         return summary
     out.mkdir(parents=True, exist_ok=True)
     record_spec(spec, out, echo)
-    fingerprint = base_fingerprint(spec.base)
+    # The base config read once, for every run: each run records this content's fingerprint,
+    # so an edit of the config files while the sweep runs must not reach its later runs.
+    base = load_config(spec.base) if isinstance(spec.base, str) else spec.base
+    fingerprint = base_fingerprint(base)
     start = time.perf_counter()
     # The sweep's thread count reaches every run, whichever launcher starts it.
     threads = [f"--threads={spec.threads}"] if spec.threads is not None else []
@@ -265,7 +268,7 @@ def run_sweep(
         # sweep's --set flags) repeats the run on its own.
         config_file = run_dir / RUN_CONFIG
         write_text(config_file, yaml.safe_dump(
-            run.fit_config(spec.base, run_dir, resume=resume), sort_keys=False))
+            run.fit_config(base, run_dir, resume=resume), sort_keys=False))
         args = fit_args(config_file, run_flags)
         record = {"setting": dict(run.overrides), "seed": run.seed, "args": args,
                   "base_fingerprint": fingerprint, "launcher": spec.launcher,
