@@ -2,10 +2,11 @@
 
 Reads a few-shot sweep's report (``results.json`` of ``crasmra sweep --report DIR`` on
 ``sweeps/cub100-fewshot.yaml``) and the anchors of ``benchmarks/ncm_probe.py`` for each subset
-(``anchors-k{N}.json``; the whole training split's as ``--full-anchors FILE``), then writes a
-markdown table (stdout) and a plot: the combined test top-1 of every variant (mean over seeds;
-a dot per seed) and the nearest class mean and linear probe on the pre-logits, against the
-photos per class on a log axis.
+(``anchors-k{N}.json``; the whole training split's as ``--full-anchors FILE``), then writes
+two markdown tables (stdout: the combined test top-1, mean ± sample std over seeds, beside the
+anchors; each variant minus the nearest class mean, with the lowest seed's margin) and a plot:
+the combined test top-1 of every variant (mean over seeds; a dot per seed) and the nearest
+class mean and linear probe on the pre-logits, against the photos per class on a log axis.
 
 Example::
 
@@ -21,6 +22,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from statistics import mean, stdev
 from typing import Any
 
 METRIC = "test/combined_top1"
@@ -81,8 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     def cell(values: list[float] | None) -> str:
         if not values:
             return ""
-        mean = 100 * sum(values) / len(values)
-        return f"{mean:.1f}" + (f" (n={len(values)})" if len(values) > 1 else "")
+        if len(values) == 1:
+            return f"{100 * values[0]:.1f}"
+        return f"{100 * mean(values):.1f} ± {100 * stdev(values):.1f} (n={len(values)})"
+
+    def margin(values: list[float] | None, anchor: float | None) -> str:
+        # The lowest seed beside the mean: "never below the anchor" is a claim about every run.
+        if not values or anchor is None or anchor != anchor:
+            return ""
+        low = f" (lowest {100 * (min(values) - anchor):+.1f})" if len(values) > 1 else ""
+        return f"{100 * (mean(values) - anchor):+.1f}{low}"
 
     print("| photos per class | " + " | ".join(f"`{v}`" for v in variants)
           + " | NCM | linear probe |")
@@ -92,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {k} | " + " | ".join(cell(curves[v].get(k)) for v in variants)
               + f" | {100 * a.get('ncm', float('nan')):.1f}"
               + f" | {100 * a.get('linear_probe', float('nan')):.1f} |")
+
+    print("\nMinus the nearest class mean (percentage points; the mean over seeds, and the "
+          "lowest seed's):\n")
+    print("| photos per class | " + " | ".join(f"`{v}`" for v in variants) + " |")
+    print("| ---: |" + " ---: |" * len(variants))
+    for k in sorted(set(shots) & set(anchors)):
+        ncm = anchors[k].get("ncm")
+        print(f"| {k} | " + " | ".join(margin(curves[v].get(k), ncm) for v in variants) + " |")
 
     if args.plot is not None:
         import matplotlib

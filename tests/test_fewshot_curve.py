@@ -45,7 +45,10 @@ def test_the_table_averages_the_seeds_and_sits_beside_the_anchors(
     ]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| photos per class | `plain` | `baseline` | NCM | linear probe |"
-    assert "| 1 | 45.0 (n=2) | 30.0 | 41.0 | 52.0 |" in lines
+    assert "| 1 | 45.0 ± 7.1 (n=2) | 30.0 | 41.0 | 52.0 |" in lines
     assert "| 2 | 60.0 |  | 61.0 | 66.0 |" in lines
     assert "| 30 |  |  | 86.0 | 90.0 |" in lines
+    # Minus the nearest class mean: the mean over seeds and, with several, the lowest seed.
+    assert "| 1 | +4.0 (lowest -1.0) | -11.0 |" in lines
+    assert "| 2 | -1.0 |  |" in lines
     assert plot.stat().st_size > 0 and plot.read_bytes()[:4] == b"\x89PNG"
