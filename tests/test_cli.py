@@ -57,6 +57,13 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
             finetune = resolved["model"]["finetune"]
             assert finetune["head_init"] == "probe" and finetune["probe_below"] == 6
             assert finetune["no_steps_below"] == 0 and finetune["cram_init"] == "random"
+            assert not finetune["imprint_signed"]
+            continue
+        if path.name == "unsigned-recipe.yaml":
+            # The frozen copy of the recipe before imprint_signed.
+            finetune = resolved["model"]["finetune"]
+            assert finetune["no_steps_below"] == 2 and finetune["cram_init"] == "auto"
+            assert not finetune["imprint_signed"]
             continue
         if path.parent.name in ("cub10", "cub100", "finetune"):
             _check_finetune_recipe(path, resolved)
@@ -135,7 +142,7 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
                        "finetune.combine": "fitted", "net.final_features": True,
                        "runtime.channels_last": None, "finetune.head_path_init": "identity",
                        "net.head_pool": "avg", "finetune.no_steps_below": 2.0,
-                       "finetune.cram_init": "auto"}.items():
+                       "finetune.cram_init": "auto", "finetune.imprint_signed": True}.items():
         part, name = key.split(".")
         assert resolved["model"][part][name] == value, key
     assert resolved["trainer"]["precision"] is None

@@ -542,3 +542,99 @@ def test_plain_ignores_the_head_path_init_of_the_recipe_family(tmp_path: Path) -
     # Imprinted: every class row of timm's classifier has the same norm (the fitted scale).
     rows = seen[0].norm(dim=1)
     assert torch.allclose(rows, rows[0].expand_as(rows), rtol=1e-4)
+
+
+def _classifier_inputs(net, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each head's classifier input for ``images`` (eval mode), by head name."""
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        head.mlp[-1].register_forward_pre_hook(
+            lambda _m, args, name=name: captured.__setitem__(name, args[0])
+        )
+        for name, head in zip(net.head_names, [*net.heads, net.concat_head], strict=True)
+    ]
+    with torch.no_grad():
+        net.eval()(images)
+    for h in hooks:
+        h.remove()
+    return captured
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_signed_imprinting_starts_each_head_linear_in_its_pairs_differences(probe: bool) -> None:
+    """``imprint_signed``: [W, -W, 0] fitted on relu(z) - relu(-z), blind to the pooled |z|."""
+    from crasmra.finetune import init_head_paths, signed_pair_counts
+    from crasmra.finetune.probe import probe_linear
+
+    batches = _batches()
+    net = _net("baseline")
+    kept = init_head_paths(net, batches, 3)
+    pairs = signed_pair_counts(net, kept)
+    # 3 classes: 2 class-mean directions per stage; the concat head's hidden layer is
+    # [U; -U; 0] (48 -> 16), the stage heads' square (the identity).
+    assert pairs == {"stage3": 2, "stage4": 2, "stage5": 2, "concat": kept["concat head"]}
+    assert pairs["concat"] == 2
+    imprint_classifiers(net, batches, 3, calibrate=False, probe=probe, signed_pairs=pairs)
+    images = torch.cat([x for x, _ in batches()])
+    labels = torch.cat([y for _, y in batches()])
+    inputs = _classifier_inputs(net, images)
+    for name, layer in classifier_layers(net).items():
+        r = pairs[name]
+        w = layer.weight.detach()
+        assert torch.equal(w[:, r : 2 * r], -w[:, :r]), name
+        assert torch.count_nonzero(w[:, 2 * r :]) == 0, name
+        h = inputs[name]
+        # Adding the same amount to relu(z) and relu(-z) changes |z|, not z: no logit moves.
+        shifted = h.clone()
+        shifted[:, : 2 * r] += 0.5
+        with torch.no_grad():
+            logits = layer(h)
+            tolerance = 1e-5 * float(logits.abs().max())
+            assert torch.allclose(layer(shifted), logits, atol=tolerance), name
+        if probe:
+            # The classifier is the probe of z = relu(z) - relu(-z) fitted on its own.
+            z = h[:, :r] - h[:, r : 2 * r]
+            means = torch.stack([z[labels == k].mean(0) for k in range(3)])
+            center = means.mean(0)
+            reference = nn.Linear(r, 3)
+            probe_linear(reference, z, labels, center, float((z - center).norm(dim=1).mean()))
+            with torch.no_grad():
+                assert torch.allclose(logits, reference(z), atol=tolerance), name
+
+
+def test_without_signed_imprinting_the_pooled_magnitudes_move_the_logits() -> None:
+    """The default keeps every input feature on its own: |z| has weight (the contrast above)."""
+    from crasmra.finetune import init_head_paths
+
+    batches = _batches()
+    net = _net("baseline")
+    init_head_paths(net, batches, 3)
+    imprint_classifiers(net, batches, 3, calibrate=False, probe=True)
+    images = torch.cat([x for x, _ in batches()])
+    h = _classifier_inputs(net, images)["stage5"]
+    shifted = h.clone()
+    shifted[:, :4] += 0.5
+    layer = classifier_layers(net)["stage5"]
+    with torch.no_grad():
+        assert not torch.allclose(layer(shifted), layer(h), atol=1e-3)
+
+
+def test_signed_pair_counts_follow_each_heads_layout() -> None:
+    from crasmra.finetune import init_head_paths, signed_pair_counts
+
+    torch.manual_seed(0)
+    # Square concat head (3 x 8 -> 24): its input is the stages' pairs side by side, not one
+    # block of pairs, so it has none; non-square stage heads (8 -> 6) have their hidden layer's.
+    net = create_model("resnet10t", 3, variant="baseline", head_channels=8, head_hidden=24)
+    kept = init_head_paths(net, _batches(), 3)
+    assert signed_pair_counts(net, kept)["concat"] == 0
+    assert signed_pair_counts(net, kept)["stage5"] == kept["stage5 head"]
+
+
+def test_imprint_signed_needs_identity_head_paths() -> None:
+    with pytest.raises(ValueError, match=r"--model\.finetune\.head_path_init identity"):
+        build_module(backbone="resnet10t", num_classes=3, head_init="probe",
+                     imprint_signed=True)
+    with pytest.raises(ValueError, match=r"--model\.finetune\.imprint_signed"):
+        build_module(backbone="resnet10t", num_classes=3, head_init="probe",
+                     head_path_init="identity", imprint_signed="yes")

@@ -152,6 +152,12 @@ class FinetuneConfig:
             norm; None fits it per head to the training images' leave-one-out cross-entropy.
         imprint_centered: With ``"imprint"``, centre each head's features on the mean of its
             class means before the cosine (SimpleShot's CL2N; the default) or not.
+        imprint_signed: With ``head_path_init: identity``, imprint (and probe) each head's
+            classifier on the signed differences ``relu(z) - relu(-z) = z`` of the ``(relu(z),
+            relu(-z))`` pairs its input starts with, and give it ``[W, -W, 0]``
+            (:func:`crasmra.finetune.signed_pair_counts`): the stage heads start as classifiers
+            linear in their stage's pooled map, as ``plain``'s is in its pooled features. False
+            (the default): every input feature on its own, the pooled ``|z|`` included.
         imprint_transform: With ``"imprint"``, the view of the training images that the
             heads are imprinted (and the head paths initialised) from: ``"train"``, the
             training transform's random crops and flips, or ``"eval"``, the evaluation
@@ -180,6 +186,7 @@ class FinetuneConfig:
     head_path_init: Literal["random", "identity"] = "random"
     imprint_logit_scale: float | None = None
     imprint_centered: bool = True
+    imprint_signed: bool = False
     imprint_transform: Literal["train", "eval"] = "train"
     combine: Literal["mean", "fitted"] = "mean"
     cram_init: Literal["random", "neutral", "auto"] = "random"
@@ -200,6 +207,16 @@ class FinetuneConfig:
                 "--model.finetune.head_path_init identity prepares the heads for imprinting; "
                 "add --model.finetune.head_init imprint, or use "
                 "--model.finetune.head_path_init random."
+            )
+        if not isinstance(self.imprint_signed, bool):
+            raise ValueError(f"imprint_signed must be true or false, got "
+                             f"{self.imprint_signed!r}; change --model.finetune.imprint_signed.")
+        if self.imprint_signed and self.head_path_init != "identity":
+            raise ValueError(
+                "--model.finetune.imprint_signed fits the classifiers on the (relu(z), "
+                "relu(-z)) pairs that head_path_init identity sets up; add "
+                "--model.finetune.head_path_init identity, or use "
+                "--model.finetune.imprint_signed false."
             )
         _number("--model.finetune.no_steps_below", self.no_steps_below, allow_zero=True,
                 maximum=1e6)

@@ -17,6 +17,7 @@ from crasmra.finetune import (
     imprint_classifiers,
     init_head_paths,
     neutral_cram_start,
+    signed_pair_counts,
 )
 from crasmra.model import Network
 
@@ -86,6 +87,7 @@ def imprint_heads(
     """
     # A network without attention (plain) has no projection or head MLP: nothing to initialise.
     identity_paths = finetune.head_path_init == "identity" and len(net.attention) > 0
+    signed_pairs: dict[str, int] | None = None
     # The training transform's random draws must not shift the training run's own.
     with torch.random.fork_rng(devices=[]):
         if identity_paths:
@@ -95,10 +97,12 @@ def imprint_heads(
                 "images' features (class-mean directions kept: %s).",
                 ", ".join(f"{name} {count}" for name, count in kept.items()),
             )
+            if finetune.imprint_signed:
+                signed_pairs = signed_pair_counts(net, kept)
         report = imprint_classifiers(
             net, batches, net.num_classes, finetune.imprint_logit_scale,
             calibrate=not identity_paths, centered=finetune.imprint_centered,
-            probe=finetune.head_init == "probe",
+            probe=finetune.head_init == "probe", signed_pairs=signed_pairs,
         )
     log.info(
         "Imprinted the heads with the class means of their features (nearest class mean "

@@ -4,7 +4,7 @@ shapes allow."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from crasmra.finetune.capture import run_capturing_inputs
 from crasmra.model import Network
 
-__all__ = ["init_head_paths"]
+__all__ = ["init_head_paths", "signed_pair_counts"]
 
 
 class _Moments:
@@ -192,3 +192,32 @@ def init_head_paths(
         net.train(was_training)
     return kept
 
+
+
+def signed_pair_counts(net: Network, kept: Mapping[str, int]) -> dict[str, int]:
+    """Per head, how many ``(relu(z), relu(-z))`` pairs its classifier's input starts with.
+
+    After :func:`init_head_paths` the input of a head's classifier begins with ``r`` features
+    ``relu(z)``, then their ``r`` mirrors ``relu(-z)``, then zeros: for a stage head whose
+    hidden layer is square, ``z`` is the projection of the stage's pixels onto the class-mean
+    directions (``r`` those of the stage's projection), averaged by the pooling after the ReLU;
+    for a head whose hidden layer is ``[U; -U; 0]`` (the concat head), ``z = U h`` through the
+    ELU. A head without that layout (a square concat head) gets 0.
+
+    Args:
+        net: The network :func:`init_head_paths` initialised.
+        kept: Its return value.
+
+    Returns:
+        ``{head name: r}`` for every head of :attr:`Network.head_names`.
+    """
+    counts: dict[str, int] = {}
+    for name, head in zip(net.head_names, [*net.heads, net.concat_head], strict=True):
+        hidden = head.mlp[1]
+        if hidden.in_features != hidden.out_features:
+            counts[name] = kept[f"{name} head"]
+        elif name in net.stage_names:
+            counts[name] = kept[f"{name} projection"]
+        else:
+            counts[name] = 0
+    return counts

@@ -4,7 +4,7 @@ nearest-class-mean classifier of its own input features."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +115,16 @@ def imprint_linear(
         layer.bias.copy_((-(weight @ center)).to(layer.bias))
 
 
+@torch.no_grad()
+def _expand_signed(layer: nn.Linear, fitted: nn.Linear, pairs: int) -> None:
+    """Give ``layer`` (K, D) the weights ``[W, -W, 0]`` of ``fitted`` (K, r), and its bias."""
+    layer.weight.zero_()
+    layer.weight[:, :pairs] = fitted.weight
+    layer.weight[:, pairs : 2 * pairs] = -fitted.weight
+    if layer.bias is not None:
+        layer.bias.copy_(fitted.bias)
+
+
 @dataclass(frozen=True)
 class ImprintReport:
     """What :func:`imprint_classifiers` did, per head.
@@ -161,6 +171,7 @@ def imprint_classifiers(
     centered: bool = True,
     calibrate: bool = True,
     probe: bool = False,
+    signed_pairs: Mapping[str, int] | None = None,
 ) -> ImprintReport:
     """Imprint every head's last linear layer with the class means of its own input features.
 
@@ -191,6 +202,13 @@ def imprint_classifiers(
             linear probing before fine-tuning, Kumar et al., ICLR 2022). The leave-one-out
             predictions (and so the fitted combination weights) stay those of the imprinted
             classifiers.
+        signed_pairs: Per head, the number ``r`` of ``(relu(z), relu(-z))`` pairs its
+            classifier's input starts with (:func:`crasmra.finetune.signed_pair_counts`).
+            A head with ``r > 0`` is imprinted (and probed) on ``relu(z) - relu(-z)``, ``z``
+            itself for a stage head (the class-mean coordinates of its pooled map), and its
+            classifier gets ``[W, -W, 0]``: it starts linear in the stage's pooled map, as
+            ``plain``'s classifier is in its pooled features, and gives the pairs' other half
+            (the pooled ``|z|``) no weight. None or 0: every input feature on its own.
 
     Returns:
         Per head, the nearest-class-mean accuracy on the imprinting data itself (a check
@@ -230,16 +248,24 @@ def imprint_classifiers(
     probe_decay: dict[str, float] = {}
     probe_selection: dict[str, str] = {}
     for name, layer in layers.items():
-        means = sums[name] / counts.clamp(min=1).unsqueeze(1)  # (K, D)
-        center = means[present].mean(dim=0) if centered else means.new_zeros(means.shape[1])
+        pairs = (signed_pairs or {}).get(name, 0)
         h = torch.cat(features[name])  # (N, D)
+        class_sums = sums[name]
+        target = layer
+        if pairs > 0:
+            # (N, D) -> (N, r): relu(z) - relu(-z) = z.
+            h = h[:, :pairs] - h[:, pairs : 2 * pairs]
+            class_sums = class_sums[:, :pairs] - class_sums[:, pairs : 2 * pairs]
+            target = nn.Linear(pairs, layer.out_features, bias=layer.bias is not None)
+        means = class_sums / counts.clamp(min=1).unsqueeze(1)  # (K, D)
+        center = means[present].mean(dim=0) if centered else means.new_zeros(means.shape[1])
         directions = centred_directions(means, center, present)
         cosine = F.normalize(h - center, dim=1) @ directions.T  # (N, K)
         train_accuracy[name] = float((cosine.argmax(dim=1) == y).float().mean())
         # W = (scale / mean centred norm) * direction: the logits of a feature of average
         # norm span `scale` times the cosine.
         mean_norm = float((h - center).norm(dim=1).mean())
-        loo = leave_one_out_logits(h, y, sums[name], counts, center)
+        loo = leave_one_out_logits(h, y, class_sums, counts, center)
         if logit_scale is None:
             scale = fit_logit_scale(loo, y, mean_norm, FALLBACK_LOGIT_SCALE)
         else:
@@ -249,10 +275,12 @@ def imprint_classifiers(
             loo_labels = y[loo[1]]
         usable_norm = mean_norm > 0 and math.isfinite(mean_norm)
         weight_scale = scale / mean_norm if usable_norm else 0.0
-        imprint_linear(layer, means, center, weight_scale, present)
+        imprint_linear(target, means, center, weight_scale, present)
         scales[name] = scale
         if probe and usable_norm:
-            _, choice = probe_linear(layer, h, y, center, mean_norm)
+            _, choice = probe_linear(target, h, y, center, mean_norm)
             probe_decay[name], probe_selection[name] = choice.decay, choice.selection
+        if pairs > 0:
+            _expand_signed(layer, target, pairs)
     return ImprintReport(train_accuracy, scales, loo_probs, loo_labels, probe_decay,
                          probe_selection)
