@@ -296,3 +296,20 @@ def test_auto_cram_init_is_neutral_only_where_cram_does_not_train(
         key = f"attention.{i}.mlp.2.weight"
         expected = module.mlp[-1].weight * (1e-3 if neutral else 1.0)
         torch.testing.assert_close(start.state[key], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper heads' probes on the pairs' differences (--model.finetune.imprint_signed)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("signed", [True, False])
+def test_imprint_signed_reaches_the_classifiers_a_run_starts_with(tmp_path: Path,
+                                                                   signed: bool) -> None:
+    _, trained = _fit(tmp_path, epochs=1, no_steps_below=9, head_init="probe",
+                      head_path_init="identity", imprint_signed=signed)
+    # K classes: every head keeps the K - 1 directions of its centred class means, as +/- pairs.
+    r = trained.net.num_classes - 1
+    for name, layer in trained.net.classifier_layers().items():
+        w = layer.weight.detach()
+        mirrored = torch.equal(w[:, r : 2 * r], -w[:, :r])
+        mirrored = mirrored and not torch.count_nonzero(w[:, 2 * r :])
+        assert mirrored == signed, name
