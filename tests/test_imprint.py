@@ -393,7 +393,7 @@ def test_init_head_paths_makes_the_projection_keep_the_class_means_and_the_norms
 
     batches = _batches()
     net = _net(variant)
-    kept = init_head_paths(net, batches, 3)
+    kept = init_head_paths(net, batches, 3).kept
     images = torch.cat([x for x, _ in batches()])
     labels = torch.cat([y for _, y in batches()])
     inputs = _pooled_inputs(net, images)
@@ -563,13 +563,13 @@ def _classifier_inputs(net, images: torch.Tensor) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("probe", [False, True])
 def test_signed_imprinting_starts_each_head_linear_in_its_pairs_differences(probe: bool) -> None:
     """``imprint_signed``: [W, -W, 0] fitted on relu(z) - relu(-z), blind to the pooled |z|."""
-    from crasmra.finetune import init_head_paths, signed_pair_counts
+    from crasmra.finetune import init_head_paths
     from crasmra.finetune.probe import probe_linear
 
     batches = _batches()
     net = _net("baseline")
-    kept = init_head_paths(net, batches, 3)
-    pairs = signed_pair_counts(net, kept)
+    paths = init_head_paths(net, batches, 3)
+    kept, pairs = paths.kept, paths.signed_pairs
     # 3 classes: 2 class-mean directions per stage; the concat head's hidden layer is
     # [U; -U; 0] (48 -> 16), the stage heads' square (the identity).
     assert pairs == {"stage3": 2, "stage4": 2, "stage5": 2, "concat": kept["concat head"]}
@@ -619,16 +619,18 @@ def test_without_signed_imprinting_the_pooled_magnitudes_move_the_logits() -> No
         assert not torch.allclose(layer(shifted), layer(h), atol=1e-3)
 
 
-def test_signed_pair_counts_follow_each_heads_layout() -> None:
-    from crasmra.finetune import init_head_paths, signed_pair_counts
+def test_signed_pairs_follow_each_heads_layout() -> None:
+    from crasmra.finetune import init_head_paths
 
     torch.manual_seed(0)
     # Square concat head (3 x 8 -> 24): its input is the stages' pairs side by side, not one
     # block of pairs, so it has none; non-square stage heads (8 -> 6) have their hidden layer's.
     net = create_model("resnet10t", 3, variant="baseline", head_channels=8, head_hidden=24)
-    kept = init_head_paths(net, _batches(), 3)
-    assert signed_pair_counts(net, kept)["concat"] == 0
-    assert signed_pair_counts(net, kept)["stage5"] == kept["stage5 head"]
+    paths = init_head_paths(net, _batches(), 3)
+    assert paths.signed_pairs["concat"] == 0
+    assert paths.kept["stage5 head"] == 2
+    assert paths.signed_pairs["stage5"] == 2
+    assert set(paths.signed_pairs) == set(net.head_names)
 
 
 def test_imprint_signed_needs_identity_head_paths() -> None:

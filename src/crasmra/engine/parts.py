@@ -155,7 +155,7 @@ class FinetuneConfig:
         imprint_signed: With ``head_path_init: identity``, imprint (and probe) each head's
             classifier on the signed differences ``relu(z) - relu(-z) = z`` of the ``(relu(z),
             relu(-z))`` pairs its input starts with, and give it ``[W, -W, 0]``
-            (:func:`crasmra.finetune.signed_pair_counts`): the stage heads start as classifiers
+            (:attr:`crasmra.finetune.HeadPaths.signed_pairs`): the stage heads start as classifiers
             linear in their stage's pooled map, as ``plain``'s is in its pooled features. False
             (the default): every input feature on its own, the pooled ``|z|`` included.
         imprint_transform: With ``"imprint"``, the view of the training images that the

@@ -17,7 +17,6 @@ from crasmra.finetune import (
     imprint_classifiers,
     init_head_paths,
     neutral_cram_start,
-    signed_pair_counts,
 )
 from crasmra.model import Network
 
@@ -91,14 +90,14 @@ def imprint_heads(
     # The training transform's random draws must not shift the training run's own.
     with torch.random.fork_rng(devices=[]):
         if identity_paths:
-            kept = init_head_paths(net, batches, net.num_classes)
+            paths = init_head_paths(net, batches, net.num_classes)
             log.info(
                 "Initialised the projections and heads as the identity on the training "
                 "images' features (class-mean directions kept: %s).",
-                ", ".join(f"{name} {count}" for name, count in kept.items()),
+                ", ".join(f"{name} {count}" for name, count in paths.kept.items()),
             )
             if finetune.imprint_signed:
-                signed_pairs = signed_pair_counts(net, kept)
+                signed_pairs = paths.signed_pairs
         report = imprint_classifiers(
             net, batches, net.num_classes, finetune.imprint_logit_scale,
             calibrate=not identity_paths, centered=finetune.imprint_centered,

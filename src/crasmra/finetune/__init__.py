@@ -18,8 +18,8 @@ suppression warm-up):
   images. A random projection and hidden layer otherwise scramble the pretrained features
   before the imprinted classifier reads them (on cub100 with one photo per class the
   stage-5 head's nearest class mean falls from 50.6% to 41.1%, EXPERIMENTS.md).
-  :func:`signed_pair_counts` (``--model.finetune.imprint_signed``) then lets the classifiers
-  be fitted on the pairs' differences, so that each stage head starts linear in its pooled map.
+  The pairs it records (:class:`HeadPaths`) let ``--model.finetune.imprint_signed`` fit the
+  classifiers on the pairs' differences, so that each stage head starts linear in its pooled map.
 - :func:`neutral_cram_start` (``--model.finetune.cram_init neutral``): CRAM's importance MLP
   starts with its last layer scaled down, so every channel starts at nearly the same
   importance and ``x_e`` at the stage's map rescaled, instead of a random reweighting of the
@@ -41,7 +41,7 @@ from crasmra.finetune.choices import (
     IMPRINT_TRANSFORMS,
 )
 from crasmra.finetune.combination import fit_head_weights
-from crasmra.finetune.head_paths import init_head_paths, signed_pair_counts
+from crasmra.finetune.head_paths import HeadPaths, init_head_paths
 from crasmra.finetune.imprint import (
     ImprintReport,
     calibrate_batchnorm,
@@ -65,6 +65,7 @@ __all__ = [
     "HEAD_PATH_INITS",
     "IMPRINT_TRANSFORMS",
     "NEUTRAL_SCALE",
+    "HeadPaths",
     "ImprintReport",
     "SuppressionWarmup",
     "calibrate_batchnorm",
@@ -77,5 +78,4 @@ __all__ = [
     "init_head_paths",
     "leave_one_out_logits",
     "neutral_cram_start",
-    "signed_pair_counts",
 ]

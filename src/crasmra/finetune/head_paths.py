@@ -4,7 +4,8 @@ shapes allow."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +13,29 @@ from torch import Tensor, nn
 from crasmra.finetune.capture import run_capturing_inputs
 from crasmra.model import Network
 
-__all__ = ["init_head_paths", "signed_pair_counts"]
+__all__ = ["HeadPaths", "init_head_paths"]
+
+
+@dataclass(frozen=True)
+class HeadPaths:
+    """What :func:`init_head_paths` set, per stage projection and head.
+
+    Attributes:
+        kept: ``{"<stage> projection" | "<head> head": r}``, the number of class-mean
+            directions each projection and hidden layer kept (a square hidden layer, set to
+            the identity, keeps its width).
+        signed_pairs: ``{head name: r}`` for every head of :attr:`Network.head_names`: the
+            input of its classifier begins with ``r`` features ``relu(z)``, then their ``r``
+            mirrors ``relu(-z)``, then zeros. For a stage head whose hidden layer is square,
+            ``z`` is the projection of the stage's pixels onto its class-mean directions,
+            averaged by the pooling after the ReLU; for a head whose hidden layer is
+            ``[U; -U; 0]`` (the concat head), ``z = U h`` through the ELU. A head without that
+            layout (a square concat head) has 0. ``--model.finetune.imprint_signed`` fits the
+            classifiers on ``relu(z) - relu(-z)`` (:func:`crasmra.finetune.imprint_classifiers`).
+    """
+
+    kept: dict[str, int] = field(default_factory=dict)
+    signed_pairs: dict[str, int] = field(default_factory=dict)
 
 
 class _Moments:
@@ -101,7 +124,7 @@ def init_head_paths(
     net: Network,
     batches: Callable[[], Iterable[tuple[Tensor, Tensor]]],
     num_classes: int,
-) -> dict[str, int]:
+) -> HeadPaths:
     """Start every head's path as close to the identity on the training features as it can.
 
     Two passes over ``batches`` in eval mode (the backbone's statistics as loaded):
@@ -126,7 +149,8 @@ def init_head_paths(
         num_classes: K.
 
     Returns:
-        Per stage and head, the number of class-mean directions kept.
+        Per stage and head, the class-mean directions kept, and per head the ``+/-`` pairs
+        its classifier's input starts with.
     """
     if not net.attention:
         raise ValueError(
@@ -140,6 +164,9 @@ def init_head_paths(
     was_training = net.training
     net.eval()
     kept: dict[str, int] = {}
+    pairs: dict[str, int] = {}
+    # Per stage, the pairs its projection [U; -U; 0] gives the stage head.
+    projection_pairs: dict[str, int] = {}
     try:
         # Pass 1: the conv inputs' class means (spatial averages) and pixel moments.
         pixel_moments = [_Moments(num_classes, conv.in_channels) for conv, _ in projections]
@@ -162,7 +189,7 @@ def init_head_paths(
                 weight @ moments.mean(),
                 ((weight @ moments.covariance()) * weight).sum(dim=1),
             )
-            kept[f"{stage} projection"] = basis.shape[0]
+            kept[f"{stage} projection"] = projection_pairs[stage] = basis.shape[0]
         # Pass 2: the heads' pooled inputs.
         heads = [*net.heads, net.concat_head]
         head_moments = [_Moments(num_classes, head.mlp[0].num_features) for head in heads]
@@ -178,10 +205,14 @@ def init_head_paths(
             if hidden.in_features == hidden.out_features:
                 weight = torch.eye(hidden.out_features, dtype=torch.float64)
                 kept[f"{name} head"] = hidden.out_features
+                # The identity passes the pairs of the stage's projection through; the input
+                # of a square concat head is the stages' blocks of pairs side by side, no
+                # single block of pairs.
+                pairs[name] = projection_pairs.get(name, 0)
             else:
                 basis = moments.class_mean_directions(hidden.out_features // 2)
                 weight = _pm_rows(basis, hidden.out_features)  # (H, D)
-                kept[f"{name} head"] = basis.shape[0]
+                kept[f"{name} head"] = pairs[name] = basis.shape[0]
             hidden.weight.copy_(weight.to(hidden.weight))
             if hidden.bias is not None:
                 hidden.bias.zero_()
@@ -190,34 +221,5 @@ def init_head_paths(
             )
     finally:
         net.train(was_training)
-    return kept
+    return HeadPaths(kept=kept, signed_pairs=pairs)
 
-
-
-def signed_pair_counts(net: Network, kept: Mapping[str, int]) -> dict[str, int]:
-    """Per head, how many ``(relu(z), relu(-z))`` pairs its classifier's input starts with.
-
-    After :func:`init_head_paths` the input of a head's classifier begins with ``r`` features
-    ``relu(z)``, then their ``r`` mirrors ``relu(-z)``, then zeros: for a stage head whose
-    hidden layer is square, ``z`` is the projection of the stage's pixels onto the class-mean
-    directions (``r`` those of the stage's projection), averaged by the pooling after the ReLU;
-    for a head whose hidden layer is ``[U; -U; 0]`` (the concat head), ``z = U h`` through the
-    ELU. A head without that layout (a square concat head) gets 0.
-
-    Args:
-        net: The network :func:`init_head_paths` initialised.
-        kept: Its return value.
-
-    Returns:
-        ``{head name: r}`` for every head of :attr:`Network.head_names`.
-    """
-    counts: dict[str, int] = {}
-    for name, head in zip(net.head_names, [*net.heads, net.concat_head], strict=True):
-        hidden = head.mlp[1]
-        if hidden.in_features != hidden.out_features:
-            counts[name] = kept[f"{name} head"]
-        elif name in net.stage_names:
-            counts[name] = kept[f"{name} projection"]
-        else:
-            counts[name] = 0
-    return counts

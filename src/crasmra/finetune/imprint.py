@@ -203,7 +203,7 @@ def imprint_classifiers(
             predictions (and so the fitted combination weights) stay those of the imprinted
             classifiers.
         signed_pairs: Per head, the number ``r`` of ``(relu(z), relu(-z))`` pairs its
-            classifier's input starts with (:func:`crasmra.finetune.signed_pair_counts`).
+            classifier's input starts with (:attr:`crasmra.finetune.HeadPaths.signed_pairs`).
             A head with ``r > 0`` is imprinted (and probed) on ``relu(z) - relu(-z)``, ``z``
             itself for a stage head (the class-mean coordinates of its pooled map), and its
             classifier gets ``[W, -W, 0]``: it starts linear in the stage's pooled map, as
