@@ -313,3 +313,20 @@ def test_imprint_signed_reaches_the_classifiers_a_run_starts_with(tmp_path: Path
         mirrored = torch.equal(w[:, r : 2 * r], -w[:, :r])
         mirrored = mirrored and not torch.count_nonzero(w[:, 2 * r :])
         assert mirrored == signed, name
+
+
+@pytest.mark.parametrize("directions", ["class_means", "principal"])
+def test_head_path_directions_reaches_the_projections_a_run_starts_with(
+    tmp_path: Path, directions: str
+) -> None:
+    _, trained = _fit(tmp_path, epochs=1, no_steps_below=9, head_init="probe",
+                      head_path_init="identity", head_path_directions=directions)
+    net = trained.net
+    for attention in net.attention:
+        w = attention.conv_layer[0].weight.detach().flatten(1)  # (C_a, C)
+        kept = int(torch.count_nonzero(w.abs().sum(dim=1))) // 2
+        # K classes: K - 1 class-mean directions, more with the principal ones.
+        if directions == "class_means":
+            assert kept == net.num_classes - 1
+        else:
+            assert kept > net.num_classes - 1

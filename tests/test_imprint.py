@@ -640,3 +640,58 @@ def test_imprint_signed_needs_identity_head_paths() -> None:
     with pytest.raises(ValueError, match=r"--model\.finetune\.imprint_signed"):
         build_module(backbone="resnet10t", num_classes=3, head_init="probe",
                      head_path_init="identity", imprint_signed="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# --model.finetune.head_path_directions principal
+# ---------------------------------------------------------------------------------------------
+def test_principal_directions_add_the_leading_variance_outside_the_class_means() -> None:
+    from crasmra.finetune import init_head_paths
+
+    batches = _batches(per_class=8)
+    means_only = _net("baseline")
+    kept_means = init_head_paths(means_only, batches, 3).kept
+    net = _net("baseline")
+    paths = init_head_paths(net, batches, 3, directions="principal")
+    images = torch.cat([x for x, _ in batches()])
+    for i, x in enumerate(_pooled_inputs(net, images)):
+        stage = net.stage_names[i]
+        r_means = kept_means[f"{stage} projection"]
+        r = paths.kept[f"{stage} projection"]
+        conv = net.attention[i].conv_layer[0]
+        w = conv.weight.detach().flatten(1)  # (C_a, C)
+        # Up to half the projection's width, and no more than the pooled features' rank.
+        pooled = x.mean(dim=(2, 3)).double()  # (N, C)
+        rank = int(torch.linalg.matrix_rank(pooled - pooled.mean(0)))
+        assert r == min(conv.out_channels // 2, rank) > r_means == 2
+        assert paths.signed_pairs[stage] == r
+        # The class means' directions come first, as without the switch; then orthonormal
+        # directions outside their span, still as +/- pairs.
+        reference = means_only.attention[i].conv_layer[0].weight.detach().flatten(1)
+        torch.testing.assert_close(w[:r_means], reference[:r_means])
+        assert torch.allclose(w[:r] @ w[:r].T, torch.eye(r), atol=1e-5)
+        assert torch.equal(w[r : 2 * r], -w[:r])
+        assert torch.count_nonzero(w[2 * r :]) == 0
+        # The added directions are the leading eigenvectors of the covariance left outside
+        # the class means' span: their variance is the top eigenvalues of that covariance.
+        u = w[:r_means].double()
+        outside = torch.eye(u.shape[1], dtype=torch.float64) - u.T @ u
+        centred = (pooled - pooled.mean(0)) @ outside
+        covariance = centred.T @ centred / len(pooled)
+        top = torch.linalg.eigvalsh(covariance).flip(0)[: r - r_means]
+        extra = w[r_means:r].double()
+        captured = ((extra @ covariance) * extra).sum(dim=1)
+        torch.testing.assert_close(captured, top, rtol=1e-3, atol=1e-6 * float(top[0]))
+
+
+def test_head_path_directions_is_checked() -> None:
+    from crasmra.finetune import init_head_paths
+
+    with pytest.raises(ValueError, match="directions must be one of"):
+        init_head_paths(_net("baseline"), _batches(), 3, directions="pca")
+    with pytest.raises(ValueError, match=r"--model\.finetune\.head_path_init identity"):
+        build_module(backbone="resnet10t", num_classes=3, head_init="probe",
+                     head_path_directions="principal")
+    with pytest.raises(ValueError, match=r"--model\.finetune\.head_path_directions"):
+        build_module(backbone="resnet10t", num_classes=3, head_init="probe",
+                     head_path_init="identity", head_path_directions="pca")

@@ -15,6 +15,7 @@ from crasmra.finetune import (
     COMBINES,
     CRAM_INITS,
     HEAD_INITS,
+    HEAD_PATH_DIRECTIONS,
     HEAD_PATH_INITS,
     IMPRINT_TRANSFORMS,
 )
@@ -148,6 +149,12 @@ class FinetuneConfig:
             between it and the classifier starts as the identity on the training features
             (:func:`crasmra.finetune.init_head_paths`). Needs the light Conv_layer; the plain
             variant (no projection, no head MLP) ignores it.
+        head_path_directions: With ``head_path_init: identity``, what each projection (and a
+            non-square hidden layer) keeps: ``"class_means"`` (the default), the span of the
+            class means alone, at most K - 1 directions; ``"principal"``, that span, then the
+            leading principal directions of the features' variance outside it, up to half the
+            layer's width. With few classes the class means leave most of a map out (10
+            classes: 9 of 1280 directions of EfficientNet-Lite0's last stage).
         imprint_logit_scale: With ``"imprint"``, the logits' scale for a feature of average
             norm; None fits it per head to the training images' leave-one-out cross-entropy.
         imprint_centered: With ``"imprint"``, centre each head's features on the mean of its
@@ -184,6 +191,7 @@ class FinetuneConfig:
     no_steps_below: float = 0.0
     head_init: Literal["random", "imprint", "probe"] = "random"
     head_path_init: Literal["random", "identity"] = "random"
+    head_path_directions: Literal["class_means", "principal"] = "class_means"
     imprint_logit_scale: float | None = None
     imprint_centered: bool = True
     imprint_signed: bool = False
@@ -198,6 +206,14 @@ class FinetuneConfig:
                 maximum=1e6)
         _choice("--model.finetune.head_init", self.head_init, HEAD_INITS)
         _choice("--model.finetune.head_path_init", self.head_path_init, HEAD_PATH_INITS)
+        _choice("--model.finetune.head_path_directions", self.head_path_directions,
+                HEAD_PATH_DIRECTIONS)
+        if self.head_path_directions != "class_means" and self.head_path_init != "identity":
+            raise ValueError(
+                "--model.finetune.head_path_directions chooses what the identity head paths "
+                "keep; add --model.finetune.head_path_init identity, or use "
+                "--model.finetune.head_path_directions class_means."
+            )
         _choice("--model.finetune.combine", self.combine, COMBINES)
         _choice("--model.finetune.cram_init", self.cram_init, CRAM_INITS)
         _choice("--model.finetune.imprint_transform", self.imprint_transform,

@@ -90,10 +90,11 @@ def imprint_heads(
     # The training transform's random draws must not shift the training run's own.
     with torch.random.fork_rng(devices=[]):
         if identity_paths:
-            paths = init_head_paths(net, batches, net.num_classes)
+            paths = init_head_paths(net, batches, net.num_classes,
+                                    finetune.head_path_directions)
             log.info(
                 "Initialised the projections and heads as the identity on the training "
-                "images' features (class-mean directions kept: %s).",
+                "images' features (directions kept: %s).",
                 ", ".join(f"{name} {count}" for name, count in paths.kept.items()),
             )
             if finetune.imprint_signed:

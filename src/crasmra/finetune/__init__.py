@@ -37,6 +37,7 @@ from crasmra.finetune.choices import (
     COMBINES,
     CRAM_INITS,
     HEAD_INITS,
+    HEAD_PATH_DIRECTIONS,
     HEAD_PATH_INITS,
     IMPRINT_TRANSFORMS,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "CRAM_INITS",
     "FALLBACK_LOGIT_SCALE",
     "HEAD_INITS",
+    "HEAD_PATH_DIRECTIONS",
     "HEAD_PATH_INITS",
     "IMPRINT_TRANSFORMS",
     "NEUTRAL_SCALE",

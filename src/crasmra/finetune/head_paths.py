@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from crasmra.finetune.capture import run_capturing_inputs
+from crasmra.finetune.choices import HEAD_PATH_DIRECTIONS
 from crasmra.model import Network
 
 __all__ = ["HeadPaths", "init_head_paths"]
@@ -75,6 +76,27 @@ class _Moments:
         rank = int((values > values[0] * 1e-6).sum()) if values[0] > 0 else 0
         return basis[: min(rank, limit)]
 
+    def leading_directions(self, limit: int, principal: bool) -> Tensor:
+        """(r, D) orthonormal: the class means' span, then (with ``principal``) the leading
+        principal directions of the features' variance outside it, r <= ``limit``.
+
+        With K classes the class means span at most K - 1 directions: with 10 classes a head
+        would read 9 of a 1280-d map. The principal directions fill the rest of the
+        ``limit`` with what varies most within the classes.
+        """
+        means = self.class_mean_directions(limit)
+        if not principal or means.shape[0] >= limit:
+            return means
+        # The covariance with the class means' span projected out: (D, D).
+        outside = torch.eye(means.shape[1], dtype=means.dtype) - means.T @ means
+        rest = outside @ self.covariance() @ outside
+        values, vectors = torch.linalg.eigh((rest + rest.T) / 2)  # ascending
+        values, vectors = values.flip(0), vectors.flip(1)
+        if values.numel() == 0 or values[0] <= 0:
+            return means
+        count = min(int((values > values[0] * 1e-6).sum()), limit - means.shape[0])
+        return torch.cat([means, vectors[:, :count].T])
+
 
 def _pm_rows(basis: Tensor, rows: int) -> Tensor:
     """(rows, D): ``basis`` and its negation, then zeros (``2 * len(basis) <= rows``).
@@ -124,6 +146,7 @@ def init_head_paths(
     net: Network,
     batches: Callable[[], Iterable[tuple[Tensor, Tensor]]],
     num_classes: int,
+    directions: str = "class_means",
 ) -> HeadPaths:
     """Start every head's path as close to the identity on the training features as it can.
 
@@ -132,7 +155,9 @@ def init_head_paths(
     1. Each attended stage's projection (the 1x1 conv of the light ``Conv_layer``, C -> C_a)
        becomes ``[U; -U; 0]``, U the r orthonormal directions spanned by the centred class
        means of the conv's input (its spatial average; r <= C_a / 2), so that the projected
-       map keeps what separates the class means and its ReLU drops no sign. Its BatchNorm
+       map keeps what separates the class means and its ReLU drops no sign. With
+       ``directions="principal"`` U goes on with the leading principal directions of the
+       spatial averages outside the class means' span, up to C_a / 2. Its BatchNorm
        gets the projected pixels' statistics and the scale and shift that undo them.
     2. Each head's first BatchNorm becomes the identity on its pooled input; its hidden
        linear layer the identity when it is square (the stage heads: C_a -> C_a), else
@@ -147,11 +172,16 @@ def init_head_paths(
         net: A network of a paper variant (not ``"plain"``) with the light Conv_layer.
         batches: Returns an iterable of (images, labels) batches on the network's device.
         num_classes: K.
+        directions: ``"class_means"``: U spans the class means only (at most K - 1
+            directions); ``"principal"``: then the leading principal directions of the rest.
 
     Returns:
-        Per stage and head, the class-mean directions kept, and per head the ``+/-`` pairs
+        Per stage and head, the directions kept, and per head the ``+/-`` pairs
         its classifier's input starts with.
     """
+    if directions not in HEAD_PATH_DIRECTIONS:
+        raise ValueError(f"directions must be one of {HEAD_PATH_DIRECTIONS}, got {directions!r}")
+    principal = directions == "principal"
     if not net.attention:
         raise ValueError(
             "head_path_init 'identity' initialises the paper variants' projections and heads; "
@@ -180,7 +210,7 @@ def init_head_paths(
         for stage, (conv, norm), moments, pooled in zip(
             net.stage_names, projections, pixel_moments, pooled_moments, strict=True
         ):
-            basis = pooled.class_mean_directions(conv.out_channels // 2)
+            basis = pooled.leading_directions(conv.out_channels // 2, principal)
             weight = _pm_rows(basis, conv.out_channels)  # (C_a, C)
             conv.weight.copy_(weight.reshape(conv.weight.shape).to(conv.weight))
             # Per projected channel j: mean w_j . mu and variance w_j^T Sigma w_j of the pixels.
@@ -210,7 +240,7 @@ def init_head_paths(
                 # single block of pairs.
                 pairs[name] = projection_pairs.get(name, 0)
             else:
-                basis = moments.class_mean_directions(hidden.out_features // 2)
+                basis = moments.leading_directions(hidden.out_features // 2, principal)
                 weight = _pm_rows(basis, hidden.out_features)  # (H, D)
                 kept[f"{name} head"] = pairs[name] = basis.shape[0]
             hidden.weight.copy_(weight.to(hidden.weight))
