@@ -65,6 +65,12 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
             assert finetune["no_steps_below"] == 2 and finetune["cram_init"] == "auto"
             assert not finetune["imprint_signed"]
             continue
+        if path.name == "principal-recipe.yaml":
+            # The recipe with head_path_directions principal, measured and not kept.
+            finetune = resolved["model"]["finetune"]
+            assert finetune["imprint_signed"] and finetune["cram_init"] == "auto"
+            assert finetune["head_path_directions"] == "principal"
+            continue
         if path.parent.name in ("cub10", "cub100", "finetune"):
             _check_finetune_recipe(path, resolved)
             continue
@@ -142,7 +148,8 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
                        "finetune.combine": "fitted", "net.final_features": True,
                        "runtime.channels_last": None, "finetune.head_path_init": "identity",
                        "net.head_pool": "avg", "finetune.no_steps_below": 2.0,
-                       "finetune.cram_init": "auto", "finetune.imprint_signed": True}.items():
+                       "finetune.cram_init": "auto", "finetune.imprint_signed": True,
+                       "finetune.head_path_directions": "class_means"}.items():
         part, name = key.split(".")
         assert resolved["model"][part][name] == value, key
     assert resolved["trainer"]["precision"] is None
