@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -22,13 +23,14 @@ class HeadPaths:
     """What :func:`init_head_paths` set, per stage projection and head.
 
     Attributes:
-        kept: ``{"<stage> projection" | "<head> head": r}``, the number of class-mean
-            directions each projection and hidden layer kept (a square hidden layer, set to
-            the identity, keeps its width).
+        kept: ``{"<stage> projection" | "<head> head": r}``, the number of directions each
+            projection and hidden layer kept (the class means' span, then with ``principal``
+            the leading principal directions outside it; a square hidden layer, set to the
+            identity, keeps its width).
         signed_pairs: ``{head name: r}`` for every head of :attr:`Network.head_names`: the
             input of its classifier begins with ``r`` features ``relu(z)``, then their ``r``
             mirrors ``relu(-z)``, then zeros. For a stage head whose hidden layer is square,
-            ``z`` is the projection of the stage's pixels onto its class-mean directions,
+            ``z`` is the projection of the stage's pixels onto its projection's directions,
             averaged by the pooling after the ReLU; for a head whose hidden layer is
             ``[U; -U; 0]`` (the concat head), ``z = U h`` through the ELU. A head without that
             layout (a square concat head) has 0. ``--model.finetune.imprint_signed`` fits the
@@ -92,7 +94,7 @@ class _Moments:
         rest = outside @ self.covariance() @ outside
         values, vectors = torch.linalg.eigh((rest + rest.T) / 2)  # ascending
         values, vectors = values.flip(0), vectors.flip(1)
-        if values.numel() == 0 or values[0] <= 0:
+        if values[0] <= 0:
             return means
         count = min(int((values > values[0] * 1e-6).sum()), limit - means.shape[0])
         return torch.cat([means, vectors[:, :count].T])
@@ -146,7 +148,7 @@ def init_head_paths(
     net: Network,
     batches: Callable[[], Iterable[tuple[Tensor, Tensor]]],
     num_classes: int,
-    directions: str = "class_means",
+    directions: Literal["class_means", "principal"] = "class_means",
 ) -> HeadPaths:
     """Start every head's path as close to the identity on the training features as it can.
 
