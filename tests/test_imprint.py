@@ -477,9 +477,11 @@ def test_init_head_paths_refuses_what_it_cannot_initialise() -> None:
         init_head_paths(pmg, _batches(), 3)
 
 
-@pytest.mark.parametrize("path_init", ["identity", "random"])
+@pytest.mark.parametrize(
+    ("path_init", "centred"), [("identity", True), ("identity", False), ("random", True)]
+)
 def test_engine_initialises_the_head_paths_before_imprinting(
-    tmp_path: Path, path_init: str
+    tmp_path: Path, path_init: str, centred: bool
 ) -> None:
     seen = []
 
@@ -493,6 +495,7 @@ def test_engine_initialises_the_head_paths_before_imprinting(
     module = build_module(
         backbone="resnet10t", pretrained=False, num_classes=dm.num_classes, variant="baseline",
         head_channels=16, head_hidden=16, head_init="imprint", head_path_init=path_init,
+        imprint_centered=centred,
     )
     trainer = L.Trainer(
         default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False,
@@ -501,8 +504,9 @@ def test_engine_initialises_the_head_paths_before_imprinting(
     )
     trainer.fit(module, datamodule=dm)
     w = seen[0]  # (C_a, C)
-    # [U; -U; 0] with U the r <= min(K - 1, C_a / 2) class-mean directions.
-    r = min(dm.num_classes - 1, w.shape[0] // 2)
+    # [U; -U; 0] with U the r <= min(K - 1, C_a / 2) centred class-mean directions; with the
+    # uncentred imprint, the r <= min(K, C_a / 2) directions of the means themselves.
+    r = min(dm.num_classes - (1 if centred else 0), w.shape[0] // 2)
     signed_pairs = torch.equal(w[r : 2 * r], -w[:r]) and torch.count_nonzero(w[2 * r :]) == 0
     assert signed_pairs == (path_init == "identity")
 
@@ -695,3 +699,47 @@ def test_head_path_directions_is_checked() -> None:
     with pytest.raises(ValueError, match=r"--model\.finetune\.head_path_directions"):
         build_module(backbone="resnet10t", num_classes=3, head_init="probe",
                      head_path_init="identity", head_path_directions="pca")
+
+
+def test_uncentred_head_paths_start_the_stage_heads_at_the_uncentred_nearest_class_mean() -> None:
+    from crasmra.finetune import init_head_paths
+
+    batches = _batches()
+    torch.manual_seed(0)
+    net = create_model("resnet10t", 3, variant="baseline", head_channels=16, head_hidden=16,
+                       head_pool="avg")
+    paths = init_head_paths(net, batches, 3, centred=False)
+    imprint_classifiers(net, batches, 3, calibrate=False, centered=False,
+                        signed_pairs=paths.signed_pairs)
+    images = torch.cat([x for x, _ in batches()])
+    labels = torch.cat([y for _, y in batches()])
+    train_inputs = _pooled_inputs(net, images)
+    # New images, away from the training ones: the heads must agree with the nearest class
+    # mean everywhere, not only where both are right.
+    g = torch.Generator().manual_seed(7)
+    probes = torch.randn(40, 3, 32, 32, generator=g) * 1.5 + torch.rand(40, 1, 1, 1, generator=g)
+    probe_inputs = _pooled_inputs(net, probes)
+    with torch.no_grad():
+        logits = net.eval()(probes).logits
+    agreed = 0
+    for i, stage in enumerate(net.stage_names):
+        # 3 classes: the means themselves span 3 directions (2 once centred).
+        assert paths.kept[f"{stage} projection"] == 3
+        w = net.attention[i].conv_layer[0].weight.detach().flatten(1)[:3]  # (3, C)
+        pooled = train_inputs[i].mean(dim=(2, 3)).double()
+        means = torch.stack([pooled[labels == k].mean(0) for k in range(3)])  # (3, C)
+        # Every class mean lies in the kept span: its projection keeps its whole length.
+        assert torch.allclose(torch.linalg.norm(means @ w.double().T, dim=1),
+                              torch.linalg.norm(means, dim=1), rtol=1e-3)
+        x = probe_inputs[i].mean(dim=(2, 3)).double()
+        ncm = (F.normalize(x, dim=1) @ F.normalize(means, dim=1).T).argmax(dim=1)
+        assert torch.equal(logits[i].argmax(dim=1), ncm)
+        agreed += int((ncm != ncm[0]).any())
+    assert agreed > 0  # the nearest class mean does not give every probe one class
+
+
+def test_centred_head_paths_keep_one_direction_fewer() -> None:
+    from crasmra.finetune import init_head_paths
+
+    kept = init_head_paths(_net("baseline"), _batches(), 3).kept
+    assert all(kept[f"{stage} projection"] == 2 for stage in _net("baseline").stage_names)

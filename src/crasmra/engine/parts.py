@@ -158,7 +158,11 @@ class FinetuneConfig:
         imprint_logit_scale: With ``"imprint"``, the logits' scale for a feature of average
             norm; None fits it per head to the training images' leave-one-out cross-entropy.
         imprint_centered: With ``"imprint"``, centre each head's features on the mean of its
-            class means before the cosine (SimpleShot's CL2N; the default) or not.
+            class means before the cosine (SimpleShot's CL2N; the default) or not. With
+            ``head_path_init: identity``, False also makes the projections keep the span of
+            the class means themselves (their mean's direction included) instead of the
+            centred means', so that each stage head starts as the uncentred cosine nearest
+            class mean of its stage's pooled map.
         imprint_signed: With ``head_path_init: identity``, imprint (and probe) each head's
             classifier on the signed differences ``relu(z) - relu(-z) = z`` of the ``(relu(z),
             relu(-z))`` pairs its input starts with, and give it ``[W, -W, 0]``

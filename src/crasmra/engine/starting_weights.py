@@ -90,8 +90,11 @@ def imprint_heads(
     # The training transform's random draws must not shift the training run's own.
     with torch.random.fork_rng(devices=[]):
         if identity_paths:
+            # The span the imprint reads: centred class means for the centred imprint,
+            # the means themselves (their mean's direction too) for the uncentred one.
             paths = init_head_paths(net, batches, net.num_classes,
-                                    finetune.head_path_directions)
+                                    finetune.head_path_directions,
+                                    centred=finetune.imprint_centered)
             log.info(
                 "Initialised the projections and heads as the identity on the training "
                 "images' features (directions kept: %s).",

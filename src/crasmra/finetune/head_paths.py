@@ -67,26 +67,30 @@ class _Moments:
         mean = self.mean()
         return self.outer / max(self.count, 1) - torch.outer(mean, mean)
 
-    def class_mean_directions(self, limit: int) -> Tensor:
-        """(r, D) orthonormal basis of the centred class means' span, r <= ``limit``."""
+    def class_mean_directions(self, limit: int, centred: bool = True) -> Tensor:
+        """(r, D) orthonormal basis of the class means' span, r <= ``limit``: of the means
+        centred on their mean (at most K - 1 directions), or of the means themselves
+        (``centred=False``, at most K)."""
         present = self.class_counts > 0
         means = self.class_sums[present] / self.class_counts[present].unsqueeze(1)
-        centred = means - means.mean(dim=0)
-        if centred.shape[0] < 2:
-            return centred.new_zeros(0, centred.shape[1])
-        _, values, basis = torch.linalg.svd(centred, full_matrices=False)
+        if centred:
+            means = means - means.mean(dim=0)
+            if means.shape[0] < 2:
+                return means.new_zeros(0, means.shape[1])
+        _, values, basis = torch.linalg.svd(means, full_matrices=False)
         rank = int((values > values[0] * 1e-6).sum()) if values[0] > 0 else 0
         return basis[: min(rank, limit)]
 
-    def leading_directions(self, limit: int, principal: bool) -> Tensor:
-        """(r, D) orthonormal: the class means' span, then (with ``principal``) the leading
-        principal directions of the features' variance outside it, r <= ``limit``.
+    def leading_directions(self, limit: int, principal: bool, centred: bool = True) -> Tensor:
+        """(r, D) orthonormal: the class means' span (centred or not, as
+        :meth:`class_mean_directions`), then (with ``principal``) the leading principal
+        directions of the features' variance outside it, r <= ``limit``.
 
-        With K classes the class means span at most K - 1 directions: with 10 classes a head
-        would read 9 of a 1280-d map. The principal directions fill the rest of the
-        ``limit`` with what varies most within the classes.
+        With K classes the centred class means span at most K - 1 directions: with 10
+        classes a head would read 9 of a 1280-d map. The principal directions fill the rest
+        of the ``limit`` with what varies most within the classes.
         """
-        means = self.class_mean_directions(limit)
+        means = self.class_mean_directions(limit, centred)
         if not principal or means.shape[0] >= limit:
             return means
         # The covariance with the class means' span projected out: (D, D).
@@ -149,15 +153,16 @@ def init_head_paths(
     batches: Callable[[], Iterable[tuple[Tensor, Tensor]]],
     num_classes: int,
     directions: Literal["class_means", "principal"] = "class_means",
+    centred: bool = True,
 ) -> HeadPaths:
     """Start every head's path as close to the identity on the training features as it can.
 
     Two passes over ``batches`` in eval mode (the backbone's statistics as loaded):
 
     1. Each attended stage's projection (the 1x1 conv of the light ``Conv_layer``, C -> C_a)
-       becomes ``[U; -U; 0]``, U the r orthonormal directions spanned by the centred class
-       means of the conv's input (its spatial average; r <= C_a / 2), so that the projected
-       map keeps what separates the class means and its ReLU drops no sign. With
+       becomes ``[U; -U; 0]``, U the r orthonormal directions spanned by the (by default
+       centred) class means of the conv's input (its spatial average; r <= C_a / 2), so that
+       the projected map keeps what separates the class means and its ReLU drops no sign. With
        ``directions="principal"`` U goes on with the leading principal directions of the
        spatial averages outside the class means' span, up to C_a / 2. Its BatchNorm
        gets the projected pixels' statistics and the scale and shift that undo them.
@@ -176,6 +181,11 @@ def init_head_paths(
         num_classes: K.
         directions: ``"class_means"``: U spans the class means only (at most K - 1
             directions); ``"principal"``: then the leading principal directions of the rest.
+        centred: U spans the class means centred on their mean (at most K - 1 directions,
+            what the centred imprint reads: ``--model.finetune.imprint_centered true``);
+            False: the class means themselves (at most K, their mean's direction included),
+            so that the uncentred imprint (``imprint_centered false``) is exactly the cosine
+            nearest class mean of the stage's pooled map.
 
     Returns:
         Per stage and head, the directions kept, and per head the ``+/-`` pairs
@@ -212,7 +222,7 @@ def init_head_paths(
         for stage, (conv, norm), moments, pooled in zip(
             net.stage_names, projections, pixel_moments, pooled_moments, strict=True
         ):
-            basis = pooled.leading_directions(conv.out_channels // 2, principal)
+            basis = pooled.leading_directions(conv.out_channels // 2, principal, centred)
             weight = _pm_rows(basis, conv.out_channels)  # (C_a, C)
             conv.weight.copy_(weight.reshape(conv.weight.shape).to(conv.weight))
             # Per projected channel j: mean w_j . mu and variance w_j^T Sigma w_j of the pixels.
@@ -242,7 +252,7 @@ def init_head_paths(
                 # single block of pairs.
                 pairs[name] = projection_pairs.get(name, 0)
             else:
-                basis = moments.leading_directions(hidden.out_features // 2, principal)
+                basis = moments.leading_directions(hidden.out_features // 2, principal, centred)
                 weight = _pm_rows(basis, hidden.out_features)  # (H, D)
                 kept[f"{name} head"] = pairs[name] = basis.shape[0]
             hidden.weight.copy_(weight.to(hidden.weight))
