@@ -37,20 +37,22 @@ import json
 import random
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from crasmra.data.benchmarks.common import find_base, keyed, split_flag
+
+T = TypeVar("T")
 
 #: How the classes of a problem are chosen.
 GROUPINGS = ("consecutive", "random")
 
 
-def _read_pairs(path: Path) -> dict[int, str]:
-    """``<id> <value>`` lines of a CUB annotation file, as {id: value}."""
-    pairs: dict[int, str] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            key, value = line.split(maxsplit=1)
-            pairs[int(key)] = value.strip()
-    return pairs
+def _read(base: Path, name: str, parse: Callable[[str], T], expected: str) -> dict[int, T]:
+    """A CUB annotation file as {integer id: parsed value}, read as the CUB loader reads it
+    (malformed lines and repeated ids refused)."""
+    return {int(k): v for k, v in keyed("cub", base / name, parse, expected).items()}
 
 
 def _parse_ids(spec: str) -> set[int]:
@@ -81,13 +83,13 @@ def write_problems(
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
-    base = root / "CUB_200_2011" if (root / "CUB_200_2011" / "images.txt").is_file() else root
-    if not (base / "images.txt").is_file():
+    base = find_base(root, ["CUB_200_2011", ""], "images.txt")
+    if base is None:
         raise SystemExit(f"{root} is not a CUB-200-2011 root: no images.txt (pass --root)")
-    images = _read_pairs(base / "images.txt")
-    labels = {k: int(v) for k, v in _read_pairs(base / "image_class_labels.txt").items()}
-    is_train = {k: v == "1" for k, v in _read_pairs(base / "train_test_split.txt").items()}
-    names = _read_pairs(base / "classes.txt")
+    images = _read(base, "images.txt", str, "an image path")
+    labels = _read(base, "image_class_labels.txt", int, "an integer class id")
+    is_train = _read(base, "train_test_split.txt", split_flag, "1 (train) or 0 (test)")
+    names = _read(base, "classes.txt", str, "a class folder name")
 
     train_by_class: dict[int, list[int]] = defaultdict(list)
     for image_id in sorted(images):

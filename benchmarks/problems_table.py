@@ -56,9 +56,10 @@ def render(runs: dict[str, dict[int, float]], anchors: dict[str, dict[int, float
            compare_to: list[str]) -> str:
     """The two markdown tables."""
     ncm = anchors.get("NCM", {})
+    everything = {**anchors, **runs}
     lines = ["| setting | problems | top-1 (mean ± std) | lowest | under the NCM |",
              "| --- | ---: | ---: | ---: | ---: |"]
-    for name, values in {**anchors, **runs}.items():
+    for name, values in everything.items():
         if not values:
             continue
         mean, std = mean_std(list(values.values()))
@@ -67,7 +68,6 @@ def render(runs: dict[str, dict[int, float]], anchors: dict[str, dict[int, float
                      f"{min(values.values()):.1f} | {under} |")
     lines += ["", "| setting | minus | problems | mean | 95% CI |",
               "| --- | --- | ---: | ---: | --- |"]
-    everything = {**anchors, **runs}
     for reference in compare_to:
         if reference not in everything:
             continue
