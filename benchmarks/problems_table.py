@@ -63,7 +63,9 @@ def render(runs: dict[str, dict[int, float]], anchors: dict[str, dict[int, float
         if not values:
             continue
         mean, std = mean_std(list(values.values()))
-        under = sum(values[j] < ncm[j] for j in values if j in ncm) if name != "NCM" else ""
+        # Without anchors there is nothing to be under: a blank, not 0.
+        compared = [j for j in values if j in ncm]
+        under = sum(values[j] < ncm[j] for j in compared) if compared and name != "NCM" else ""
         lines.append(f"| {name} | {len(values)} | {mean:.1f} ± {std:.1f} | "
                      f"{min(values.values()):.1f} | {under} |")
     lines += ["", "| setting | minus | problems | mean | 95% CI |",

@@ -52,6 +52,14 @@ def test_settings_are_paired_by_problem_and_counted_against_the_ncm(
     assert "| baseline | NCM | 3 | -0.7 | " in "\n".join(out)
 
 
+def test_without_anchors_the_count_under_the_ncm_is_blank(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run(tmp_path, "baseline", 0, 0.80)
+    assert problems_table.main(["--runs", str(tmp_path), "--compare-to"]) == 0
+    assert "| baseline | 1 | 80.0 ± 0.0 | 80.0 |  |" in capsys.readouterr().out.splitlines()
+
+
 def test_no_finished_run_is_an_error_that_names_the_layout(tmp_path: Path) -> None:
     _run(tmp_path, "baseline", 0, None)
     with pytest.raises(SystemExit):
