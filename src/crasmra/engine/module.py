@@ -24,7 +24,7 @@ from crasmra.engine.starting_weights import (
     start_fresh_run,
     training_batches,
 )
-from crasmra.finetune import SuppressionWarmup
+from crasmra.finetune import SuppressionWarmup, mix_weights, snapshot_state
 from crasmra.flag_moves import PARTS, nest_flat_hparams
 from crasmra.layers import SMRAM
 from crasmra.losses import CRASMRALoss, LossWeights, trains_with_smram
@@ -36,6 +36,9 @@ from crasmra.outputs import ModelOutput
 __all__ = ["CRASMRAModule"]
 
 log = logging.getLogger(__name__)
+
+#: The checkpoint entry that holds the network's starting weights until ``wise_alpha`` mixes.
+WISE_START_KEY = "crasmra_wise_start"
 
 _Part = TypeVar("_Part")
 # Defaults shared by every signature; each module works on its own copy (see _part).
@@ -125,6 +128,9 @@ class CRASMRAModule(L.LightningModule):
         self.backbone_policy = BackbonePolicy.from_config(self.finetune)
         # suppression_warmup_epochs, in optimiser steps once the trainer knows them.
         self._suppression = SuppressionWarmup(float(self.net_config.omega), 0)
+        # The network before the first step, kept until wise_alpha mixes it in (None: nothing
+        # to mix, or mixed already).
+        self._wise_start: dict[str, Tensor] | None = None
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> CRASMRAModule:
@@ -243,6 +249,12 @@ class CRASMRAModule(L.LightningModule):
                 self.net, self.finetune, not self.backbone_policy.classifiers_only,
                 lambda: training_batches(self.trainer, self._channels_last,
                                          self.finetune.imprint_transform))
+            if self.finetune.wise_alpha < 1:
+                self._wise_start = snapshot_state(self.net)
+        elif self.finetune.wise_alpha < 1 and self._wise_start is None:
+            log.warning("The checkpoint this run resumes from holds no starting weights: its "
+                        "weights will not be mixed with them (wise_alpha %g).",
+                        self.finetune.wise_alpha)
 
     def on_train_epoch_start(self) -> None:
         self.nonfinite.epoch_start()
@@ -251,6 +263,32 @@ class CRASMRAModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._suppression.steps > 0:
             self._suppression.apply(self.net, self.global_step)
+
+    def _after_last_step(self, batch_idx: int) -> bool:
+        trainer = self.trainer
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= self.global_step:
+            return True
+        max_epochs = trainer.max_epochs
+        last_epoch = max_epochs is not None and 0 < max_epochs <= self.current_epoch + 1
+        return last_epoch and batch_idx + 1 >= trainer.num_training_batches
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning validates and checkpoints the last epoch after this hook, so both see
+        # the mix, as the test after fit does.
+        if self._wise_start is not None and self._after_last_step(batch_idx):
+            self.nonfinite.check()
+            mix_weights(self.net, self._wise_start, self.finetune.wise_alpha)
+            self._wise_start = None
+            log.info("Mixed the trained weights with the starting ones: %g * trained + %g * "
+                     "start (wise_alpha).", self.finetune.wise_alpha,
+                     1 - self.finetune.wise_alpha)
+
+    def on_train_end(self) -> None:
+        if self._wise_start is not None:
+            log.warning("Training stopped before its last scheduled step: the weights are the "
+                        "trained ones, not mixed with the start (wise_alpha %g).",
+                        self.finetune.wise_alpha)
+            self._wise_start = None
 
     def on_train_epoch_end(self) -> None:
         self.nonfinite.check()
@@ -297,8 +335,12 @@ class CRASMRAModule(L.LightningModule):
         # Everything inference needs, in plain types, so `torch.load(weights_only=True)` reads it.
         checkpoint["crasmra"] = build_metadata(self.net.config, self.classes,
                                                self.transform_config, self.net.data_config)
+        if self._wise_start is not None:
+            checkpoint[WISE_START_KEY] = self._wise_start
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = self._trainer
         evaluating = trainer is not None and trainer.state.fn in ("validate", "test")
         apply_checkpoint_metadata(self.net, checkpoint.get("crasmra"), evaluating)
+        if not evaluating and WISE_START_KEY in checkpoint:
+            self._wise_start = checkpoint[WISE_START_KEY]

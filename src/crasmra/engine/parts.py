@@ -187,6 +187,14 @@ class FinetuneConfig:
         suppression_warmup_epochs: CRAM's omega rises linearly from 1 (no suppression) to
             ``omega`` over this many epochs (:class:`crasmra.finetune.SuppressionWarmup`);
             validation, test and checkpoints always use ``omega``.
+        wise_alpha: After the last scheduled step, every weight of the network becomes
+            ``(1 - wise_alpha) * start + wise_alpha * trained``, the start being the network
+            before the first step (WiSE-FT, Wortsman et al., CVPR 2022;
+            :func:`crasmra.finetune.mix_weights`). 1 (the default): the trained weights. The
+            last epoch's validation, the checkpoints written from then on and the test after
+            fit see the mix; a run stopped before its last step (``max_time``, an early stop)
+            keeps its trained weights. Until then checkpoints also hold the start, so that a
+            resumed run can mix.
     """
 
     freeze_backbone_epochs: int = 0
@@ -203,6 +211,7 @@ class FinetuneConfig:
     combine: Literal["mean", "fitted"] = "mean"
     cram_init: Literal["random", "neutral", "auto"] = "random"
     suppression_warmup_epochs: float = 0.0
+    wise_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         _integer("--model.finetune.freeze_backbone_epochs", self.freeze_backbone_epochs, 0)
@@ -257,6 +266,7 @@ class FinetuneConfig:
                     maximum=1e4)
         _number("--model.finetune.suppression_warmup_epochs", self.suppression_warmup_epochs,
                 allow_zero=True)
+        _number("--model.finetune.wise_alpha", self.wise_alpha, allow_zero=True, maximum=1.0)
 
     @property
     def imprints(self) -> bool:

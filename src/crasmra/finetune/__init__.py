@@ -28,6 +28,10 @@ suppression warm-up):
   factor omega rises from 1 (no suppression) to its configured value over the first epochs,
   so the later pretrained stages meet the suppressed maps gradually instead of at the first
   step. After the warm-up the network computes the paper's equations unchanged.
+- :func:`mix_weights` (``--model.finetune.wise_alpha``): after the last step every weight becomes
+  a mix of where it started (the pretrained backbone with fitted heads) and where training
+  took it (WiSE-FT, Wortsman et al., CVPR 2022), so that a few noisy steps cannot carry the
+  network far from what the backbone knew.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from crasmra.finetune.ncm import (
     leave_one_out_logits,
 )
 from crasmra.finetune.suppression import SuppressionWarmup
+from crasmra.finetune.weight_ensemble import mix_weights, snapshot_state
 
 __all__ = [
     "COMBINES",
@@ -79,5 +84,7 @@ __all__ = [
     "imprint_linear",
     "init_head_paths",
     "leave_one_out_logits",
+    "mix_weights",
     "neutral_cram_start",
+    "snapshot_state",
 ]
