@@ -65,6 +65,12 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
             assert finetune["no_steps_below"] == 2 and finetune["cram_init"] == "auto"
             assert not finetune["imprint_signed"]
             continue
+        if path.name == "uncentred-recipe.yaml":
+            # The recipe with imprint_centered false, measured and not kept.
+            finetune = resolved["model"]["finetune"]
+            assert finetune["imprint_signed"] and finetune["cram_init"] == "auto"
+            assert finetune["imprint_centered"] is False
+            continue
         if path.name == "principal-recipe.yaml":
             # The recipe with head_path_directions principal, measured and not kept.
             finetune = resolved["model"]["finetune"]
@@ -149,7 +155,8 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
                        "runtime.channels_last": None, "finetune.head_path_init": "identity",
                        "net.head_pool": "avg", "finetune.no_steps_below": 2.0,
                        "finetune.cram_init": "auto", "finetune.imprint_signed": True,
-                       "finetune.head_path_directions": "class_means"}.items():
+                       "finetune.head_path_directions": "class_means",
+                       "finetune.imprint_centered": True, "finetune.wise_alpha": 1.0}.items():
         part, name = key.split(".")
         assert resolved["model"][part][name] == value, key
     assert resolved["trainer"]["precision"] is None
