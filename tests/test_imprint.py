@@ -738,8 +738,15 @@ def test_uncentred_head_paths_start_the_stage_heads_at_the_uncentred_nearest_cla
     assert agreed > 0  # the nearest class mean does not give every probe one class
 
 
-def test_centred_head_paths_keep_one_direction_fewer() -> None:
+@pytest.mark.parametrize(("centred", "directions"), [(True, 2), (False, 3)])
+def test_centred_head_paths_keep_one_direction_fewer(centred: bool, directions: int) -> None:
     from crasmra.finetune import init_head_paths
 
-    kept = init_head_paths(_net("baseline"), _batches(), 3).kept
-    assert all(kept[f"{stage} projection"] == 2 for stage in _net("baseline").stage_names)
+    kept = init_head_paths(_net("baseline"), _batches(), 3, centred=centred).kept
+    stages = _net("baseline").stage_names
+    assert all(kept[f"{stage} projection"] == directions for stage in stages)
+    # A non-square hidden layer keeps a span of its own input's class means: the same count.
+    torch.manual_seed(0)
+    narrow = create_model("resnet10t", 3, variant="baseline", head_channels=16, head_hidden=8)
+    kept = init_head_paths(narrow, _batches(), 3, centred=centred).kept
+    assert all(kept[f"{stage} head"] == directions for stage in stages)
