@@ -141,6 +141,19 @@ def test_a_resumed_run_mixes_with_the_start_its_checkpoint_holds(tmp_path: Path)
     assert all(torch.equal(v, start[k]) for k, v in _float_state(resumed.net).items())
 
 
+def test_a_resumed_run_refuses_a_damaged_start_before_it_trains(tmp_path: Path) -> None:
+    from crasmra.checkpoint import CheckpointError
+
+    _fit(tmp_path / "first", 0.0)
+    checkpoint = torch.load(tmp_path / "first" / "epoch=0.ckpt", weights_only=True)
+    start = checkpoint[WISE_START_KEY]
+    start.pop(next(k for k in start if k.endswith("weight")))
+    torch.save(checkpoint, tmp_path / "damaged.ckpt")
+    with pytest.raises(CheckpointError, match=WISE_START_KEY):
+        _fit(tmp_path / "resumed", 0.0, epochs=3, ckpt_path=str(tmp_path / "damaged.ckpt"))
+    assert not (tmp_path / "resumed" / "epoch=1.ckpt").exists()
+
+
 def test_default_wise_alpha_keeps_the_trained_weights_and_no_start_in_checkpoints(
     tmp_path: Path,
 ) -> None:

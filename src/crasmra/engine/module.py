@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
 
-from crasmra.checkpoint import build_metadata
+from crasmra.checkpoint import build_metadata, check_network_state
 from crasmra.cpu import plan_compute
 from crasmra.engine.freezing import BackbonePolicy
 from crasmra.engine.nonfinite import NonFiniteGuard
@@ -343,4 +343,8 @@ class CRASMRAModule(L.LightningModule):
         evaluating = trainer is not None and trainer.state.fn in ("validate", "test")
         apply_checkpoint_metadata(self.net, checkpoint.get("crasmra"), evaluating)
         if not evaluating and WISE_START_KEY in checkpoint:
+            # Checked now, not when the last step mixes it: a damaged start must stop the run
+            # before it trains.
+            check_network_state(self.net, checkpoint[WISE_START_KEY],
+                                f"the starting weights ({WISE_START_KEY}) of the checkpoint")
             self._wise_start = checkpoint[WISE_START_KEY]
