@@ -107,19 +107,35 @@ def test_torchscript_round_trip(model: CRASMRANet, batch: torch.Tensor, tmp_path
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+#: The largest output difference of one network's weights run twice on a CPU (float32
+#: rounding of kernels that take other paths; 3e-8 measured).
+SAME_WEIGHTS_TOLERANCE = 1e-6
+
+
+def _assert_same_state(reloaded: torch.nn.Module, original: torch.nn.Module) -> None:
+    expected = original.state_dict()
+    state = reloaded.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in state.items():
+        assert torch.equal(value, expected[key]), key
+
+
 def test_safetensors_round_trip(tiny_checkpoint: Path, model: CRASMRANet, batch: torch.Tensor,
                                 images: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "model.safetensors"
     assert run_cli(["export", str(tiny_checkpoint), "--format", "safetensors",
                     "--out", str(out)]) == 0
-    assert _max_diff(capsys.readouterr().out) == 0.0
+    # The same weights, bit for bit; the outputs may differ in the last bits, as the CPU's
+    # convolution kernels can take other paths for other buffers (seen with AVX-512).
+    assert _max_diff(capsys.readouterr().out) <= SAME_WEIGHTS_TOLERANCE
     reloaded = load_model(out)
     assert reloaded.classes == model.classes
     assert reloaded.preprocessing == model.preprocessing
-    assert reloaded.state_dict().keys() == model.state_dict().keys()
+    _assert_same_state(reloaded, model)
     with torch.inference_mode():
-        assert torch.equal(reloaded(batch).probs, model(batch).probs)
+        torch.testing.assert_close(reloaded(batch).probs, model(batch).probs,
+                                   atol=SAME_WEIGHTS_TOLERANCE, rtol=0)
     # the export stands in for the checkpoint in the other commands
     assert run_cli(["predict", str(out), str(images), "--format", "json", "--quiet"]) == 0
     assert len(json.loads(capsys.readouterr().out)["predictions"]) == NUM_CLASSES
@@ -174,11 +190,13 @@ def test_plain_checkpoint_exports_to_every_format(plain_checkpoint: Path, batch:
 
     assert export_model(plain, "torchscript", tmp_path / "plain.pt").max_abs_diff <= 1e-4
     result = export_model(plain, "safetensors", tmp_path / "plain.safetensors")
-    assert result.max_abs_diff == 0.0
+    assert result.max_abs_diff <= SAME_WEIGHTS_TOLERANCE
     reloaded = load_model(result.path)
     assert reloaded.variant == "plain" and reloaded.classes == plain.classes
+    _assert_same_state(reloaded, plain)
     with torch.inference_mode():
-        assert torch.equal(reloaded(batch).probs, reference.probs)
+        torch.testing.assert_close(reloaded(batch).probs, reference.probs,
+                                   atol=SAME_WEIGHTS_TOLERANCE, rtol=0)
 
 
 def test_head_weights_reach_every_export(model: CRASMRANet, batch: torch.Tensor,

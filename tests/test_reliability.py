@@ -153,16 +153,32 @@ def test_kill_9_during_fit_resumes_to_the_uninterrupted_result(tmp_path: Path) -
                                    msg=f"{key} differs after kills at {kills}")
 
 
-def test_last_checkpoint_follows_every_epoch(tiny_run: Path) -> None:
+#: A tiny run whose second epoch cannot improve on its first, on any machine: its heads start
+#: imprinted and no step is taken, so both epochs validate the same weights.
+FLAT_RUN_ARGS = ("--trainer.max_epochs=2", "--model.finetune.head_init=imprint",
+                 "--model.finetune.no_steps_below=1000")
+
+
+@pytest.fixture(scope="module")
+def flat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-epoch tiny run whose best checkpoint is its first epoch and last its second."""
+    from crasmra.cli import main
+
+    root = tmp_path_factory.mktemp("flat-run")
+    assert main(tiny_fit_args(root, *FLAT_RUN_ARGS)) == 0
+    return root
+
+
+def test_last_checkpoint_follows_every_epoch(flat_run: Path) -> None:
     """last.ckpt is the latest epoch even when validation did not improve (Lightning 2.6 alone
-    keeps it at the best epoch: the tiny run's second epoch does not improve on the first)."""
-    best = torch.load(tiny_run / "checkpoints" / "best.ckpt", weights_only=True)
-    assert best["epoch"] == 0, "the tiny run no longer shows a non-improving epoch"
-    assert _assert_loadable(tiny_run / "checkpoints" / "last.ckpt") == 1
+    keeps it at the best epoch)."""
+    best = torch.load(flat_run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["epoch"] == 0
+    assert _assert_loadable(flat_run / "checkpoints" / "last.ckpt") == 1
 
 
 def test_resuming_an_epoch_logged_before_its_checkpoint_logs_it_once(
-    tiny_run: Path, tmp_path: Path
+    flat_run: Path, tmp_path: Path
 ) -> None:
     """A kill after epoch 1 was logged but before its checkpoint was written: the run resumes
     from epoch 0's checkpoint and replays epoch 1, whose rows must then not appear twice."""
@@ -173,7 +189,7 @@ def test_resuming_an_epoch_logged_before_its_checkpoint_logs_it_once(
     from crasmra.cli import main
 
     root = tmp_path / "run"
-    shutil.copytree(tiny_run, root)
+    shutil.copytree(flat_run, root)
     # The state a kill during epoch 1's save leaves: last.ckpt still holds epoch 0.
     shutil.copy(root / "checkpoints" / "best.ckpt", root / "checkpoints" / "last.ckpt")
     assert _assert_loadable(root / "checkpoints" / "last.ckpt") == 0
@@ -182,8 +198,8 @@ def test_resuming_an_epoch_logged_before_its_checkpoint_logs_it_once(
         with path.open(newline="") as f:
             return Counter((r["epoch"], r["step"]) for r in csv.DictReader(f))
 
-    before = rows(tiny_run / "metrics.csv")
-    args = tiny_fit_args(root, "--trainer.max_epochs=2", "--ckpt_path=last")
+    before = rows(flat_run / "metrics.csv")
+    args = tiny_fit_args(root, *FLAT_RUN_ARGS, "--ckpt_path=last")
     assert main(args) == 0
     assert rows(root / "metrics.csv") == before
 
