@@ -1,7 +1,7 @@
 """The few-shot curve: each recipe's test top-1 against photos per class, beside the anchors.
 
 Reads a few-shot sweep's report (``results.json`` of ``crasmra sweep --report DIR`` on
-``sweeps/cub100-fewshot.yaml``) and the anchors of ``benchmarks/ncm_probe.py`` for each subset
+``sweeps/cub100-fewshot.yaml``; several, the later replacing the earlier's runs) and the anchors of ``benchmarks/ncm_probe.py`` for each subset
 (``anchors-k{N}.json``; the whole training split's as ``--full-anchors FILE``), then writes
 two markdown tables (stdout: the combined test top-1, mean ± sample std over seeds, beside the
 anchors; each variant minus the nearest class mean, with the lowest seed's margin) and a plot:
@@ -63,7 +63,10 @@ def _prelogit_anchors(data: dict[str, Any]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", required=True, type=Path, help="the sweep's results.json")
+    parser.add_argument("--results", required=True, type=Path, action="append",
+                        help="the sweep's results.json; repeatable: a later file's runs "
+                             "replace an earlier one's of the same variant and photos per "
+                             "class (a sweep that reran only the runs a switch changes)")
     parser.add_argument("--anchors", required=True, type=Path,
                         help="folder with anchors-k{N}.json from benchmarks/ncm_probe.py")
     parser.add_argument("--full-anchors", type=Path, default=None,
@@ -73,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="write the plot here")
     args = parser.parse_args(argv)
 
-    curves = read_runs(json.loads(args.results.read_text()))
+    curves: dict[str, dict[int, list[float]]] = {}
+    for path in args.results:
+        for variant, curve in read_runs(json.loads(path.read_text())).items():
+            curves.setdefault(variant, {}).update(curve)
     shots = sorted({k for curve in curves.values() for k in curve})
     anchors = read_anchors(args.anchors, shots)
     if args.full_anchors is not None and args.full_anchors.is_file():

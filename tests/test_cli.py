@@ -65,6 +65,12 @@ def test_every_shipped_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
             assert finetune["no_steps_below"] == 2 and finetune["cram_init"] == "auto"
             assert not finetune["imprint_signed"]
             continue
+        if path.name == "signed-recipe.yaml":
+            # The frozen copy of the recipe before cram_suppression trained.
+            finetune = resolved["model"]["finetune"]
+            assert finetune["imprint_signed"] and finetune["cram_init"] == "auto"
+            assert finetune["cram_suppression"] == "always"
+            continue
         if path.name == "uncentred-recipe.yaml":
             # The recipe with imprint_centered false, measured and not kept.
             finetune = resolved["model"]["finetune"]
@@ -156,11 +162,24 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
                        "net.head_pool": "avg", "finetune.no_steps_below": 2.0,
                        "finetune.cram_init": "auto", "finetune.imprint_signed": True,
                        "finetune.head_path_directions": "class_means",
-                       "finetune.imprint_centered": True, "finetune.wise_alpha": 1.0}.items():
+                       "finetune.imprint_centered": True, "finetune.wise_alpha": 1.0,
+                       "finetune.cram_suppression": "trained"}.items():
         part, name = key.split(".")
         assert resolved["model"][part][name] == value, key
     assert resolved["trainer"]["precision"] is None
     assert resolved["trainer"]["default_root_dir"] == f"runs/{folder}/{path.stem}"
+
+
+def test_the_frozen_signed_recipe_is_the_recipe_before_cram_suppression() -> None:
+    from crasmra.config import load_config
+    from crasmra.sweep.run import base_fingerprint
+
+    # sweeps/cub100-fewshot-signed.yaml's runs were trained from configs/cub100/cra-smra.yaml
+    # before it set cram_suppression: the same fingerprint lets that sweep resume them.
+    live = load_config(REPO / "configs" / "cub100" / "cra-smra.yaml")
+    assert live["model"]["finetune"].pop("cram_suppression") == "trained"
+    frozen = REPO / "configs" / "cub100" / "signed-recipe.yaml"
+    assert base_fingerprint(live) == base_fingerprint(str(frozen))
 
 
 def test_demo_config_file_matches_the_demo_command() -> None:

@@ -52,3 +52,22 @@ def test_the_table_averages_the_seeds_and_sits_beside_the_anchors(
     assert "| 1 | +4.0 (lowest -1.0) | -11.0 |" in lines
     assert "| 2 | -1.0 |  |" in lines
     assert plot.stat().st_size > 0 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_later_report_replaces_the_runs_it_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = {"grids": [{"rows": [_row("plain", 1, [0.40]), _row("cra-smra", 1, [0.30, 0.20]),
+                                 _row("cra-smra", 2, [0.60])]}]}
+    second = {"grids": [{"rows": [_row("cra-smra", 1, [0.45, 0.47])]}]}
+    (tmp_path / "first.json").write_text(json.dumps(first))
+    (tmp_path / "second.json").write_text(json.dumps(second))
+    for k in (1, 2):
+        (tmp_path / f"anchors-k{k}.json").write_text(json.dumps(_anchors(0.5, 0.6)))
+    assert fewshot_curve.main(["--results", str(tmp_path / "first.json"),
+                               "--results", str(tmp_path / "second.json"),
+                               "--anchors", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| photos per class | `plain` | `cra-smra` | NCM | linear probe |"
+    assert "| 1 | 40.0 | 46.0 ± 1.4 (n=2) | 50.0 | 60.0 |" in lines
+    assert "| 2 |  | 60.0 | 50.0 | 60.0 |" in lines

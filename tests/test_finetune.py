@@ -330,3 +330,93 @@ def test_head_path_directions_reaches_the_projections_a_run_starts_with(
             assert kept == net.num_classes - 1
         else:
             assert kept > net.num_classes - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# CRAM's suppression only where CRAM trains (--model.finetune.cram_suppression trained)
+# ---------------------------------------------------------------------------------------------
+def test_unknown_cram_suppression_is_refused_naming_the_flag() -> None:
+    from crasmra.engine import FinetuneConfig
+
+    with pytest.raises(ValueError, match=r"--model\.finetune\.cram_suppression"):
+        FinetuneConfig(cram_suppression="never")  # type: ignore[arg-type]
+
+
+class _OmegaAtFirstBatch(L.Callback):
+    """The omega of every CRAM module, and the network's config, when the first batch arrives."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: object, batch_idx: int) -> None:
+        if trainer.global_step == 0 and batch_idx == 0:
+            self.modules = [m.omega for m in pl_module.net.attention]
+            self.config = pl_module.net.config["omega"]
+
+
+@pytest.mark.parametrize(("suppression", "probe_below", "omega"),
+                         [("trained", 9, 1.0), ("trained", 8, 0.5), ("always", 9, 0.5)])
+def test_cram_suppression_trained_lifts_the_mask_only_where_cram_does_not_train(
+        tmp_path: Path, suppression: str, probe_below: int, omega: float) -> None:
+    # The tiny set has 8 training images per class: below 9 CRAM does not train, at 8 it does.
+    first = _OmegaAtFirstBatch()
+    _, trained = _fit(tmp_path, epochs=1, callbacks=[first], variant="cra-smra", omega=0.5,
+                      cram_init="auto", cram_suppression=suppression, probe_below=probe_below,
+                      head_init="imprint")
+    assert first.modules == [omega] * 3 and first.config == omega
+    assert [m.omega for m in trained.net.attention] == [omega] * 3
+    assert trained.net.config["omega"] == omega
+
+
+def test_cram_suppression_trained_reaches_checkpoints_tests_resumed_runs_and_predictions(
+        tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from crasmra.inference import load_model
+
+    # 6 training images per class (a quarter held out): below probe_below 9 CRAM does not train.
+    options = {"backbone": "resnet10t", "pretrained": False, "variant": "cra-smra",
+               "head_channels": 16, "head_hidden": 16, "omega": 0.5, "probe_below": 9,
+               "cram_init": "auto", "cram_suppression": "trained", "head_init": "imprint"}
+
+    def trainer(root: Path, epochs: int = 1) -> L.Trainer:
+        return L.Trainer(default_root_dir=root, max_epochs=epochs, accelerator="cpu",
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_train_batches=2, num_sanity_val_steps=0,
+                         callbacks=[ModelCheckpoint(dirpath=root, save_last=True)])
+
+    L.seed_everything(0)
+    dm = FGVCDataModule(**ENGINE_TINY_DATA)
+    trained = build_module(**options, num_classes=dm.num_classes)
+    trainer(tmp_path / "run").fit(trained, datamodule=dm)
+    last = tmp_path / "run" / "last.ckpt"
+    stored = torch.load(last, weights_only=True)
+    assert stored["crasmra"]["net_config"]["omega"] == 1.0
+    assert stored["hyper_parameters"]["net"]["omega"] == 0.5  # the configuration as given
+    # Predict and export rebuild the network from the checkpoint's net config.
+    assert [m.omega for m in load_model(last).attention] == [1.0] * 3
+    # A test from the run's configuration (omega 0.5) measures the network that was trained.
+    expected = trainer(tmp_path / "test").test(trained, datamodule=dm, verbose=False)
+    tested = build_module(**options, num_classes=dm.num_classes)
+    got = trainer(tmp_path / "test").test(tested, datamodule=dm, ckpt_path=str(last),
+                                          verbose=False)
+    assert [m.omega for m in tested.net.attention] == [1.0] * 3
+    assert got == expected
+    # A resumed run keeps training (and validating) the network it resumed.
+    resumed = build_module(**options, num_classes=dm.num_classes)
+    trainer(tmp_path / "resumed", epochs=2).fit(resumed, datamodule=dm, ckpt_path=str(last))
+    assert [m.omega for m in resumed.net.attention] == [1.0] * 3
+    assert resumed.net.config["omega"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), True, "1"])
+def test_set_omega_refuses_a_factor_outside_the_unit_interval(bad: object) -> None:
+    from crasmra.model import create_model
+
+    net = create_model("resnet10t", 3, pretrained=False, variant="cra-smra", head_channels=16,
+                       head_hidden=16)
+    with pytest.raises(ValueError, match="omega"):
+        net.set_omega(bad)  # type: ignore[arg-type]
+    assert [m.omega for m in net.attention] == [0.5] * 3 and net.config["omega"] == 0.5
+    assert net.set_omega(1) == 3
+    assert [m.omega for m in net.attention] == [1.0] * 3 and net.config["omega"] == 1.0
+    plain = create_model("resnet10t", 3, pretrained=False, variant="plain")
+    assert plain.set_omega(1.0) == 0

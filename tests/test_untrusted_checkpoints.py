@@ -245,3 +245,20 @@ def test_synthetic_render_cache_is_bounded() -> None:
 
     ds = SyntheticFGVC("test", num_classes=2, test_samples_per_class=10, image_size=1024)
     assert ds._cache_items == RENDER_CACHE_BYTES // (3 * 1024**2)
+
+
+@pytest.mark.parametrize(("key", "value"), [("omega", 7.0), ("omega", -0.5), ("omega", math.nan),
+                                          ("omega", "half"), ("omega", True), ("delta", 0.0)])
+def test_a_stored_omega_or_delta_out_of_range_is_refused_in_one_line(
+    key: str, value: object, full_ckpt: dict[str, Any], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The checkpoint's net config decides CRAM's omega for test, resume, predict and export
+    # (--model.finetune.cram_suppression trained records it there).
+    ckpt = altered(full_ckpt, tmp_path,
+                   lambda c: c["crasmra"]["net_config"].update({key: value}))
+    with pytest.raises(CheckpointError, match=rf"net_config\.{key}"):
+        load_model(ckpt)
+    code = run_cli(["test", f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path}"])
+    assert code == 2
+    assert f"net_config.{key}" in one_line_error(capsys)

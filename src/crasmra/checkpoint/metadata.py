@@ -77,6 +77,17 @@ def _check_network_numbers(config: dict[str, Any], where: str, path: str | Path)
     for key in ("backbone", "variant"):
         if key in config and not isinstance(config[key], str):
             raise _damaged(path, f"{where}.{key} is {_short(config[key])}, expected a name")
+    # CRAM's factors: the network is rebuilt with them, and test and resume take omega
+    # from here (--model.finetune.cram_suppression trained records it per run).
+    for key, low_open in (("omega", False), ("delta", True)):
+        value = config.get(key)
+        if value is None:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not (0 < value <= 1 if low_open else 0 <= value <= 1)):
+            interval = "(0, 1]" if low_open else "[0, 1]"
+            raise _damaged(path, f"{where}.{key} is {_short(value)}, expected a number in "
+                                 f"{interval}")
 
 
 def _check_transform(config: Any, where: str, path: str | Path) -> None:

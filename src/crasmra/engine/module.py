@@ -127,7 +127,7 @@ class CRASMRAModule(L.LightningModule):
                                         self.runtime.nonfinite_check_interval)
         self.backbone_policy = BackbonePolicy.from_config(self.finetune)
         # suppression_warmup_epochs, in optimiser steps once the trainer knows them.
-        self._suppression = SuppressionWarmup(float(self.net_config.omega), 0)
+        self._suppression = SuppressionWarmup(float(self.net.config["omega"]), 0)
         # The network before the first step, kept until wise_alpha mixes it in (None: nothing
         # to mix, or mixed already).
         self._wise_start: dict[str, Tensor] | None = None
@@ -249,12 +249,21 @@ class CRASMRAModule(L.LightningModule):
                 self.net, self.finetune, not self.backbone_policy.classifiers_only,
                 lambda: training_batches(self.trainer, self._channels_last,
                                          self.finetune.imprint_transform))
+            # cram_suppression may have changed the network's omega: the schedule follows it.
+            self._follow_network_omega()
             if self.finetune.wise_alpha < 1:
                 self._wise_start = snapshot_state(self.net)
         elif self.finetune.wise_alpha < 1 and self._wise_start is None:
             log.warning("The checkpoint this run resumes from holds no starting weights: its "
                         "weights will not be mixed with them (wise_alpha %g).",
                         self.finetune.wise_alpha)
+
+    def _follow_network_omega(self) -> None:
+        """Make the suppression schedule end at the network's omega (``cram_suppression``
+        sets it per run, a checkpoint restores it) and put it in force."""
+        self._suppression = dataclasses.replace(self._suppression,
+                                                omega=float(self.net.config["omega"]))
+        self._suppression.apply(self.net, self.global_step)
 
     def on_train_epoch_start(self) -> None:
         self.nonfinite.epoch_start()
@@ -322,7 +331,7 @@ class CRASMRAModule(L.LightningModule):
         warmup_steps = min(total_steps - 1, round(self.optim.warmup_epochs * steps_per_epoch))
         scheduler = build_scheduler(optimizer, total_steps, warmup_steps, self.optim.min_lr_ratio)
         self._suppression = SuppressionWarmup(
-            float(self.net_config.omega),
+            float(self.net.config["omega"]),
             round(self.finetune.suppression_warmup_epochs * steps_per_epoch))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -342,6 +351,7 @@ class CRASMRAModule(L.LightningModule):
         trainer = self._trainer
         evaluating = trainer is not None and trainer.state.fn in ("validate", "test")
         apply_checkpoint_metadata(self.net, checkpoint.get("crasmra"), evaluating)
+        self._follow_network_omega()
         if not evaluating and WISE_START_KEY in checkpoint:
             # Checked now, not when the last step mixes it: a damaged start must stop the run
             # before it trains.

@@ -14,6 +14,7 @@ from typing import Literal
 from crasmra.finetune import (
     COMBINES,
     CRAM_INITS,
+    CRAM_SUPPRESSIONS,
     HEAD_INITS,
     HEAD_PATH_DIRECTIONS,
     HEAD_PATH_INITS,
@@ -184,6 +185,13 @@ class FinetuneConfig:
             nearly the same importance and the heads first read the stage's map rescaled
             rather than reweighted at random; ``"auto"``: neutral where CRAM does not train
             (fewer training images per class than ``probe_below``), random elsewhere.
+        cram_suppression: ``"always"`` (the paper's): CRAM's mask damps the channels it
+            selects by ``omega`` in every run; ``"trained"``: only where CRAM trains. Where
+            it does not (fewer training images per class than ``probe_below``), the run sets
+            omega to 1 before its first step and records it in the network's config, so that
+            checkpoints, tests, predictions and exports keep it: the mask multiplies nothing
+            and the later stages read the stage's map as the backbone computes it, instead of
+            a channel chosen by CRAM's untrained weights damped in every image.
         suppression_warmup_epochs: CRAM's omega rises linearly from 1 (no suppression) to
             ``omega`` over this many epochs (:class:`crasmra.finetune.SuppressionWarmup`);
             validation, test and checkpoints always use ``omega``.
@@ -210,6 +218,7 @@ class FinetuneConfig:
     imprint_transform: Literal["train", "eval"] = "train"
     combine: Literal["mean", "fitted"] = "mean"
     cram_init: Literal["random", "neutral", "auto"] = "random"
+    cram_suppression: Literal["always", "trained"] = "always"
     suppression_warmup_epochs: float = 0.0
     wise_alpha: float = 1.0
 
@@ -229,6 +238,8 @@ class FinetuneConfig:
             )
         _choice("--model.finetune.combine", self.combine, COMBINES)
         _choice("--model.finetune.cram_init", self.cram_init, CRAM_INITS)
+        _choice("--model.finetune.cram_suppression", self.cram_suppression,
+                CRAM_SUPPRESSIONS)
         _choice("--model.finetune.imprint_transform", self.imprint_transform,
                 IMPRINT_TRANSFORMS)
         if self.head_path_init == "identity" and not self.imprints:

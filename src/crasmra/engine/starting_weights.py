@@ -137,13 +137,15 @@ def start_fresh_run(
     batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
 ) -> None:
     """Before the first step of a run that does not resume: CRAM's start
-    (``--model.finetune.cram_init``), then the imprinted heads (``head_init``).
+    (``--model.finetune.cram_init``) and its suppression (``cram_suppression``), then the
+    imprinted heads (``head_init``).
 
     Args:
         net: The network.
         finetune: The fine-tuning part.
         cram_trains: Whether the attention modules train in this run (``cram_init auto``
-            starts CRAM neutral only where they do not).
+            starts CRAM neutral, and ``cram_suppression trained`` sets omega to 1, only
+            where they do not).
         batches: Returns the training images and labels in order, on the network's device.
     """
     cram_init = finetune.cram_init
@@ -157,6 +159,13 @@ def start_fresh_run(
             log.info("CRAM's channel importances start nearly equal "
                      "(--model.finetune.cram_init %s): %d module(s).", finetune.cram_init,
                      changed)
+    # Untrained, CRAM's mask would damp whichever channel its starting weights rank first,
+    # in every image, in front of the pretrained later stages. Set before the heads are
+    # imprinted, so that they are fitted to the maps the run will see.
+    lift_mask = finetune.cram_suppression == "trained" and not cram_trains
+    if lift_mask and net.set_omega(1.0):
+        log.info("CRAM does not train in this run: its mask suppresses nothing (omega 1, "
+                 "--model.finetune.cram_suppression trained).")
     if finetune.imprints:
         imprint_heads(net, batches, finetune)
 
@@ -201,7 +210,7 @@ def training_batches(
 
 def apply_checkpoint_metadata(net: Network, meta: Any, evaluating: bool) -> None:
     """Restore what a checkpoint's ``crasmra`` entry holds beyond the weights (fitted head
-    weights), after checking that it was trained for ``net``'s classes.
+    weights, CRAM's omega), after checking that it was trained for ``net``'s classes.
 
     Raises:
         ValueError: No ``crasmra`` entry, or another class count (with the remedy).
@@ -213,6 +222,12 @@ def apply_checkpoint_metadata(net: Network, meta: Any, evaluating: bool) -> None
         # Fitted head weights live in the network's config, not in its state dict.
         if saved.get("head_weights") is not None:
             net.set_head_weights(saved["head_weights"])
+        # So does the omega the weights were trained with (cram_suppression trained sets
+        # it per run), so that test and resume see the network predict and export rebuild.
+        omega, configured = saved.get("omega"), net.config.get("omega")
+        if omega is not None and omega != configured and net.set_omega(omega):
+            log.info("The checkpoint's network suppresses with omega %g (not the configured "
+                     "%g).", omega, configured)
         return
     if evaluating:
         remedy = ("Evaluate it on the data it was trained on: pass that run's --config, or "

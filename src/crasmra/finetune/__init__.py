@@ -40,6 +40,7 @@ from crasmra.finetune.attention_init import NEUTRAL_SCALE, neutral_cram_start
 from crasmra.finetune.choices import (
     COMBINES,
     CRAM_INITS,
+    CRAM_SUPPRESSIONS,
     HEAD_INITS,
     HEAD_PATH_DIRECTIONS,
     HEAD_PATH_INITS,
@@ -66,6 +67,7 @@ from crasmra.finetune.weight_ensemble import mix_weights, snapshot_state
 __all__ = [
     "COMBINES",
     "CRAM_INITS",
+    "CRAM_SUPPRESSIONS",
     "FALLBACK_LOGIT_SCALE",
     "HEAD_INITS",
     "HEAD_PATH_DIRECTIONS",

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "COMBINES",
     "CRAM_INITS",
+    "CRAM_SUPPRESSIONS",
     "HEAD_INITS",
     "HEAD_PATH_DIRECTIONS",
     "HEAD_PATH_INITS",
@@ -30,3 +31,6 @@ IMPRINT_TRANSFORMS: tuple[str, ...] = ("train", "eval")
 #: last layer scaled down so that every channel starts at nearly the same importance, or the
 #: latter only where CRAM does not train (below ``probe_below``).
 CRAM_INITS: tuple[str, ...] = ("random", "neutral", "auto")
+#: ``--model.finetune.cram_suppression`` values: CRAM's mask damps its top channels by ``omega``
+#: in every run (the paper's), or only where CRAM trains (omega 1 below ``probe_below``).
+CRAM_SUPPRESSIONS: tuple[str, ...] = ("always", "trained")

@@ -134,6 +134,24 @@ class Network(nn.Module):
         self.head_weights = tuple(normalized)
         self.config["head_weights"] = normalized
 
+    def set_omega(self, omega: float) -> int:
+        """Set the suppression factor of every attention module that has one (CRAM's mask).
+
+        Args:
+            omega: The factor, in [0, 1]; recorded in :attr:`config`, so that checkpoints and
+                exports rebuild the network with it.
+
+        Returns:
+            The number of modules whose mask it changes (0 for variants without CRAM).
+        """
+        if isinstance(omega, bool) or not isinstance(omega, int | float) or not 0 <= omega <= 1:
+            raise ValueError(f"omega must be a number in [0, 1], got {omega!r}.")
+        modules = [m for m in self.attention if hasattr(m, "omega")]
+        for module in modules:
+            module.omega = float(omega)
+        self.config["omega"] = float(omega)
+        return len(modules)
+
     def resolved_preprocessing(self) -> Preprocessing:
         """:attr:`preprocessing`, or for a network not loaded from a checkpoint the backbone's
         own (timm's ``data_config``: its input size, mean and std)."""
