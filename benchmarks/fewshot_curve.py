@@ -1,8 +1,9 @@
 """The few-shot curve: each recipe's test top-1 against photos per class, beside the anchors.
 
 Reads a few-shot sweep's report (``results.json`` of ``crasmra sweep --report DIR`` on
-``sweeps/cub100-fewshot.yaml``; several, the later replacing the earlier's runs) and the anchors of ``benchmarks/ncm_probe.py`` for each subset
-(``anchors-k{N}.json``; the whole training split's as ``--full-anchors FILE``), then writes
+``sweeps/cub100-fewshot.yaml``; several, the later replacing the earlier's runs) and the
+anchors of ``benchmarks/ncm_probe.py`` for each subset (``anchors-k{N}.json``; the whole
+training split's as ``--full-anchors FILE``), then writes
 two markdown tables (stdout: the combined test top-1, mean ± sample std over seeds, beside the
 anchors; each variant minus the nearest class mean, with the lowest seed's margin) and a plot:
 the combined test top-1 of every variant (mean over seeds; a dot per seed) and the nearest
