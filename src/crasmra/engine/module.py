@@ -127,7 +127,7 @@ class CRASMRAModule(L.LightningModule):
                                         self.runtime.nonfinite_check_interval)
         self.backbone_policy = BackbonePolicy.from_config(self.finetune)
         # suppression_warmup_epochs, in optimiser steps once the trainer knows them.
-        self._suppression = SuppressionWarmup(float(self.net.config["omega"]), 0)
+        self._suppression_steps = 0
         # The network before the first step, kept until wise_alpha mixes it in (None: nothing
         # to mix, or mixed already).
         self._wise_start: dict[str, Tensor] | None = None
@@ -249,8 +249,6 @@ class CRASMRAModule(L.LightningModule):
                 self.net, self.finetune, not self.backbone_policy.classifiers_only,
                 lambda: training_batches(self.trainer, self._channels_last,
                                          self.finetune.imprint_transform))
-            # cram_suppression may have changed the network's omega: the schedule follows it.
-            self._follow_network_omega()
             if self.finetune.wise_alpha < 1:
                 self._wise_start = snapshot_state(self.net)
         elif self.finetune.wise_alpha < 1 and self._wise_start is None:
@@ -258,19 +256,18 @@ class CRASMRAModule(L.LightningModule):
                         "weights will not be mixed with them (wise_alpha %g).",
                         self.finetune.wise_alpha)
 
-    def _follow_network_omega(self) -> None:
-        """Make the suppression schedule end at the network's omega (``cram_suppression``
-        sets it per run, a checkpoint restores it) and put it in force."""
-        self._suppression = dataclasses.replace(self._suppression,
-                                                omega=float(self.net.config["omega"]))
-        self._suppression.apply(self.net, self.global_step)
+    @property
+    def _suppression(self) -> SuppressionWarmup:
+        """CRAM's suppression schedule. It ends at the network's omega, not the configured
+        one: ``cram_suppression trained`` sets it per run and a checkpoint restores it."""
+        return SuppressionWarmup(float(self.net.config["omega"]), self._suppression_steps)
 
     def on_train_epoch_start(self) -> None:
         self.nonfinite.epoch_start()
         self._apply_policies()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._suppression.steps > 0:
+        if self._suppression_steps > 0:
             self._suppression.apply(self.net, self.global_step)
 
     def _after_last_step(self, batch_idx: int) -> bool:
@@ -314,10 +311,10 @@ class CRASMRAModule(L.LightningModule):
         if self.trainer.state.fn == "fit":
             self.nonfinite.check()
         # Validation measures the network that checkpoints record: the configured omega.
-        self._suppression.apply(self.net, self._suppression.steps)
+        self._suppression.apply(self.net, self._suppression_steps)
 
     def on_test_start(self) -> None:
-        self._suppression.apply(self.net, self._suppression.steps)
+        self._suppression.apply(self.net, self._suppression_steps)
 
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -330,9 +327,7 @@ class CRASMRAModule(L.LightningModule):
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(total_steps - 1, round(self.optim.warmup_epochs * steps_per_epoch))
         scheduler = build_scheduler(optimizer, total_steps, warmup_steps, self.optim.min_lr_ratio)
-        self._suppression = SuppressionWarmup(
-            float(self.net.config["omega"]),
-            round(self.finetune.suppression_warmup_epochs * steps_per_epoch))
+        self._suppression_steps = round(self.finetune.suppression_warmup_epochs * steps_per_epoch)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -351,7 +346,6 @@ class CRASMRAModule(L.LightningModule):
         trainer = self._trainer
         evaluating = trainer is not None and trainer.state.fn in ("validate", "test")
         apply_checkpoint_metadata(self.net, checkpoint.get("crasmra"), evaluating)
-        self._follow_network_omega()
         if not evaluating and WISE_START_KEY in checkpoint:
             # Checked now, not when the last step mixes it: a damaged start must stop the run
             # before it trains.
