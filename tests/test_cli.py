@@ -157,6 +157,7 @@ def _check_finetune_recipe(path: Path, resolved: dict) -> None:
         assert resolved["model"][part][name] == value, key
     for key, value in {"finetune.freeze_backbone_bn": True, "finetune.head_init": "probe",
                        "finetune.imprint_transform": "eval", "finetune.probe_below": 6.0,
+                       "finetune.plain_probe_below": 11.0,
                        "finetune.combine": "fitted", "net.final_features": True,
                        "runtime.channels_last": None, "finetune.head_path_init": "identity",
                        "net.head_pool": "avg", "finetune.no_steps_below": 2.0,
@@ -178,6 +179,8 @@ def test_the_frozen_signed_recipe_is_the_recipe_before_cram_suppression() -> Non
     # before it set cram_suppression: the same fingerprint lets that sweep resume them.
     live = load_config(REPO / "configs" / "cub100" / "cra-smra.yaml")
     assert live["model"]["finetune"].pop("cram_suppression") == "trained"
+    # plain_probe_below changes plain alone; that sweep's plain runs are the recipe before it.
+    assert live["model"]["finetune"].pop("plain_probe_below") == 11
     frozen = REPO / "configs" / "cub100" / "signed-recipe.yaml"
     assert base_fingerprint(live) == base_fingerprint(str(frozen))
 

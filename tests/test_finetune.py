@@ -197,6 +197,32 @@ class _StateAtFirstBatch(L.Callback):
             self.state = copy.deepcopy(pl_module.net.state_dict())
 
 
+@pytest.mark.parametrize(
+    ("variant", "plain_probe_below", "classifiers_only"),
+    [("plain", 9, True), ("plain", 8, False), ("plain", None, False),
+     ("baseline", 9, False), ("cra-smra", 9, False)],
+)
+def test_plain_probe_below_sets_the_threshold_of_plain_only(
+        variant: str, plain_probe_below: float | None, classifiers_only: bool) -> None:
+    # probe_below 8 with 8 training images per class: everything trains, unless the plain
+    # variant has a threshold of its own above 8.
+    module = build_module(backbone="resnet10t", num_classes=3, variant=variant,
+                          head_channels=8, head_hidden=8, probe_below=8,
+                          plain_probe_below=plain_probe_below)
+    module.backbone_policy.choose_regime(module.net, train_images=24)
+    assert module.backbone_policy.classifiers_only is classifiers_only
+    assert not module.backbone_policy.no_steps
+
+
+def test_plain_probe_below_trains_only_plain_s_classifier(tmp_path: Path) -> None:
+    initial, trained = _fit(tmp_path, epochs=1, variant="plain", probe_below=8,
+                            plain_probe_below=9)
+    changed = _changed(initial.net, trained.net)
+    classifiers = _classifier_keys(trained)
+    assert classifiers and all(changed[k] for k in classifiers)
+    assert not any(v for k, v in changed.items() if k not in classifiers)
+
+
 @pytest.mark.parametrize("variant", ["cra-smra", "plain"])
 def test_below_no_steps_below_the_fitted_probes_are_the_result(tmp_path: Path,
                                                                variant: str) -> None:
@@ -226,7 +252,7 @@ def test_no_steps_below_needs_fitted_classifiers() -> None:
         build_module(backbone="resnet10t", num_classes=3, no_steps_below=2)
 
 
-@pytest.mark.parametrize("flag", ["probe_below", "no_steps_below"])
+@pytest.mark.parametrize("flag", ["probe_below", "plain_probe_below", "no_steps_below"])
 @pytest.mark.parametrize("bad", [-1, float("nan"), True, "2"])
 def test_probe_below_is_validated(flag: str, bad: object) -> None:
     with pytest.raises(ValueError, match=rf"--model\.finetune\.{flag}"):

@@ -25,15 +25,18 @@ class BackbonePolicy:
         freeze_bn: Keep the backbone's BatchNorm layers in eval mode for the whole run.
         probe_below: With fewer training images per class than this (see
             :meth:`choose_regime`), only the heads' classifiers train for the whole run.
+        plain_probe_below: ``probe_below`` for the ``plain`` variant; None: ``probe_below``.
         no_steps_below: With fewer training images per class than this, nothing trains
             (:attr:`no_steps`).
     """
 
     def __init__(self, freeze_epochs: int = 0, freeze_bn: bool = False,
-                 probe_below: float = 0.0, no_steps_below: float = 0.0) -> None:
+                 probe_below: float = 0.0, no_steps_below: float = 0.0,
+                 plain_probe_below: float | None = None) -> None:
         self.freeze_epochs = freeze_epochs
         self.freeze_bn = freeze_bn
         self.probe_below = probe_below
+        self.plain_probe_below = plain_probe_below
         self.no_steps_below = no_steps_below
         self.classifiers_only = False
         self.no_steps = False
@@ -44,24 +47,30 @@ class BackbonePolicy:
     def from_config(cls, finetune: FinetuneConfig) -> BackbonePolicy:
         """The policy of the fine-tuning part (``--model.finetune.*``)."""
         return cls(finetune.freeze_backbone_epochs, finetune.freeze_backbone_bn,
-                   finetune.probe_below, finetune.no_steps_below)
+                   finetune.probe_below, finetune.no_steps_below, finetune.plain_probe_below)
 
     def choose_regime(self, net: Network, train_images: int, world_size: int = 1) -> None:
         """Take no step when the training set has fewer than ``no_steps_below`` images per
         class (its size over the network's class count), train only the classifiers below
-        ``probe_below``, else fine-tune.
+        ``probe_below`` (``plain_probe_below`` for ``plain``, if set), else fine-tune.
 
         With one or two photos per class a linear classifier on the pretrained features is
         what generalises; every step on the layers below it fits those few photos at the
         cost of the rest, and with one photo per class so do the classifiers' own steps
-        after their probe's fit (EXPERIMENTS.md, "Few photos per class").
+        after their probe's fit (EXPERIMENTS.md, "Few photos per class"). ``plain`` starts
+        as the full linear probe of the pretrained features, which its steps on the
+        backbone lose with more photos than the paper heads' (EXPERIMENTS.md, "plain's
+        backbone steps with ten photos per class").
 
         Raises:
             ValueError: No step is to be taken on more than one device (``world_size``).
         """
         per_class = train_images / max(1, net.num_classes)
+        probe_below = self.probe_below
+        if net.variant == "plain" and self.plain_probe_below is not None:
+            probe_below = self.plain_probe_below
         self.no_steps = per_class < self.no_steps_below
-        self.classifiers_only = self.no_steps or per_class < self.probe_below
+        self.classifiers_only = self.no_steps or per_class < probe_below
         if self.no_steps:
             if world_size > 1:
                 raise ValueError(
@@ -74,10 +83,11 @@ class BackbonePolicy:
                      "--model.finetune.no_steps_below %g): the heads' fitted classifiers are "
                      "the result; no gradient step is taken.", per_class, self.no_steps_below)
         elif self.classifiers_only:
-            log.info("%.1f training images per class (fewer than --model.finetune.probe_below "
-                     "%g): only the classifiers train; the backbone, the attention modules "
-                     "and the heads' inner layers stay as initialised.", per_class,
-                     self.probe_below)
+            flag = "probe_below" if probe_below == self.probe_below else "plain_probe_below"
+            log.info("%.1f training images per class (fewer than --model.finetune.%s %g): "
+                     "only the classifiers train; the backbone, the attention modules and "
+                     "the heads' inner layers stay as initialised.", per_class, flag,
+                     probe_below)
 
     def start_epoch(self, net: Network, epoch: int) -> None:
         """Freeze or release the backbone for ``epoch``."""

@@ -129,6 +129,10 @@ class FinetuneConfig:
             imprinted (or probed) start, for the whole run: the backbone, the attention
             modules and the heads' inner layers, BatchNorm statistics included, stay as
             loaded and initialised (a linear probe). 0 (the default): always fine-tune.
+        plain_probe_below: ``probe_below`` for the ``plain`` variant, whose classifier reads
+            the pretrained features directly and so starts as the full linear probe of them
+            (the paper heads' start in the span of their stage's class means, which their
+            steps widen); None (the default): ``probe_below``.
         no_steps_below: With fewer training images per class than this, no gradient step
             is taken: the fitted classifiers (``head_init`` ``imprint`` or ``probe``) and
             everything below them are the result (the epochs still run, validating the same
@@ -208,6 +212,7 @@ class FinetuneConfig:
     freeze_backbone_epochs: int = 0
     freeze_backbone_bn: bool = False
     probe_below: float = 0.0
+    plain_probe_below: float | None = None
     no_steps_below: float = 0.0
     head_init: Literal["random", "imprint", "probe"] = "random"
     head_path_init: Literal["random", "identity"] = "random"
@@ -226,6 +231,9 @@ class FinetuneConfig:
         _integer("--model.finetune.freeze_backbone_epochs", self.freeze_backbone_epochs, 0)
         _number("--model.finetune.probe_below", self.probe_below, allow_zero=True,
                 maximum=1e6)
+        if self.plain_probe_below is not None:
+            _number("--model.finetune.plain_probe_below", self.plain_probe_below,
+                    allow_zero=True, maximum=1e6)
         _choice("--model.finetune.head_init", self.head_init, HEAD_INITS)
         _choice("--model.finetune.head_path_init", self.head_path_init, HEAD_PATH_INITS)
         _choice("--model.finetune.head_path_directions", self.head_path_directions,
