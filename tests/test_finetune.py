@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -203,15 +204,19 @@ class _StateAtFirstBatch(L.Callback):
      ("baseline", 9, False), ("cra-smra", 9, False)],
 )
 def test_plain_probe_below_sets_the_threshold_of_plain_only(
-        variant: str, plain_probe_below: float | None, classifiers_only: bool) -> None:
+        variant: str, plain_probe_below: float | None, classifiers_only: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
     # probe_below 8 with 8 training images per class: everything trains, unless the plain
     # variant has a threshold of its own above 8.
     module = build_module(backbone="resnet10t", num_classes=3, variant=variant,
                           head_channels=8, head_hidden=8, probe_below=8,
                           plain_probe_below=plain_probe_below)
-    module.backbone_policy.choose_regime(module.net, train_images=24)
+    with caplog.at_level(logging.INFO, logger="crasmra.engine.freezing"):
+        module.backbone_policy.choose_regime(module.net, train_images=24)
     assert module.backbone_policy.classifiers_only is classifiers_only
     assert not module.backbone_policy.no_steps
+    # The log names the flag that decided.
+    assert ("--model.finetune.plain_probe_below 9" in caplog.text) is classifiers_only
 
 
 def test_plain_probe_below_trains_only_plain_s_classifier(tmp_path: Path) -> None:

@@ -66,9 +66,9 @@ class BackbonePolicy:
             ValueError: No step is to be taken on more than one device (``world_size``).
         """
         per_class = train_images / max(1, net.num_classes)
-        probe_below = self.probe_below
+        flag, probe_below = "probe_below", self.probe_below
         if net.variant == "plain" and self.plain_probe_below is not None:
-            probe_below = self.plain_probe_below
+            flag, probe_below = "plain_probe_below", self.plain_probe_below
         self.no_steps = per_class < self.no_steps_below
         self.classifiers_only = self.no_steps or per_class < probe_below
         if self.no_steps:
@@ -83,7 +83,6 @@ class BackbonePolicy:
                      "--model.finetune.no_steps_below %g): the heads' fitted classifiers are "
                      "the result; no gradient step is taken.", per_class, self.no_steps_below)
         elif self.classifiers_only:
-            flag = "probe_below" if probe_below == self.probe_below else "plain_probe_below"
             log.info("%.1f training images per class (fewer than --model.finetune.%s %g): "
                      "only the classifiers train; the backbone, the attention modules and "
                      "the heads' inner layers stay as initialised.", per_class, flag,
