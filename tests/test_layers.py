@@ -167,11 +167,13 @@ def test_cram_hyperparameters_reach_submodules() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [dict(omega=1.5), dict(omega=-0.1), dict(delta=0.0), dict(delta=1.1), dict(reduction=0)],
+    ("kwargs", "named"),
+    [(dict(omega=1.5), "omega"), (dict(omega=-0.1), "omega"), (dict(omega=True), "omega"),
+     (dict(omega=float("nan")), "omega"), (dict(delta=0.0), "delta"), (dict(delta=1.1), "delta"),
+     (dict(delta="0.9"), "delta"), (dict(reduction=0), "reduction")],
 )
-def test_cram_rejects_bad_hyperparameters(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+def test_cram_rejects_bad_hyperparameters(kwargs: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=f"^{named} must be"):
         CRAM(16, 8, **kwargs)
 
 

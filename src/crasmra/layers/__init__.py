@@ -10,6 +10,8 @@ from crasmra.layers.cram import (
     CBAMAttention,
     IdentityAttention,
     build_conv_layer,
+    check_delta,
+    check_omega,
     record_channel_importance,
     suppression_mask,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "IdentityAttention",
     "attention_names",
     "build_conv_layer",
+    "check_delta",
+    "check_omega",
     "create_attention",
     "diversity_loss",
     "get_attention",

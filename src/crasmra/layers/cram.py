@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from numbers import Real
 from typing import Literal
 
 import torch
@@ -34,6 +35,8 @@ __all__ = [
     "CBAMAttention",
     "IdentityAttention",
     "build_conv_layer",
+    "check_delta",
+    "check_omega",
     "record_channel_importance",
     "suppression_mask",
 ]
@@ -118,11 +121,32 @@ def suppression_mask(
     return mask.to(importance.dtype)
 
 
-def _check_unit_interval(omega: float, delta: float) -> None:
-    if not 0.0 <= omega <= 1.0:
-        raise ValueError(f"omega must lie in [0, 1], got {omega}")
-    if not 0.0 < delta <= 1.0:
-        raise ValueError(f"delta must lie in (0, 1], got {delta}")
+def check_omega(omega: object, hint: str = ".") -> float:
+    """CRAM's suppression factor omega as a float, or a ValueError.
+
+    Args:
+        omega: A real number in [0, 1] (not a bool).
+        hint: Appended to the error message, e.g. which option to change.
+    """
+    if isinstance(omega, bool) or not isinstance(omega, Real) or not 0.0 <= omega <= 1.0:
+        raise ValueError(
+            f"omega must be a number in [0, 1] (paper: {DEFAULT_OMEGA}), got {omega!r}{hint}"
+        )
+    return float(omega)
+
+
+def check_delta(delta: object, hint: str = ".") -> float:
+    """CRAM's relative suppression threshold delta as a float, or a ValueError.
+
+    Args:
+        delta: A real number in (0, 1] (not a bool).
+        hint: Appended to the error message, e.g. which option to change.
+    """
+    if isinstance(delta, bool) or not isinstance(delta, Real) or not 0.0 < delta <= 1.0:
+        raise ValueError(
+            f"delta must be a number in (0, 1] (paper: {DEFAULT_DELTA}), got {delta!r}{hint}"
+        )
+    return float(delta)
 
 
 @register_attention("cram")
@@ -167,7 +191,6 @@ class CRAM(nn.Module):
         super().__init__()
         if reduction < 1:
             raise ValueError(f"reduction must be >= 1, got {reduction}")
-        _check_unit_interval(omega, delta)
         if suppress_source not in SUPPRESS_SOURCES:
             raise ValueError(
                 f"suppress_source must be one of {SUPPRESS_SOURCES}, got {suppress_source!r}: "
@@ -176,8 +199,8 @@ class CRAM(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.reduction = reduction
-        self.omega = float(omega)
-        self.delta = float(delta)
+        self.omega = check_omega(omega)
+        self.delta = check_delta(delta)
         self.suppress_source: SuppressSource = suppress_source
         hidden = max(1, in_channels // reduction)
         self.mlp = nn.Sequential(

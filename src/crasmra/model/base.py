@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from crasmra.backbones import StagedBackbone
 from crasmra.data.transforms import Preprocessing
+from crasmra.layers import check_omega
 from crasmra.model.config import NetConfig, is_int, normalized_head_weights
 from crasmra.outputs import ModelOutput
 
@@ -144,12 +145,11 @@ class Network(nn.Module):
         Returns:
             The number of modules whose mask it changes (0 for variants without CRAM).
         """
-        if isinstance(omega, bool) or not isinstance(omega, int | float) or not 0 <= omega <= 1:
-            raise ValueError(f"omega must be a number in [0, 1], got {omega!r}.")
+        omega = check_omega(omega)
         modules = [m for m in self.attention if hasattr(m, "omega")]
         for module in modules:
-            module.omega = float(omega)
-        self.config["omega"] = float(omega)
+            module.omega = omega
+        self.config["omega"] = omega
         return len(modules)
 
     def resolved_preprocessing(self) -> Preprocessing:

@@ -11,7 +11,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 from crasmra.backbones import check_backbone
@@ -23,6 +22,8 @@ from crasmra.layers import (
     HEAD_POOLS,
     SUPPRESS_SOURCES,
     attention_names,
+    check_delta,
+    check_omega,
 )
 
 __all__ = [
@@ -197,17 +198,8 @@ class NetConfig:
                 raise ValueError(
                     f"{key} must be an int >= 1, got {value!r}; change --model.net.{key}."
                 )
-        omega, delta = self.omega, self.delta
-        if not isinstance(omega, Real) or isinstance(omega, bool) or not 0.0 <= omega <= 1.0:
-            raise ValueError(
-                f"omega must be a number in [0, 1] (paper: 0.5), got {omega!r}; change "
-                "--model.net.omega."
-            )
-        if not isinstance(delta, Real) or isinstance(delta, bool) or not 0.0 < delta <= 1.0:
-            raise ValueError(
-                f"delta must be a number in (0, 1] (paper: 0.9), got {delta!r}; change "
-                "--model.net.delta."
-            )
+        check_omega(self.omega, "; change --model.net.omega.")
+        check_delta(self.delta, "; change --model.net.delta.")
         if self.head_pool not in HEAD_POOLS:
             raise ValueError(
                 f"head_pool must be one of {HEAD_POOLS}, got {self.head_pool!r}; change "
