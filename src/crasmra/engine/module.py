@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
 
-from crasmra.checkpoint import build_metadata, check_network_state
+from crasmra.checkpoint import CheckpointError, build_metadata, check_network_state
 from crasmra.cpu import plan_compute
 from crasmra.engine.freezing import BackbonePolicy
 from crasmra.engine.nonfinite import NonFiniteGuard
@@ -24,7 +24,13 @@ from crasmra.engine.starting_weights import (
     start_fresh_run,
     training_batches,
 )
-from crasmra.finetune import SuppressionWarmup, mix_weights, snapshot_state
+from crasmra.finetune import (
+    SuppressionWarmup,
+    TrajectoryAverage,
+    ema_decay,
+    mix_weights,
+    snapshot_state,
+)
 from crasmra.flag_moves import PARTS, nest_flat_hparams
 from crasmra.layers import SMRAM
 from crasmra.losses import CRASMRALoss, LossWeights, trains_with_smram
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: The checkpoint entry that holds the network's starting weights until ``wise_alpha`` mixes.
 WISE_START_KEY = "crasmra_wise_start"
+#: The checkpoint entries that hold the weights' moving average and its step count until
+#: ``ema_epochs`` applies it.
+EMA_STATE_KEY, EMA_STEPS_KEY = "crasmra_ema_state", "crasmra_ema_steps"
 
 _Part = TypeVar("_Part")
 # Defaults shared by every signature; each module works on its own copy (see _part).
@@ -131,6 +140,12 @@ class CRASMRAModule(L.LightningModule):
         # The network before the first step, kept until wise_alpha mixes it in (None: nothing
         # to mix, or mixed already).
         self._wise_start: dict[str, Tensor] | None = None
+        # The weights' moving average (ema_epochs), from the first step until the last one
+        # applies it; a resumed run's saved average waits in _ema_resume for on_train_start.
+        self._ema: TrajectoryAverage | None = None
+        self._ema_resume: tuple[dict[str, Tensor], int] | None = None
+        self._ema_decay = 0.0
+        self._ema_step_seen = 0
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> CRASMRAModule:
@@ -255,6 +270,23 @@ class CRASMRAModule(L.LightningModule):
             log.warning("The checkpoint this run resumes from holds no starting weights: its "
                         "weights will not be mixed with them (wise_alpha %g).",
                         self.finetune.wise_alpha)
+        self._start_average()
+
+    def _start_average(self) -> None:
+        """Begin (or, resumed, continue) the weights' moving average (``ema_epochs``)."""
+        self._ema_step_seen = self.global_step
+        if self.finetune.ema_epochs == 0:
+            return
+        self._ema = TrajectoryAverage(self.net, self._ema_decay)
+        if self._ema_resume is not None:
+            self._ema.load(*self._ema_resume)
+            self._ema_resume = None
+        elif self.global_step > 0:
+            log.warning("The checkpoint this run resumes from holds no moving average of its "
+                        "weights: the average starts at step %d (ema_epochs %g).",
+                        self.global_step, self.finetune.ema_epochs)
+        log.info("Averaging the weights along the steps: decay %.4f per step (ema_epochs %g).",
+                 self._ema.decay, self.finetune.ema_epochs)
 
     @property
     def _suppression(self) -> SuppressionWarmup:
@@ -279,8 +311,21 @@ class CRASMRAModule(L.LightningModule):
         return last_epoch and batch_idx + 1 >= trainer.num_training_batches
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        ema = self._ema
+        # A batch whose loss was None (no_steps_below, a skipped non-finite loss) took no
+        # step: there is nothing new to average.
+        if ema is not None and self.global_step > self._ema_step_seen:
+            ema.update(self.net)
+        self._ema_step_seen = self.global_step
         # Lightning validates and checkpoints the last epoch after this hook, so both see
-        # the mix, as the test after fit does.
+        # the average and the mix, as the test after fit does.
+        if ema is not None and self._after_last_step(batch_idx):
+            self.nonfinite.check()
+            if ema.steps > 0:
+                ema.copy_to(self.net)
+                log.info("The weights are now their moving average over %d steps "
+                         "(ema_epochs %g).", ema.steps, self.finetune.ema_epochs)
+            self._ema = None
         if self._wise_start is not None and self._after_last_step(batch_idx):
             self.nonfinite.check()
             mix_weights(self.net, self._wise_start, self.finetune.wise_alpha)
@@ -290,6 +335,11 @@ class CRASMRAModule(L.LightningModule):
                      1 - self.finetune.wise_alpha)
 
     def on_train_end(self) -> None:
+        if self._ema is not None:
+            log.warning("Training stopped before its last scheduled step: the weights are the "
+                        "trained ones, not their moving average (ema_epochs %g).",
+                        self.finetune.ema_epochs)
+            self._ema = None
         if self._wise_start is not None:
             log.warning("Training stopped before its last scheduled step: the weights are the "
                         "trained ones, not mixed with the start (wise_alpha %g).",
@@ -328,6 +378,8 @@ class CRASMRAModule(L.LightningModule):
         warmup_steps = min(total_steps - 1, round(self.optim.warmup_epochs * steps_per_epoch))
         scheduler = build_scheduler(optimizer, total_steps, warmup_steps, self.optim.min_lr_ratio)
         self._suppression_steps = round(self.finetune.suppression_warmup_epochs * steps_per_epoch)
+        if self.finetune.ema_epochs > 0:
+            self._ema_decay = ema_decay(self.finetune.ema_epochs, steps_per_epoch)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -341,6 +393,9 @@ class CRASMRAModule(L.LightningModule):
                                                self.transform_config, self.net.data_config)
         if self._wise_start is not None:
             checkpoint[WISE_START_KEY] = self._wise_start
+        if self._ema is not None:
+            checkpoint[EMA_STATE_KEY] = self._ema.state_dict()
+            checkpoint[EMA_STEPS_KEY] = self._ema.steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = self._trainer
@@ -352,3 +407,12 @@ class CRASMRAModule(L.LightningModule):
             check_network_state(self.net, checkpoint[WISE_START_KEY],
                                 f"the starting weights ({WISE_START_KEY}) of the checkpoint")
             self._wise_start = checkpoint[WISE_START_KEY]
+        if not evaluating and EMA_STATE_KEY in checkpoint:
+            check_network_state(self.net, checkpoint[EMA_STATE_KEY],
+                                f"the weights' moving average ({EMA_STATE_KEY}) of the checkpoint")
+            steps = checkpoint.get(EMA_STEPS_KEY)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise CheckpointError(
+                    f"the checkpoint's {EMA_STEPS_KEY} is {steps!r}, not a step count; the file "
+                    "was altered. Resume from a checkpoint as `crasmra fit` wrote it.")
+            self._ema_resume = (checkpoint[EMA_STATE_KEY], steps)

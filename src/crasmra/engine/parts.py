@@ -207,6 +207,15 @@ class FinetuneConfig:
             fit see the mix; a run stopped before its last step (``max_time``, an early stop)
             keeps its trained weights. Until then checkpoints also hold the start, so that a
             resumed run can mix.
+        ema_epochs: After the last scheduled step, every weight of the network becomes its
+            exponential moving average along the training steps (Polyak averaging, as timm's
+            ``ModelEmaV3``; :class:`crasmra.finetune.TrajectoryAverage`), whose time constant is
+            this many epochs: the per-step decay is ``exp(-1 / (ema_epochs * steps per
+            epoch))``. 0 (the default): the last step's weights. As with ``wise_alpha``, the
+            last epoch's validation, the checkpoints written from then on and the test after
+            fit see the average, a run stopped before its last step keeps its trained weights,
+            and until then checkpoints also hold the average, so that a resumed run continues
+            it. With ``wise_alpha`` the average is what is mixed with the start.
     """
 
     freeze_backbone_epochs: int = 0
@@ -226,6 +235,7 @@ class FinetuneConfig:
     cram_suppression: Literal["always", "trained"] = "always"
     suppression_warmup_epochs: float = 0.0
     wise_alpha: float = 1.0
+    ema_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         _integer("--model.finetune.freeze_backbone_epochs", self.freeze_backbone_epochs, 0)
@@ -286,6 +296,7 @@ class FinetuneConfig:
         _number("--model.finetune.suppression_warmup_epochs", self.suppression_warmup_epochs,
                 allow_zero=True)
         _number("--model.finetune.wise_alpha", self.wise_alpha, allow_zero=True, maximum=1.0)
+        _number("--model.finetune.ema_epochs", self.ema_epochs, allow_zero=True, maximum=1e4)
 
     @property
     def imprints(self) -> bool:

@@ -32,6 +32,9 @@ suppression warm-up):
   a mix of where it started (the pretrained backbone with fitted heads) and where training
   took it (WiSE-FT, Wortsman et al., CVPR 2022), so that a few noisy steps cannot carry the
   network far from what the backbone knew.
+- :class:`TrajectoryAverage` (``--model.finetune.ema_epochs``): after the last step every weight
+  becomes its exponential moving average along the steps (Polyak averaging), so that the
+  result does not hang on the last batches one run drew.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from crasmra.finetune.ncm import (
     leave_one_out_logits,
 )
 from crasmra.finetune.suppression import SuppressionWarmup
+from crasmra.finetune.trajectory_average import TrajectoryAverage, ema_decay
 from crasmra.finetune.weight_ensemble import mix_weights, snapshot_state
 
 __all__ = [
@@ -77,9 +81,11 @@ __all__ = [
     "HeadPaths",
     "ImprintReport",
     "SuppressionWarmup",
+    "TrajectoryAverage",
     "calibrate_batchnorm",
     "centred_directions",
     "classifier_layers",
+    "ema_decay",
     "fit_head_weights",
     "fit_logit_scale",
     "imprint_classifiers",
