@@ -46,7 +46,8 @@ from crasmra.model import Network
 Moments = dict[nn.Module, tuple[Tensor, Tensor]]
 
 
-def _batchnorms(net: Network) -> list[list[nn.modules.batchnorm._BatchNorm]]:
+def batchnorms(net: Network, image_size: tuple[int, int],
+               ) -> list[list[nn.modules.batchnorm._BatchNorm]]:
     """The backbone's BatchNorm layers per segment, in the order they run: a layer belongs
     to the segment whose attention module has not yet run when it first runs."""
     segments: list[list[nn.modules.batchnorm._BatchNorm]] = [[] for _ in net.attention]
@@ -66,16 +67,15 @@ def _batchnorms(net: Network) -> list[list[nn.modules.batchnorm._BatchNorm]]:
     hooks = [m.register_forward_hook(on_bn) for m in net.backbone.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     hooks += [a.register_forward_hook(on_attention(i)) for i, a in enumerate(net.attention)]
-    size = net.preprocessing.image_size
     with torch.no_grad():
-        net.eval()(torch.zeros(1, 3, *size))
+        net.eval()(torch.zeros(1, 3, *image_size))
     for h in hooks:
         h.remove()
     return segments
 
 
 @torch.no_grad()
-def _moments(net: Network, batches: Iterable[Tensor],
+def moments(net: Network, batches: Iterable[Tensor],
              layers: list[nn.modules.batchnorm._BatchNorm]) -> Moments:
     """Each layer's per-channel mean and variance of its input over ``batches``."""
     sums: dict[nn.Module, list] = {m: [0, 0.0, 0.0] for m in layers}
@@ -100,7 +100,7 @@ def _moments(net: Network, batches: Iterable[Tensor],
     return out
 
 
-def _mismatch(layers: list[nn.modules.batchnorm._BatchNorm], moments: Moments,
+def mismatch(layers: list[nn.modules.batchnorm._BatchNorm], moments: Moments,
               ) -> tuple[float, float]:
     """(shift, scale) averaged over ``layers`` (see the module's docstring)."""
     shifts, scales = [], []
@@ -150,18 +150,18 @@ def measure(checkpoint: Path, root: Path, batch_size: int = 32) -> dict:
     omega = float(net.config["omega"])
     train, held_out = _loaders(root, net, batch_size)
     images = [x for x, _ in train]
-    segments = _batchnorms(net)
+    segments = batchnorms(net, net.preprocessing.image_size)
     every = [m for seg in segments for m in seg]
-    masked = _moments(net, images, every)
+    masked = moments(net, images, every)
     net.set_omega(1.0)
-    unmasked = _moments(net, images, every)
+    unmasked = moments(net, images, every)
     net.set_omega(omega)
     result: dict = {"checkpoint": str(checkpoint), "omega": omega, "segments": []}
     for i, seg in enumerate(segments):
         result["segments"].append({
             "segment": i,
-            "first": {"mask": _mismatch(seg[:1], masked), "no_mask": _mismatch(seg[:1], unmasked)},
-            "all": {"mask": _mismatch(seg, masked), "no_mask": _mismatch(seg, unmasked)},
+            "first": {"mask": mismatch(seg[:1], masked), "no_mask": mismatch(seg[:1], unmasked)},
+            "all": {"mask": mismatch(seg, masked), "no_mask": mismatch(seg, unmasked)},
         })
     result["held_out"] = _accuracy(net, held_out)
     # The mask-corrected statistics, on a copy of the first layers after each suppressed map.
