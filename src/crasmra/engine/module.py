@@ -319,14 +319,15 @@ class CRASMRAModule(L.LightningModule):
         self._ema_step_seen = self.global_step
         # Lightning validates and checkpoints the last epoch after this hook, so both see
         # the average and the mix, as the test after fit does.
-        if ema is not None and self._after_last_step(batch_idx):
+        last_step = self._after_last_step(batch_idx)
+        if ema is not None and last_step:
             self.nonfinite.check()
             if ema.steps > 0:
                 ema.copy_to(self.net)
                 log.info("The weights are now their moving average over %d steps "
                          "(ema_epochs %g).", ema.steps, self.finetune.ema_epochs)
             self._ema = None
-        if self._wise_start is not None and self._after_last_step(batch_idx):
+        if self._wise_start is not None and last_step:
             self.nonfinite.check()
             mix_weights(self.net, self._wise_start, self.finetune.wise_alpha)
             self._wise_start = None
