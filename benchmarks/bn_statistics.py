@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from crasmra.data import FGVCDataModule
+from crasmra.data import create_dataset
 from crasmra.inference.loading import load_model
 from crasmra.model import Network
 
@@ -123,25 +123,13 @@ def _accuracy(net: Network, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
 
 
 def _loaders(root: Path, net: Network, batch_size: int) -> tuple[list, list]:
-    """The training photos and the held-out ("test") photos of a problem, both in the
-    evaluation view, normalised as the checkpoint's transform does."""
-    pre = net.preprocessing
-    dm = FGVCDataModule(dataset="cub", root=str(root), image_size=list(pre.image_size),
-                        resize_size=list(pre.resize_size), mean=pre.mean, std=pre.std,
-                        batch_size=batch_size, num_workers=0)
-    eval_transform = dm.build_transform(False)
-    dm.build_transform = lambda train: eval_transform  # the training photos unaugmented
-    dm.setup("fit")
-    dm.setup("test")
+    """A problem's training photos (all of them) and held-out ("test") photos, both in the
+    checkpoint's evaluation view, as batches."""
+    def batches(split: str) -> list[tuple[Tensor, Tensor]]:
+        dataset = create_dataset("cub", root, split, transform=net.transform, val_fraction=0.0)
+        return list(DataLoader(dataset, batch_size=batch_size))
 
-    def batches(dataset: object) -> list[tuple[Tensor, Tensor]]:
-        out = []
-        for images, target in DataLoader(dataset, batch_size=batch_size):
-            out.append((dm.normalize_batch(images) if images.dtype == torch.uint8 else images,
-                        target))
-        return out
-
-    return batches(dm.train_dataset), batches(dm.test_dataset)
+    return batches("train"), batches("test")
 
 
 def measure(checkpoint: Path, root: Path, batch_size: int = 32) -> dict:
@@ -164,7 +152,8 @@ def measure(checkpoint: Path, root: Path, batch_size: int = 32) -> dict:
             "all": {"mask": mismatch(seg, masked), "no_mask": mismatch(seg, unmasked)},
         })
     result["held_out"] = _accuracy(net, held_out)
-    # The mask-corrected statistics, on a copy of the first layers after each suppressed map.
+    # The mask-corrected statistics of the first layer after each suppressed map, then the
+    # statistics as loaded again.
     firsts = [seg[0] for seg in segments[1:] if seg]
     saved = {m: (m.running_mean.clone(), m.running_var.clone()) for m in every}
     for m in firsts:
