@@ -16,7 +16,7 @@ from conftest import run_cli
 from crasmra.data import load_image
 from crasmra.export import ExportParityError, ExportWrapper, export_model
 from crasmra.inference import load_model
-from crasmra.model import CRASMRANet
+from crasmra.model import CRASMRANet, create_model
 from test_inference import NUM_CLASSES, write_images
 
 
@@ -235,3 +235,15 @@ def test_every_registered_attention_module_exports(attention: str, fmt: str,
         x = torch.randn(2, 3, SIZE, SIZE)
         with torch.inference_mode():
             torch.testing.assert_close(reloaded(x).probs, net(x).probs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
+def test_top_k_suppression_exports_and_reloads(fmt: str, tmp_path: Path) -> None:
+    net = create_model("resnet10t", 5, suppress_top_k=1, head_channels=16,
+                       head_hidden=16).eval()
+    suffix = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}[fmt]
+    result = export_model(net, fmt, tmp_path / f"model{suffix}")
+    assert result.max_abs_diff <= 1e-4
+    if fmt == "safetensors":
+        reloaded = load_model(result.path)
+        assert all(cram.suppress_top_k == 1 for cram in reloaded.attention)

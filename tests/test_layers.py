@@ -19,6 +19,7 @@ from crasmra.layers import (
     diversity_loss,
     record_channel_importance,
     suppression_mask,
+    top_k_suppression_mask,
 )
 
 
@@ -113,6 +114,62 @@ def test_cram_gradient_reaches_input_and_mlp_through_x_e() -> None:
     assert x.grad is not None and x.grad.abs().sum() > 0
     for p in cram.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_top_k_mask_damps_exactly_the_k_largest_logits() -> None:
+    logits = torch.tensor([[0.3, 2.0, -1.0, 1.5], [4.0, -2.0, 3.0, 0.0]])
+    mask = top_k_suppression_mask(logits, omega=0.25, top_k=2)
+    assert torch.equal(mask, torch.tensor([[1.0, 0.25, 1.0, 0.25], [0.25, 1.0, 0.25, 1.0]]))
+    # More than C: every channel.
+    assert torch.equal(top_k_suppression_mask(logits, 0.5, 9), torch.full((2, 4), 0.5))
+
+
+def test_top_k_mask_resolves_the_ties_the_float32_threshold_makes() -> None:
+    # Logits as a trained stage-4 CRAM gives them: every channel above ~17 has I == 1.0 in
+    # float32, so the delta-1 threshold damps all of them; exact arithmetic damps one. An
+    # importance MLP with no active hidden unit gives every channel the logit 0.
+    saturated = torch.tensor([[170.9, 156.9, 88.4, 68.9, 3.0, -1.0]])
+    dead = torch.zeros(1, 6)
+    for logits in (saturated, dead):
+        assert (suppression_mask(torch.sigmoid(logits), 0.5, 1.0) < 1).sum() > 1
+        mask = top_k_suppression_mask(logits, 0.5, 1)
+        assert (mask == 0.5).sum() == 1 and (mask == 1).sum() == 5
+    assert top_k_suppression_mask(saturated, 0.5, 1)[0, 0] == 0.5
+
+
+def test_top_k_mask_has_no_gradient_and_keeps_the_dtype() -> None:
+    logits = torch.randn(3, 8, requires_grad=True)
+    mask = top_k_suppression_mask(logits, 0.5, 1)
+    assert not mask.requires_grad
+    assert top_k_suppression_mask(logits.detach().bfloat16(), 0.5, 1).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="logits must be"):
+        top_k_suppression_mask(torch.randn(2, 3, 1, 1), 0.5, 1)
+
+
+def test_cram_suppress_top_k_uses_the_logits_top_channel() -> None:
+    cram = CRAM(16, 8, reduction=4, omega=0.5, delta=0.9, suppress_top_k=1).eval()
+    assert CRAM(16, 8).suppress_top_k is None  # the paper's threshold by default
+    # Logits far above the sigmoid's float32 range: I is 1.0 for most channels.
+    with torch.no_grad():
+        cram.mlp[2].weight.mul_(1e4)
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        x_e, x_s = cram(x)
+        logits = cram.channel_logits(x).flatten(1)
+    top = logits.argmax(dim=1)
+    expected = torch.ones(2, 16)
+    expected[torch.arange(2), top] = 0.5
+    torch.testing.assert_close(x_s, x * expected[:, :, None, None])
+    assert (cram.channel_importance(x).flatten(1) == 1.0).sum(1).min() > 1
+    # x_e is the paper's: Conv_layer(I * X), whichever mask.
+    torch.testing.assert_close(x_e, cram.conv_layer(cram.channel_importance(x) * x))
+    assert "suppress_top_k=1" in repr(cram)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 1.5, True, "1"])
+def test_cram_rejects_a_bad_suppress_top_k(top_k: object) -> None:
+    with pytest.raises(ValueError, match="suppress_top_k must be null"):
+        CRAM(16, 8, suppress_top_k=top_k)  # type: ignore[arg-type]
 
 
 def test_suppress_source_selects_the_formula_of_x_s() -> None:

@@ -121,12 +121,15 @@ def test_hyperparameters_reach_the_modules() -> None:
         conv_layer="pmg",
         stage_indices=[1, 2, 3],
         suppress_source="enhanced",
+        suppress_top_k=2,
     )
     assert net.stage_names == ("stage2", "stage3", "stage4")
     assert net.config["suppress_source"] == "enhanced"
+    assert net.config["suppress_top_k"] == 2
     for cram, c in zip(net.attention, net.backbone.stage_channels, strict=True):
         assert (cram.omega, cram.delta, cram.reduction) == (0.3, 0.8, 4)
         assert cram.suppress_source == "enhanced"
+        assert cram.suppress_top_k == 2
         assert cram.mlp[0].out_channels == c // 4
         assert cram.conv_layer[1][0].kernel_size == (3, 3)
         assert cram.out_channels == 24
@@ -221,6 +224,7 @@ def test_data_config_is_the_backbones_own(backbone: str, expected: dict) -> None
         (("resnet18", 3), {"head_pool": "median"}, "head_pool"),
         (("resnet18", 3), {"conv_layer": "heavy"}, "conv_layer"),
         (("resnet18", 3), {"suppress_source": "mask"}, "suppress_source.*'enhanced'"),
+        (("resnet18", 3), {"suppress_top_k": 0}, "--model.net.suppress_top_k"),
         (("resnet18", 3), {"omgea": 0.5}, "Unknown hyperparameter"),
         (("resnet18", 3), {"stage_indices": [4, 9]}, "out of range"),
     ],
@@ -238,6 +242,7 @@ def test_validate_hparams_fills_defaults() -> None:
     assert resolved["head_channels"] == 512 and resolved["conv_layer"] == "light"
     assert (resolved["omega"], resolved["delta"], resolved["reduction"]) == (0.5, 0.9, 16)
     assert resolved["suppress_source"] == "input"
+    assert resolved["suppress_top_k"] is None
 
 
 def test_pretrained_path_loads_backbone_weights(tmp_path) -> None:

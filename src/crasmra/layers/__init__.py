@@ -12,8 +12,10 @@ from crasmra.layers.cram import (
     build_conv_layer,
     check_delta,
     check_omega,
+    check_suppress_top_k,
     record_channel_importance,
     suppression_mask,
+    top_k_suppression_mask,
 )
 from crasmra.layers.heads import HEAD_POOLS, ClassifierHead
 from crasmra.layers.registry import (
@@ -41,10 +43,12 @@ __all__ = [
     "build_conv_layer",
     "check_delta",
     "check_omega",
+    "check_suppress_top_k",
     "create_attention",
     "diversity_loss",
     "get_attention",
     "record_channel_importance",
     "register_attention",
     "suppression_mask",
+    "top_k_suppression_mask",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from numbers import Real
+from numbers import Integral, Real
 from typing import Literal
 
 import torch
@@ -37,8 +37,10 @@ __all__ = [
     "build_conv_layer",
     "check_delta",
     "check_omega",
+    "check_suppress_top_k",
     "record_channel_importance",
     "suppression_mask",
+    "top_k_suppression_mask",
 ]
 
 #: CRAM's defaults: the paper's omega and delta; r = 16 is CBAM's usual value (not stated by
@@ -121,6 +123,55 @@ def suppression_mask(
     return mask.to(importance.dtype)
 
 
+def top_k_suppression_mask(logits: Tensor, omega: float, top_k: int) -> Tensor:
+    """Channel-suppression mask that damps exactly ``top_k`` channels per sample.
+
+    ``S_k = omega`` for the ``top_k`` channels with the largest importance logits
+    ``a + m`` (the input of the sigmoid that gives I), else 1. With ``top_k = 1`` it is what
+    :func:`suppression_mask` with ``delta = 1`` gives in exact arithmetic when one channel is
+    the most important: the sigmoid and the softmax preserve the channels' order. In
+    float32, though, I rounds to exactly 1.0 for every logit above about 17, and an importance
+    MLP whose hidden units are all inactive gives every channel the logit 0; the threshold
+    then ties many channels (all of them, in the second case) and damps every one. Here ties
+    go to one channel (``torch.topk``'s choice). Computed without gradient, as the threshold.
+
+    Args:
+        logits: (B, C) importance logits, before the sigmoid.
+        omega: Factor applied to the suppressed channels, in [0, 1].
+        top_k: How many channels to suppress, at least 1 (at most C are).
+
+    Returns:
+        (B, C) mask with the dtype and device of ``logits``.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (B, C), got shape {tuple(logits.shape)}")
+    dtype = logits.dtype
+    with torch.no_grad():
+        logits = logits.float()
+        top = logits.topk(min(top_k, logits.shape[1]), dim=1).indices  # (B, k)
+        # 1.0 at the suppressed channels, 0.0 elsewhere.
+        suppressed = torch.zeros_like(logits).scatter(1, top, 1.0)
+        mask = 1.0 - (1.0 - omega) * suppressed
+    return mask.to(dtype)
+
+
+def check_suppress_top_k(top_k: object, hint: str = ".") -> int | None:
+    """CRAM's ``suppress_top_k`` as an int >= 1 or None, or a ValueError.
+
+    Args:
+        top_k: None (the paper's threshold) or an integer >= 1 (not a bool).
+        hint: Appended to the error message, e.g. which option to change.
+    """
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1:
+        raise ValueError(
+            f"suppress_top_k must be null (the paper's delta threshold) or an integer >= 1, "
+            f"got {top_k!r}{hint}"
+        )
+    return int(top_k)
+
+
 def check_omega(omega: object, hint: str = ".") -> float:
     """CRAM's suppression factor omega as a float, or a ValueError.
 
@@ -172,6 +223,10 @@ class CRAM(nn.Module):
             damped, and CRAM's MLP learns only through ``x_e``. ``"enhanced"``:
             ``x_s = S * (I * X)``, so the next stage reads the re-weighted map and its loss
             also trains CRAM's MLP through I (S itself stays a constant).
+        suppress_top_k: None (default): the paper's mask, the channels whose softmax
+            importance is within ``delta`` of the top one. An integer k: exactly the k
+            channels with the largest importance logits (:func:`top_k_suppression_mask`),
+            ``delta`` unused. Ours, not the paper's.
 
     Attributes:
         gate: The sigmoid that gives I, a module of its own so that a forward hook can read I
@@ -187,6 +242,7 @@ class CRAM(nn.Module):
         delta: float = DEFAULT_DELTA,
         conv_layer: ConvLayerKind = "light",
         suppress_source: SuppressSource = "input",
+        suppress_top_k: int | None = None,
     ) -> None:
         super().__init__()
         if reduction < 1:
@@ -202,6 +258,7 @@ class CRAM(nn.Module):
         self.omega = check_omega(omega)
         self.delta = check_delta(delta)
         self.suppress_source: SuppressSource = suppress_source
+        self.suppress_top_k = check_suppress_top_k(suppress_top_k)
         hidden = max(1, in_channels // reduction)
         self.mlp = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 1, bias=False),
@@ -211,18 +268,26 @@ class CRAM(nn.Module):
         self.conv_layer = build_conv_layer(conv_layer, in_channels, out_channels)
         self.gate = nn.Sigmoid()
 
-    def channel_importance(self, x: Tensor) -> Tensor:
-        """Return I = sigmoid(a + m) as (B, C, 1, 1)."""
+    def channel_logits(self, x: Tensor) -> Tensor:
+        """Return the importance logits a + m as (B, C, 1, 1)."""
         a = self.mlp(x.mean(dim=(2, 3), keepdim=True))
         m = self.mlp(x.amax(dim=(2, 3), keepdim=True))
-        return self.gate(a + m)
+        return a + m
+
+    def channel_importance(self, x: Tensor) -> Tensor:
+        """Return I = sigmoid(a + m) as (B, C, 1, 1)."""
+        return self.gate(self.channel_logits(x))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(x_e, x_s)`` for a stage output ``x`` of shape (B, C, H, W)."""
-        importance = self.channel_importance(x)  # (B, C, 1, 1)
+        logits = self.channel_logits(x)  # (B, C, 1, 1)
+        importance = self.gate(logits)
         enhanced = importance * x
         x_e = self.conv_layer(enhanced)
-        mask = suppression_mask(importance.flatten(1), self.omega, self.delta)  # (B, C)
+        if self.suppress_top_k is None:
+            mask = suppression_mask(importance.flatten(1), self.omega, self.delta)  # (B, C)
+        else:
+            mask = top_k_suppression_mask(logits.flatten(1), self.omega, self.suppress_top_k)
         source = x if self.suppress_source == "input" else enhanced
         x_s = source * mask[:, :, None, None]
         return x_e, x_s
@@ -230,7 +295,7 @@ class CRAM(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"reduction={self.reduction}, omega={self.omega}, delta={self.delta}, "
-            f"suppress_source={self.suppress_source!r}"
+            f"suppress_source={self.suppress_source!r}, suppress_top_k={self.suppress_top_k}"
         )
 
 

@@ -24,6 +24,7 @@ from crasmra.layers import (
     attention_names,
     check_delta,
     check_omega,
+    check_suppress_top_k,
 )
 
 __all__ = [
@@ -121,6 +122,10 @@ class NetConfig:
         suppress_source: What CRAM's mask S multiplies to give the next stage's input x_s
             (SPEC open point): ``"input"``, ``x_s = S * X``; ``"enhanced"``,
             ``x_s = S * (I * X)``. See :class:`~crasmra.layers.CRAM`.
+        suppress_top_k: None (the paper's): CRAM's mask damps the channels within ``delta`` of
+            the most important one. An integer k: exactly the k channels with the largest
+            importance logits, whatever ties the float32 sigmoid makes (see
+            :func:`~crasmra.layers.cram.top_k_suppression_mask`). Ours.
         attention_options: Further keyword options of the attention module, for modules
             registered with options of their own (see :mod:`crasmra.layers.registry`).
         final_features: The last attended stage runs on to where timm's ``forward_features``
@@ -152,6 +157,7 @@ class NetConfig:
     omega: float = DEFAULT_OMEGA
     delta: float = DEFAULT_DELTA
     suppress_source: str = "input"
+    suppress_top_k: int | None = None
     attention_options: dict[str, Any] | None = None
     final_features: bool = False
     img_size: int | list[int] | None = None
@@ -216,6 +222,7 @@ class NetConfig:
                 f"{self.suppress_source!r}: 'input' gives CRAM's x_s = S * X (default), "
                 "'enhanced' gives x_s = S * (I * X); change --model.net.suppress_source."
             )
+        check_suppress_top_k(self.suppress_top_k, "; change --model.net.suppress_top_k.")
         if not isinstance(self.final_features, bool):
             raise ValueError(
                 f"final_features must be true or false, got {self.final_features!r}; change "
@@ -246,6 +253,7 @@ class NetConfig:
             "omega": float(self.omega),
             "delta": float(self.delta),
             "suppress_source": self.suppress_source,
+            "suppress_top_k": self.suppress_top_k,
         }
 
     def as_dict(self) -> dict[str, Any]:
